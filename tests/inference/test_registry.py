@@ -1,0 +1,64 @@
+"""registry: scanning models/, refusing bad files and names, active model + rollback state."""
+from __future__ import annotations
+
+import pytest
+
+from inference import registry
+from inference.registry import InferenceError
+from tests.conftest import link_model
+
+
+def test_scan_lists_quant_and_marks_bad_files(models_dir, smollm2_path):
+    (models_dir / "garbage.Q4_K_M.gguf").write_bytes(b"not a gguf at all" * 100)
+    (models_dir / "truncated.Q4_1.gguf").write_bytes(smollm2_path.read_bytes()[: 40_000_000])
+    (models_dir / "empty.gguf").write_bytes(b"")
+    infos = {i.name: i for i in registry.scan(models_dir)}
+    good = infos[registry.SMOLLM2_FILENAME]
+    assert good.usable and good.quant == "Q4_1" and good.version == "SmolLM2-135M-Instruct"
+    for bad in ("garbage.Q4_K_M.gguf", "truncated.Q4_1.gguf", "empty.gguf"):
+        assert not infos[bad].usable, bad
+        assert infos[bad].error and "unusable" in infos[bad].label
+
+
+def test_missing_models_dir_is_empty_not_an_error(tmp_path):
+    assert registry.scan(tmp_path / "nope") == []
+
+
+@pytest.mark.parametrize("name", ["../models/x.gguf", "/etc/passwd", "..", "", "a/b.gguf",
+                                  "..\\x.gguf", "missing.gguf"])
+def test_resolve_refuses_paths_and_unknown_names(models_dir, name):
+    with pytest.raises(InferenceError):
+        registry.resolve(models_dir, name)
+
+
+def test_resolve_refuses_unusable_file(models_dir):
+    (models_dir / "bad.gguf").write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(InferenceError, match="unusable"):
+        registry.resolve(models_dir, "bad.gguf")
+
+
+def test_active_history_and_rollback(models_dir, smollm2_path):
+    link_model(smollm2_path, models_dir, "v2.Q4_K_M.gguf")
+    registry.write_active(models_dir, registry.SMOLLM2_FILENAME)
+    registry.write_active(models_dir, "v2.Q4_K_M.gguf")
+    assert registry.read_active(models_dir)["active"] == "v2.Q4_K_M.gguf"
+    assert registry.pop_previous(models_dir) == registry.SMOLLM2_FILENAME
+    assert registry.read_active(models_dir)["active"] == registry.SMOLLM2_FILENAME
+    with pytest.raises(InferenceError, match="roll back"):
+        registry.pop_previous(models_dir)
+
+
+def test_version_and_card(models_dir):
+    assert registry.version_of("acme-ft-20261123.Q5_K_M.gguf") == "acme-ft-20261123"
+    (models_dir / "SmolLM2-135M-Instruct.card.json").write_text('{"base": "x"}')
+    info = registry.resolve(models_dir, registry.SMOLLM2_FILENAME)
+    assert info.card == {"base": "x"}
+
+
+def test_ensure_default_model_offline_fallback(tmp_path, smollm2_path, caplog):
+    """A Hub model that cannot be fetched costs one log line; SmolLM2 is served instead."""
+    models = tmp_path / "m"
+    link_model(smollm2_path, models)
+    name = registry.ensure_default_model(models, "nobody/no-such-repo/model.Q4_K_M.gguf")
+    assert name == registry.SMOLLM2_FILENAME
+    assert any("unavailable" in r.message for r in caplog.records)
