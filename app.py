@@ -9,6 +9,9 @@ import logging
 
 import gradio as gr
 
+from finetune.admin_tab import build_admin_tab
+from finetune.auth import AdminAuth
+from finetune.hot_reload import start_watcher
 from inference.chat_tab import build_chat_tab
 from inference.engine import ChatEngine
 from inference.settings import Settings
@@ -16,11 +19,13 @@ from inference.settings import Settings
 log = logging.getLogger("finechat")
 
 
-def build_app(settings: Settings, engine: ChatEngine) -> gr.Blocks:
+def build_app(settings: Settings, engine: ChatEngine, auth: AdminAuth) -> gr.Blocks:
     with gr.Blocks(title="finechat") as demo:
         gr.Markdown("# finechat\nChat with a local GGUF model; fine-tune it from the Admin tab.")
         with gr.Tab("Chat"):
             build_chat_tab(engine, settings.chat_concurrency)
+        with gr.Tab("Admin"):
+            build_admin_tab(engine, auth, settings.jobs_dir)
     return demo
 
 
@@ -49,7 +54,9 @@ def main(argv=None) -> None:
         models_dir=Path(args.models_dir) if args.models_dir else None)
     engine = ChatEngine(settings)
     engine.start()
-    demo = build_app(settings, engine)
+    auth = AdminAuth(settings.admin_password)
+    start_watcher(engine, settings.jobs_dir)
+    demo = build_app(settings, engine, auth)
     # Every generation holds its model's lock; extra workers only wait, so keep the pool
     # modest and let Gradio's queue order users fairly.
     demo.queue(default_concurrency_limit=settings.chat_concurrency, max_size=256)

@@ -75,7 +75,7 @@ def build_chat_tab(engine: ChatEngine, concurrency_limit: int) -> gr.ChatInterfa
         make_chat_fn(engine),
         chatbot=gr.Chatbot(height=480, label="finechat", buttons=["copy"]),
         additional_inputs=[system_prompt, picker, *sliders],
-        additional_inputs_accordion=gr.Accordion("Model and sampling", open=False),
+        additional_inputs_accordion=gr.Accordion("Model and sampling", open=False, render=False),
         api_name="chat",
         concurrency_limit=concurrency_limit,
         fill_height=False,

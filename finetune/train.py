@@ -1,0 +1,338 @@
+"""The training recipe: dataset -> base model -> LoRA (QLoRA on CUDA) -> adapter on disk.
+
+Reads top to bottom: check settings and data (before any model loads), load the tokenizer and
+tokenize, load the base (NF4 double-quant 4-bit on CUDA), answer the eval prompts with the
+base, add LoRA, measure validation loss, train, measure again, save the adapter.
+
+Plain transformers Trainer + peft, not TRL's SFTTrainer: the two things SFTTrainer would add
+(padding-free packing, assistant-only loss) are ~100 lines in data.py, and TRL would be one
+more pinned dependency that the GPU image does not ship.
+
+CPU mode (no CUDA): the same code, in fp32 with plain LoRA by default, or bitsandbytes' CPU
+NF4 kernels with load_in_4bit=True; an 8-bit paged optimizer needs CUDA, so AdamW is used.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune import FinetuneError, data
+from finetune.base_models import default_cache_dir, resolve_base
+from finetune.config import FinetuneConfig
+
+# Past this many tokens per forward pass a GPU is saturated; more only costs memory.
+MAX_TOKENS_PER_MICRO_BATCH = 16384
+CPU_TOKENS_PER_MICRO_BATCH = 2048
+# Aim for at least this many optimizer steps per epoch when a dataset is small.
+MIN_STEPS_PER_EPOCH = 8
+
+
+class Cancelled(Exception):
+    """The reporter asked the run to stop; nothing was saved."""
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    base_model_path: str
+    metrics: dict
+    dataset_report: dict
+    eval_prompts: list[str] = field(default_factory=list)
+    base_answers: list[str] = field(default_factory=list)
+
+
+class ConsoleReporter:
+    """A Reporter that prints to stderr (benchmarks, notebooks); never cancels."""
+
+    def stage(self, stage: str, message: str = "") -> None:
+        print(f"[{stage}] {message}", file=sys.stderr)
+
+    def progress(self, **metrics) -> None:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                       for k, v in metrics.items()), file=sys.stderr)
+
+    def log(self, message: str) -> None:
+        print(message, file=sys.stderr)
+
+    def cancelled(self) -> bool:
+        return False
+
+
+def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
+    # Packed micro-batches vary in length; expandable segments stop the caching allocator
+    # from fragmenting (reserved memory was 2-7x the allocated peak without, on an H100).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from finetune.evaluate import answer_prompts_hf
+
+    workdir = Path(workdir)
+    # transformers' own Trainer still calls its deprecated alias: noise a user cannot act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    reporter.stage("loading", "checking settings and dataset")
+    config.validate()
+    conversations, report = data.load_conversations(config.dataset)
+    reporter.log(report.summary())
+    train_rows, val_rows = data.split(conversations, config.val_split, config.seed)
+
+    cuda = torch.cuda.is_available()
+    load_in_4bit = cuda if config.load_in_4bit is None else config.load_in_4bit
+    dtype = _compute_dtype(config.compute_dtype, cuda)
+    optimizer = config.optimizer if config.optimizer != "auto" else \
+        "paged_adamw_8bit" if cuda else "adamw_torch"
+    if not cuda and (dtype == torch.float16 or "8bit" in optimizer):
+        raise FinetuneError("fp16 and 8-bit optimizers need a CUDA GPU: on CPU use "
+                            "compute_dtype fp32 (or bf16) and optimizer adamw_torch.")
+
+    reporter.stage("loading", f"resolving base model {config.base_model}")
+    base_path = resolve_base(config.base_model, default_cache_dir())
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    if data.ensure_chat_template(tokenizer):
+        reporter.log("the base model has no chat template: using ChatML")
+    train_set, val_set = data.tokenize_split(tokenizer, train_rows, val_rows,
+                                             config.max_seq_length, report)
+    reporter.log(f"{report.summary()}; {report.train_tokens} training tokens"
+                 + (f", {report.n_truncated} rows cut to {config.max_seq_length} tokens"
+                    if report.n_truncated else ""))
+    eval_prompts = config.eval_prompts or [_last_user(m) for m in (val_rows or train_rows)[:3]]
+
+    reporter.stage("loading", f"loading {base_path} ({'4-bit NF4' if load_in_4bit else dtype})")
+    transformers.set_seed(config.seed)
+    quantization = None
+    if load_in_4bit:
+        quantization = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            base_path, dtype=dtype, quantization_config=quantization,
+            attn_implementation=config.attn_implementation,
+            device_map={"": torch.cuda.current_device() if cuda else "cpu"})
+    except (OSError, ValueError, ImportError) as exc:
+        raise FinetuneError(f"Could not load base model {config.base_model}: {exc}") from exc
+    model.config.use_cache = False  # the KV cache is useless in training, and costs memory
+
+    base_answers = []
+    if eval_prompts and config.eval_max_new_tokens:
+        reporter.stage("evaluating", "answering the eval prompts with the base model")
+        base_answers = answer_prompts_hf(model, tokenizer, eval_prompts,
+                                         config.eval_max_new_tokens)
+
+    if load_in_4bit:  # freezes the base, upcasts norms/embeddings to fp32 for stability
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False},
+            every_n_layers=config.checkpoint_every_n_layers)
+    model = get_peft_model(model, LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=config.modules(), task_type="CAUSAL_LM"))
+    trainable, total = model.get_nb_trainable_parameters()
+    reporter.log(f"LoRA: {trainable:,} trainable of {total:,} parameters")
+
+    if config.packing:
+        train_items = data.pack(train_set, config.max_seq_length)
+        val_items = data.pack(val_set, config.max_seq_length)
+        collator = data.PackedCollator(tokenizer.pad_token_id,
+                                       flatten=config.attn_implementation == "flash_attention_2")
+    else:
+        train_items, val_items = train_set, val_set
+        collator = data.PaddedCollator(tokenizer.pad_token_id, config.max_seq_length
+                                       if config.padding == "max_length" else 0)
+    micro_batch = config.micro_batch_size or auto_micro_batch_size(
+        model.config, config, len(train_items), _free_gpu_bytes() if cuda else None)
+    use_liger = _liger_wanted(config.use_liger, cuda, reporter)
+    reporter.log(f"{len(train_items)} training sequences, micro-batch {micro_batch} x "
+                 f"{config.gradient_accumulation} accumulation, {dtype}, {optimizer}, "
+                 f"{config.attn_implementation}" + (", liger kernels" if use_liger else ""))
+
+    args = TrainingArguments(
+        output_dir=str(workdir / "trainer"), save_strategy="no", eval_strategy="no",
+        report_to="none", logging_steps=1, disable_tqdm=True, seed=config.seed,
+        data_seed=config.seed, per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        learning_rate=config.learning_rate, num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps, warmup_steps=config.warmup_ratio,
+        lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm, optim=optimizer,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not cuda,
+        remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
+        use_liger_kernel=use_liger)
+    trainer = Trainer(model=model, args=args, train_dataset=train_items, data_collator=collator,
+                      processing_class=tokenizer,
+                      callbacks=[_progress_callback(reporter, report.train_tokens)])
+    trainer.remove_callback(transformers.PrinterCallback)  # progress goes to the reporter
+    steps = max(1, math.ceil(len(train_items) / micro_batch) // config.gradient_accumulation
+                ) * config.num_epochs
+    if config.max_steps <= 0 and steps < MIN_STEPS_PER_EPOCH:
+        reporter.log(f"only ~{math.ceil(steps)} optimizer steps: for a small dataset raise "
+                     "num_epochs or lower gradient_accumulation")
+
+    validation = (val_items, collator, micro_batch, dtype)
+    val_loss_before = _validation_loss(model, *validation, reporter, "before")
+    reporter.stage("training", f"{config.num_epochs:g} epochs" if config.max_steps <= 0
+                   else f"{config.max_steps} steps")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.monotonic()
+    output = trainer.train()
+    train_seconds = time.monotonic() - started
+    val_loss_after = _validation_loss(model, *validation, reporter, "after")
+
+    adapter_dir = workdir / "adapter"
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)  # the merge step reuses the (maybe patched) template
+    tokens = round(trainer.state.epoch * report.train_tokens)
+    metrics = {
+        "val_loss_before": val_loss_before, "val_loss_after": val_loss_after,
+        "train_loss": output.training_loss, "train_tokens": tokens,
+        "train_seconds": round(train_seconds, 2),
+        "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds else 0.0,
+        "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
+        "peak_gpu_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 3)
+        if cuda else None,
+        "steps": trainer.state.global_step, "micro_batch_size": micro_batch,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "compute_dtype": str(dtype).removeprefix("torch."), "load_in_4bit": load_in_4bit,
+        "optimizer": optimizer, "liger": use_liger, "trainable_params": trainable,
+    }
+    reporter.log(f"validation loss {val_loss_before} -> {val_loss_after}, "
+                 f"{metrics['tokens_per_s']} tokens/s")
+    return TrainResult(adapter_dir, base_path, metrics, report.to_dict(), eval_prompts,
+                       base_answers)
+
+
+# -- pieces of the recipe ---------------------------------------------------------------------
+
+def _compute_dtype(name: str, cuda: bool):
+    import torch
+
+    if name == "auto":
+        if not cuda:
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) \
+            else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _last_user(messages: list[dict]) -> str:
+    return next(m["content"] for m in reversed(messages) if m["role"] == "user")
+
+
+def _free_gpu_bytes() -> int:
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    return free
+
+
+def activation_bytes_per_token(model_config, checkpointing: bool, dtype_bytes: int = 2,
+                               fused_loss: bool = False) -> int:
+    """A rough upper bound of training memory per token (activations + logits)."""
+    hidden = model_config.hidden_size
+    inter = getattr(model_config, "intermediate_size", 4 * hidden)
+    layers = model_config.num_hidden_layers
+    one_layer = (10 * hidden + 5 * inter) * dtype_bytes
+    # Logits in the compute dtype, their fp32 upcast for the loss and its gradient.
+    logits = 0 if fused_loss else model_config.vocab_size * (dtype_bytes + 8)
+    if checkpointing:  # one saved input per layer, plus one layer recomputed at a time
+        return layers * hidden * dtype_bytes + 2 * one_layer + logits
+    return layers * one_layer + logits
+
+
+def auto_micro_batch_size(model_config, config: FinetuneConfig, n_sequences: int,
+                          free_bytes: int | None) -> int:
+    """Sequences per micro-batch: what fits in 60% of free GPU memory (a fixed token budget
+    on CPU), capped so small datasets still get MIN_STEPS_PER_EPOCH optimizer steps."""
+    if free_bytes is None:
+        tokens = CPU_TOKENS_PER_MICRO_BATCH
+    else:
+        per_token = activation_bytes_per_token(model_config, config.gradient_checkpointing)
+        tokens = min(MAX_TOKENS_PER_MICRO_BATCH, int(free_bytes * 0.6 / per_token))
+    by_memory = max(1, tokens // config.max_seq_length)
+    by_data = max(1, n_sequences // (config.gradient_accumulation * MIN_STEPS_PER_EPOCH))
+    return min(by_memory, by_data)
+
+
+def _liger_wanted(wanted: bool, cuda: bool, reporter) -> bool:
+    available = cuda and importlib.util.find_spec("liger_kernel") is not None
+    if wanted and not available:
+        reporter.log("liger kernels need CUDA and the liger-kernel package: continuing without")
+    return wanted and available
+
+
+def _validation_loss(model, items, collator, batch_size, dtype, reporter, when):
+    """Mean loss per target token. (Trainer.evaluate averages per-batch means, which weighs
+    tokens differently for packed and unpacked batches, so the two could not be compared.)"""
+    if not items:
+        return None
+    import torch
+
+    reporter.stage("evaluating", f"validation loss {when} training")
+    device = next(model.parameters()).device
+    was_training, total, count = model.training, 0.0, 0
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype,
+                                         enabled=dtype != torch.float32):
+        for start in range(0, len(items), batch_size):
+            if reporter.cancelled():
+                raise Cancelled("training cancelled")
+            batch = {k: v.to(device) for k, v in collator(items[start:start + batch_size]).items()}
+            targets = int((batch["labels"][:, 1:] != -100).sum())  # the loss shifts labels
+            if targets:
+                total += float(model(**batch, use_cache=False).loss) * targets
+                count += targets
+    model.train(was_training)
+    loss = round(total / count, 4) if count else None
+    reporter.progress(val_loss=loss)
+    return loss
+
+
+def _progress_callback(reporter, epoch_tokens: int):
+    """Trainer logs -> reporter.progress; a cancel request stops at the next (sub)step.
+    Built on demand so importing this module does not import transformers.
+
+    Tokens seen are the epoch fraction times the epoch's real tokens: exact per epoch, and
+    within ~2% mid-epoch since packed bins are nearly full (the Trainer's own counter would
+    count the pad segments, or miss every token equal to the pad token)."""
+    import torch
+    from transformers import TrainerCallback
+
+    class ProgressCallback(TrainerCallback):
+        started = 0.0
+
+        def _check_cancel(self):
+            if reporter.cancelled():
+                raise Cancelled("training cancelled")
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self._check_cancel()
+
+        on_substep_end = on_step_end
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:
+                return  # evaluation and end-of-training summaries
+            elapsed = time.monotonic() - self.started
+            step, total = state.global_step, state.max_steps
+            reporter.progress(
+                step=step, total_steps=total, epoch=round(state.epoch or 0.0, 3),
+                loss=logs["loss"], learning_rate=logs.get("learning_rate"),
+                tokens_per_s=round(state.epoch * epoch_tokens / elapsed, 1) if elapsed else 0.0,
+                eta_s=round(elapsed / step * (total - step), 1) if step else None,
+                gpu_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3)
+                if torch.cuda.is_available() else None)
+
+    return ProgressCallback()

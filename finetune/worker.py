@@ -1,0 +1,117 @@
+"""The job process: `python -m finetune.worker <job_dir>` (started by finetune.jobs.launch).
+
+Waits for the GPU slot, then train (which also answers the eval prompts with the base model)
+-> export: merge, convert, quantize -> answers of the quantized model -> publish. Everything
+it prints lands in the job's log.txt. SIGTERM asks it to stop at the next safe point; whatever
+happens, a job that does not finish leaves no model in models/ and no intermediates behind.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from finetune import FinetuneError, jobs
+
+log = logging.getLogger("finechat.job")
+EVAL_QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M")
+
+
+def run_job(job_dir: Path) -> str:
+    """Run the job in `job_dir` to a final state and return it."""
+    from finetune.config import FinetuneConfig
+
+    job_dir = Path(job_dir).resolve()
+    reporter = jobs.FileReporter(job_dir)
+
+    def on_sigterm(signum, frame):  # cooperative: train/export check reporter.cancelled()
+        log.info("SIGTERM: stopping at the next safe point")
+        reporter.cancel_requested = True
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    status = jobs.read_status(job_dir)
+    workdir, config, gpu_lock = job_dir / "work", None, None
+    try:
+        config = FinetuneConfig.from_dict(json.loads((job_dir / "config.json").read_text()))
+        models_dir = Path(status["models_dir"])
+        gpu_lock = jobs.wait_for_gpu_slot(job_dir, reporter)
+        started = time.time()
+        jobs.update_status(job_dir, started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                           started_ts=started, message="")
+        reporter.stage("loading", f"base model {config.base_model}")
+        from finetune import train
+
+        result = train.train(config, workdir / "train", reporter)
+        exported = _export_and_evaluate(result, config, models_dir, workdir, reporter, status)
+        total_s = round(time.time() - started, 1)
+        jobs.finish(job_dir, "done", f"published {len(exported.models)} model files",
+                    models=[p.name for p in exported.models.values()],
+                    card=exported.card_path.name, metrics=result.metrics,
+                    timings_s={**exported.card.get("timings_s", {}), "total": total_s})
+        return "done"
+    except BaseException as exc:  # every way out ends in a final state
+        state, message = _outcome(exc, reporter)
+        log.info("job %s: %s", state, message)
+        jobs.finish(job_dir, state, message)
+        return state
+    finally:
+        if not (config and config.keep_intermediates):
+            shutil.rmtree(workdir, ignore_errors=True)
+        if gpu_lock is not None:
+            gpu_lock.close()
+
+
+def _export_and_evaluate(result, config, models_dir: Path, workdir: Path, reporter, status: dict):
+    """Export, answering the eval prompts with the quantized model before it is published
+    (train.py already answered them with the base model, before training)."""
+    from finetune import evaluate, export
+
+    def evaluate_before_publish(staged: dict[str, Path]) -> dict:
+        quant = next((q for q in EVAL_QUANT_PREFERENCE if q in staged), next(iter(staged)))
+        prompts = list(result.eval_prompts)
+        reporter.stage("evaluating", f"{len(prompts)} prompts through {staged[quant].name}")
+        tuned = evaluate.answer_prompts_gguf(staged[quant], prompts, config.eval_max_new_tokens)
+        evaluation = {"val_loss_before": result.metrics.get("val_loss_before"),
+                      "val_loss_after": result.metrics.get("val_loss_after"),
+                      "tuned_model": staged[quant].name,
+                      "samples": [{"prompt": p, "base": b, "tuned": t} for p, b, t in
+                                  zip(prompts, result.base_answers or [""] * len(prompts), tuned)]}
+        jobs.write_evaluation(reporter.job_dir, evaluation)
+        return {"evaluation": evaluation}
+
+    return export.export(result, config, models_dir, workdir / "export", reporter,
+                         version=status["version"], before_publish=evaluate_before_publish)
+
+
+def _outcome(exc: BaseException, reporter) -> tuple[str, str]:
+    if reporter.cancelled() or type(exc).__name__ == "Cancelled":
+        return "cancelled", "cancelled by the user"
+    if isinstance(exc, FinetuneError):
+        return "failed", str(exc)
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return "failed", (f"Out of memory: {str(exc).splitlines()[0][:200]}. Lower "
+                          "micro_batch_size or max_seq_length, or enable load_in_4bit.")
+    traceback.print_exc()
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return "failed", f"{type(exc).__name__}: {first}".rstrip(": ")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not (Path(argv[0]) / "status.json").is_file():
+        print("usage: python -m finetune.worker <job_dir>  (a folder made by finetune.jobs)",
+              file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state = run_job(Path(argv[0]))
+    return 0 if state == "done" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""Fixtures for fine-tuning tests: SmolLM2 as an HF folder (built offline from its GGUF), a tiny
+random-init llama that shares SmolLM2's tokenizer (so llama.cpp's converter recognises it), the
+FAQ dataset, and a Reporter that records what the recipe reports."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CACHE_DIR
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+class RecordingReporter:
+    """The Reporter protocol, keeping every call; cancels once `cancel_at_step` is reached."""
+
+    def __init__(self, cancel_at_step: int = 0):
+        self.stages: list[tuple[str, str]] = []
+        self.progress_calls: list[dict] = []
+        self.logs: list[str] = []
+        self.cancel_at_step = cancel_at_step
+
+    def stage(self, stage: str, message: str = "") -> None:
+        self.stages.append((stage, message))
+
+    def progress(self, **metrics) -> None:
+        self.progress_calls.append(metrics)
+
+    def log(self, message: str) -> None:
+        self.logs.append(message)
+
+    def cancelled(self) -> bool:
+        steps = [p["step"] for p in self.progress_calls if "step" in p]
+        return bool(self.cancel_at_step and steps and steps[-1] >= self.cancel_at_step)
+
+    def steps(self) -> list[dict]:
+        return [p for p in self.progress_calls if "step" in p]
+
+
+@pytest.fixture
+def reporter() -> RecordingReporter:
+    return RecordingReporter()
+
+
+@pytest.fixture(scope="session")
+def faq_path() -> Path:
+    return DATA_DIR / "faq.jsonl"
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2_path) -> Path:
+    """SmolLM2-135M-Instruct as a float32 HF folder (built once into the cache, ~30 s)."""
+    from finetune.base_models import resolve_base
+
+    return Path(resolve_base("smollm2-135m", CACHE_DIR))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_hf_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_hf_dir)
+
+
+def build_tiny_llama(dest: Path, tokenizer, seed: int = 0) -> Path:
+    """A random-init 2-layer llama (hidden 256: k-quant friendly) with `tokenizer`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smollm2_tokenizer)

@@ -1,0 +1,108 @@
+"""FinetuneConfig: presets, (de)serialisation, field specs for the CLI, validation messages."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune import FinetuneError
+from finetune.config import PRESETS, FinetuneConfig, config_fields, from_preset
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    path = tmp_path / "faq.jsonl"
+    path.write_text('{"question": "q", "answer": "a"}\n')
+    return str(path)
+
+
+def test_presets_suit_their_models(dataset):
+    assert set(PRESETS) == {"smollm2-135m", "phi-3.5-mini", "mistral-7b"}
+    phi = from_preset("phi-3.5-mini", dataset=dataset).validate()
+    assert phi.modules() == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    assert "q_proj" in from_preset("mistral-7b", dataset=dataset).validate().modules()
+    smol = from_preset("smollm2-135m", dataset=dataset, lora_r=8).validate()
+    assert smol.base_model == "smollm2-135m" and smol.lora_r == 8
+    assert smol.output_prefix() == "smollm2-135m-ft"
+    with pytest.raises(FinetuneError, match="Unknown preset 'llama'.*smollm2-135m"):
+        from_preset("llama")
+
+
+def test_round_trips_through_json(dataset):
+    config = from_preset("phi-3.5-mini", dataset=dataset, eval_prompts=["Hi?"], seed=7)
+    again = FinetuneConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+
+
+def test_from_dict_coerces_form_values_and_names_unknown_keys():
+    config = FinetuneConfig.from_dict({
+        "base_model": "smollm2-135m", "dataset": "d.jsonl", "lora_r": 8.0, "num_epochs": "2",
+        "packing": "false", "load_in_4bit": "auto", "quant_types": "q4_k_m, Q8_0",
+        "target_modules": "q_proj, v_proj"})
+    assert (config.lora_r, config.num_epochs, config.packing, config.load_in_4bit) == \
+        (8, 2.0, False, None)
+    assert config.quant_types == ["q4_k_m", "Q8_0"] and config.modules() == ["q_proj", "v_proj"]
+    with pytest.raises(FinetuneError, match="'lr' \\(did you mean 'learning_rate'\\?\\)"):
+        FinetuneConfig.from_dict({"base_model": "x", "dataset": "y", "lr": 1e-4})
+    with pytest.raises(FinetuneError, match="lora_r: 8.5 is not a valid int"):
+        FinetuneConfig.from_dict({"base_model": "x", "dataset": "y", "lora_r": 8.5})
+
+
+def test_field_specs_feed_a_cli():
+    specs = {s.name: s for s in config_fields()}
+    assert list(specs)[:2] == ["base_model", "dataset"]
+    assert specs["base_model"].required and not specs["lora_r"].required
+    assert (specs["lora_r"].kind, specs["lora_r"].default) == ("int", 16)
+    assert specs["load_in_4bit"].kind == "optional_bool"
+    assert specs["quant_types"].default == ["Q4_K_M", "Q5_K_M"]
+    assert "cosine" in specs["lr_scheduler"].choices
+    assert all(s.help for s in specs.values())
+
+
+def test_validation_lists_every_problem_with_a_fix(tmp_path, dataset):
+    config = FinetuneConfig(base_model="no such model", dataset=str(tmp_path / "missing.jsonl"),
+                            lora_r=0, learning_rate=3.0, val_split=0.9, max_steps=0,
+                            compute_dtype="f16", quant_types=["Q4_K_M", "IQ2_XS"],
+                            output_name="bad name!")
+    with pytest.raises(FinetuneError) as caught:
+        config.validate()
+    message = str(caught.value)
+    for expected in ["base_model 'no such model' is not a preset",
+                     "missing.jsonl not found", "output_name 'bad name!'",
+                     "lora_r must be between 1 and 1024 (got 0)",
+                     "learning_rate must be in (0, 0.1] (got 3.0)",
+                     "max_steps must be -1", "val_split must be between 0 and 0.5",
+                     "compute_dtype 'f16' is not one of auto, bf16, fp16, fp32",
+                     "quant_types ['IQ2_XS']: choose from"]:
+        assert expected in message
+
+
+@pytest.mark.parametrize("changes, match", [
+    ({"dataset": ""}, "dataset is empty"),
+    ({"dataset": "notes.txt"}, "unsupported file type .txt"),
+    ({"lora_dropout": 1.0}, "lora_dropout must be in"),
+    ({"target_modules": "q_proj;v_proj"}, "target_modules"),
+    ({"max_seq_length": 8}, "max_seq_length must be between 32"),
+    ({"gradient_accumulation": 0}, "gradient_accumulation must be between 1"),
+    ({"num_epochs": 0}, "num_epochs must be in"),
+    ({"optimizer": "sgd"}, "optimizer 'sgd' is not one of"),
+    ({"eval_prompts": ["  "]}, "eval_prompts must be non-empty"),
+])
+def test_single_bad_values(tmp_path, dataset, changes, match):
+    (tmp_path / "notes.txt").write_text("x")
+    values = {"base_model": "smollm2-135m", "dataset": dataset, **changes}
+    if values["dataset"] == "notes.txt":
+        values["dataset"] = str(tmp_path / "notes.txt")
+    with pytest.raises(FinetuneError, match=match):
+        FinetuneConfig(**values).validate()
+
+
+def test_accepted_sources(tmp_path, dataset):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for base in ["smollm2-135m", "mistral-7b", "Qwen/Qwen2.5-0.5B-Instruct", str(folder)]:
+        FinetuneConfig(base_model=base, dataset=dataset).validate()
+    for name in ["tatsu-lab/alpaca", "squad"]:  # Hub dataset names are checked at load time
+        FinetuneConfig(base_model="smollm2-135m", dataset=name).validate()
+    assert FinetuneConfig(base_model="smollm2-135m", dataset=dataset, max_steps=5,
+                          num_epochs=0).validate().max_steps == 5  # max_steps wins

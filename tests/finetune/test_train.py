@@ -1,0 +1,124 @@
+"""The training recipe, run for real on CPU: a tiny random llama (fp32 and bitsandbytes NF4),
+SmolLM2 on the FAQ, cancelling, and failing on bad data before a model is loaded."""
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from finetune import FinetuneError
+from finetune.config import FinetuneConfig, from_preset
+from finetune.train import Cancelled, auto_micro_batch_size, train
+from tests.finetune.conftest import RecordingReporter
+
+
+def tiny_config(tiny_llama_dir, faq_path, **overrides) -> FinetuneConfig:
+    values = dict(base_model=str(tiny_llama_dir), dataset=str(faq_path), max_steps=3,
+                  max_seq_length=256, learning_rate=1e-3, gradient_accumulation=1,
+                  eval_max_new_tokens=4)
+    return FinetuneConfig(**{**values, **overrides})
+
+
+def assert_adapter_saved(result):
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert (result.adapter_dir / "adapter_model.safetensors").is_file()
+    assert (result.adapter_dir / "tokenizer.json").is_file()
+
+
+def test_tiny_llama_trains_and_reports(tiny_llama_dir, faq_path, tmp_path, reporter):
+    result = train(tiny_config(tiny_llama_dir, faq_path), tmp_path, reporter)
+
+    assert_adapter_saved(result)
+    m = result.metrics
+    assert math.isfinite(m["train_loss"]) and math.isfinite(m["val_loss_after"])
+    assert m["steps"] == 3 and m["train_tokens"] > 0 and m["tokens_per_s"] > 0
+    assert m["device"] == "cpu" and m["compute_dtype"] == "float32" and not m["load_in_4bit"]
+    assert result.dataset_report["format"] == "question_answer"
+    assert result.dataset_report["n_train"] + result.dataset_report["n_val"] == 52
+    assert len(result.eval_prompts) == 3 and len(result.base_answers) == 3
+    assert [s for s, _ in reporter.stages][:2] == ["loading", "loading"]
+    assert "training" in [s for s, _ in reporter.stages]
+    steps = reporter.steps()
+    assert [p["step"] for p in steps] == [1, 2, 3] and steps[-1]["total_steps"] == 3
+    assert {"loss", "learning_rate", "tokens_per_s", "eta_s", "epoch"} <= set(steps[0])
+    assert any("val_loss" in p for p in reporter.progress_calls)
+    json.dumps(result.metrics), json.dumps(result.dataset_report)  # job records are JSON
+
+
+def test_tiny_llama_4bit_on_cpu(tiny_llama_dir, faq_path, tmp_path, reporter):
+    """bitsandbytes' CPU NF4 path; the adapter must load onto the unquantized base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    result = train(tiny_config(tiny_llama_dir, faq_path, load_in_4bit=True, max_steps=2,
+                               eval_max_new_tokens=0), tmp_path, reporter)
+
+    assert result.metrics["load_in_4bit"] and math.isfinite(result.metrics["train_loss"])
+    assert_adapter_saved(result)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, result.adapter_dir).merge_and_unload()
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+def test_unpacked_batches_pad_to_max_length(tiny_llama_dir, faq_path, tmp_path, reporter):
+    config = tiny_config(tiny_llama_dir, faq_path, packing=False, padding="max_length",
+                         micro_batch_size=2, max_steps=2, gradient_checkpointing=False,
+                         eval_max_new_tokens=0)
+    result = train(config, tmp_path, reporter)
+    assert result.metrics["micro_batch_size"] == 2 and math.isfinite(result.metrics["train_loss"])
+    assert_adapter_saved(result)
+
+
+def test_packing_leaves_the_validation_loss_unchanged(tiny_llama_dir, faq_path, tmp_path):
+    """Packed rows see only themselves, so the loss equals the one-row-at-a-time loss."""
+    losses = [train(tiny_config(tiny_llama_dir, faq_path, packing=packing, max_steps=1,
+                                eval_max_new_tokens=0, micro_batch_size=micro_batch),
+                    tmp_path / str(packing), RecordingReporter()).metrics["val_loss_before"]
+              for packing, micro_batch in ((True, 2), (False, 1))]
+    assert losses[0] == pytest.approx(losses[1], abs=2e-4)
+
+
+def test_cancel_stops_cleanly(tiny_llama_dir, faq_path, tmp_path):
+    reporter = RecordingReporter(cancel_at_step=1)
+    with pytest.raises(Cancelled):
+        train(tiny_config(tiny_llama_dir, faq_path, max_steps=5, eval_max_new_tokens=0),
+              tmp_path, reporter)
+    assert [p["step"] for p in reporter.steps()] == [1]
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_bad_dataset_fails_before_model_load(tmp_path, reporter):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "", "answer": "x"}\nnot json\n{"question": "q"}\n')
+    # A Hub id that cannot be reached: loading it would fail differently (or hang).
+    config = FinetuneConfig(base_model="nobody/unreachable-model", dataset=str(bad))
+    with pytest.raises(FinetuneError, match="none of its 3 rows is usable"):
+        train(config, tmp_path, reporter)
+    assert reporter.stages == [("loading", "checking settings and dataset")]
+
+
+def test_smollm2_learns_the_faq(smollm2_hf_dir, faq_path, tmp_path, reporter):
+    """The real offline model: ~10 steps on the FAQ lower the validation loss."""
+    config = from_preset("smollm2-135m", dataset=str(faq_path), max_steps=10,
+                         max_seq_length=256, eval_max_new_tokens=0)
+    result = train(config, tmp_path, reporter)
+
+    m = result.metrics
+    assert result.base_model_path == str(smollm2_hf_dir)
+    assert m["val_loss_after"] < m["val_loss_before"] - 0.2, m
+    assert_adapter_saved(result)
+
+
+def test_auto_micro_batch_size():
+    mistral = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                              vocab_size=32000)
+    config = FinetuneConfig(base_model="mistral-7b", dataset="x", max_seq_length=2048)
+    big_gpu = auto_micro_batch_size(mistral, config, 10_000, free_bytes=70 * 2**30)
+    t4 = auto_micro_batch_size(mistral, config, 10_000, free_bytes=11 * 2**30)
+    assert big_gpu * 2048 <= 16384 and 1 <= t4 < big_gpu
+    assert auto_micro_batch_size(mistral, config, 10_000, free_bytes=None) == 1  # CPU budget
+    # A small dataset keeps several optimizer steps per epoch instead of one huge batch.
+    assert auto_micro_batch_size(mistral, config, 12, free_bytes=70 * 2**30) == 1
