@@ -60,8 +60,11 @@ def build_chat_tab(engine: ChatEngine, concurrency_limit: int) -> gr.ChatInterfa
         refresh = gr.Button("↻ Refresh models", size="sm", scale=0)
     system_prompt = gr.Textbox(DEFAULT_SYSTEM_PROMPT, label="System prompt", lines=2,
                                render=False)
+    # Custom values: models land in models/ while the app runs (fine-tunes), after this
+    # list was sent; the engine resolves every name safely (registry.resolve).
     picker = gr.Dropdown(model_choices(engine), value=ACTIVE, label="Model",
-                         info="GGUF files in models/ (quantization shown)", render=False)
+                         info="GGUF files in models/ (quantization shown)", render=False,
+                         allow_custom_value=True)
     sliders = [
         gr.Slider(0.0, 2.0, _DEFAULTS.temperature, step=0.05, label="Temperature", render=False),
         gr.Slider(0.05, 1.0, _DEFAULTS.top_p, step=0.05, label="Top-p", render=False),
