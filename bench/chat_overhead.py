@@ -11,7 +11,8 @@ Four paths, interleaved run by run (order rotated) so drifting machine load hits
   client  the same app through gradio_client's submit() iterator, as a Python user sees it
 Greedy decoding with a prompt that answers longer than --max-tokens, so every run decodes
 exactly that many tokens (counted by tokenizing the answer). Both sides evaluate the full
-prompt each run (llama reset; FINECHAT_PROMPT_CACHE=0 in the app). Medians are reported.
+prompt each run (llama reset; FINECHAT_PROMPT_CACHE=0 in the app). The app process is
+stopped (SIGSTOP) while the in-process paths run. Medians are reported.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -128,6 +130,18 @@ def client_run(client, params: dict, tokenize) -> dict:
     return timed_run(((time.perf_counter(), out) for out in job), started, tokenize)
 
 
+def paused(server, run):
+    """`run` with the app process stopped: an idle Gradio app polls its queue every
+    millisecond, which would slow the in-process paths by a few percent on 2 cores."""
+    def wrapped():
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            return run()
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+    return wrapped
+
+
 def measure(args, params: dict, llm, tokenize, workdir: Path, models_dir: Path) -> dict:
     """Start the app and run every path `args.runs` times, interleaved."""
     import httpx
@@ -145,8 +159,8 @@ def measure(args, params: dict, llm, tokenize, workdir: Path, models_dir: Path) 
         config = http.get(server.url + "/config").json()
         fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "chat")
         client = server.client()
-        paths = {"raw": lambda: raw_run(llm, params, tokenize),
-                 "engine": lambda: engine_run(engine, params, tokenize),
+        paths = {"raw": paused(server, lambda: raw_run(llm, params, tokenize)),
+                 "engine": paused(server, lambda: engine_run(engine, params, tokenize)),
                  "app": lambda: sse_run(http, server.url, fn_index, params, tokenize),
                  "client": lambda: client_run(client, params, tokenize)}
         for run in paths.values():  # warm-up: first-call costs are not what we measure

@@ -95,6 +95,10 @@ def main() -> None:
         "failed": len(log) - len(ok), "errors": sorted({r[3] for r in log if r[3]})[:5],
         "requests_per_s": len(ok) / elapsed, "median_latency_s": normal,
         "p95_latency_s": sorted(latencies)[int(0.95 * (len(latencies) - 1))] if latencies else None,
+        # with N clients on one model, answers complete every latency/N in normal service
+        "median_gap_between_answers_s": statistics.median(
+            b - a for a, b in zip(sorted(t1 for _, t1, _, _ in ok),
+                                  sorted(t1 for _, t1, _, _ in ok)[1:])) if len(ok) > 1 else None,
         "reloads": events,
         "max_gap_s": max(ev["longest_gap_s"] for ev in events),
     }

@@ -66,7 +66,9 @@ def _loss_frame(metrics: list[dict]) -> pd.DataFrame:
             rows.append({"step": m["step"], "loss": m["loss"], "series": "train"})
         if m.get("val_loss") is not None and m.get("step") is not None:
             rows.append({"step": m["step"], "loss": m["val_loss"], "series": "validation"})
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    # typed even when empty: the plot keeps the axis types of its first (empty) value
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype(
+        {"step": "int64", "loss": "float64", "series": "string"})
 
 
 def _jobs_frame(records: list) -> pd.DataFrame:
