@@ -21,6 +21,7 @@ from inference.registry import InferenceError
 
 CUSTOM = "custom (HF id or local path)"
 _FINAL = {"done", "failed", "cancelled"}
+LOG_LINES = 14  # the Code box shows its first lines: send only as many as it shows
 
 
 class _Guard:
@@ -59,16 +60,32 @@ def _progress_html(status: dict) -> str:
             f"</progress><div>{' · '.join(bits)}</div></div>")
 
 
-def _loss_frame(metrics: list[dict]) -> pd.DataFrame:
-    rows = []
-    for m in metrics:
-        if m.get("loss") is not None and m.get("step") is not None:
-            rows.append({"step": m["step"], "loss": m["loss"], "series": "train"})
-        if m.get("val_loss") is not None and m.get("step") is not None:
-            rows.append({"step": m["step"], "loss": m["val_loss"], "series": "validation"})
-    # typed even when empty: the plot keeps the axis types of its first (empty) value
-    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype(
-        {"step": "int64", "loss": "float64", "series": "string"})
+def _loss_figure(metrics: list[dict]):
+    """Train and validation loss against the step, as a matplotlib figure (None: no data).
+
+    Not gr.LinePlot: in Gradio 6.31 it fixes its set of series at its first value, so a curve
+    that starts with the validation loss before training never shows the training loss."""
+    train = [(m["step"], m["loss"]) for m in metrics
+             if m.get("loss") is not None and m.get("step") is not None]
+    val = [(m["step"], m["val_loss"]) for m in metrics
+           if m.get("val_loss") is not None and m.get("step") is not None]
+    if not train and not val:
+        return None
+    from matplotlib.figure import Figure  # not pyplot: no global state across sessions
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(6.4, 2.8), dpi=110, layout="tight")
+    ax = fig.subplots()
+    if train:
+        ax.plot(*zip(*train), color="#2563eb", linewidth=1.6, label="train")
+    if val:
+        ax.plot(*zip(*val), color="#f97316", marker="o", linewidth=1.6, label="validation")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", frameon=False)
+    return fig
 
 
 def _jobs_frame(records: list) -> pd.DataFrame:
@@ -167,9 +184,9 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
             cancel_btn = gr.Button("Cancel job", variant="stop", scale=1)
         progress = gr.HTML(elem_id="job-progress-box")
         with gr.Row():
-            loss_plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss",
-                                    elem_id="loss-plot", height=260)
-            log_tail = gr.Code(label="Log (tail)", language=None, lines=12, max_lines=12)
+            loss_plot = gr.Plot(label="Loss", elem_id="loss-plot", format="png")
+            log_tail = gr.Code(label="Log (tail)", language=None, lines=LOG_LINES,
+                               max_lines=LOG_LINES)
         eval_md = gr.Markdown()
         eval_table = gr.Dataframe(label="Before / after", interactive=False, wrap=True)
         jobs_table = gr.Dataframe(label="All jobs", interactive=False)
@@ -240,7 +257,7 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
         versions = [i.name for i in engine.models() if i.usable]
         served = f"**Serving:** `{engine.active_name or 'nothing'}`"
         if job_id is None:
-            return (picker, "<i>No jobs yet.</i>", _loss_frame([]), "", "", _eval_frame({}),
+            return (picker, "<i>No jobs yet.</i>", None, "", "", _eval_frame({}),
                     _jobs_frame(records), gr.Dropdown(choices=versions), served)
         record = jobs.get(jobs_dir, job_id)
         evaluation = record.evaluation
@@ -248,9 +265,9 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
         if evaluation.get("val_loss_before") is not None:
             loss_note = (f"Validation loss: **{evaluation['val_loss_before']:.4f} → "
                          f"{evaluation.get('val_loss_after', float('nan')):.4f}**")
-        return (picker, _progress_html(record.status), _loss_frame(record.metrics),
-                record.log_tail(40), loss_note, _eval_frame(evaluation), _jobs_frame(records),
-                gr.Dropdown(choices=versions), served)
+        return (picker, _progress_html(record.status), _loss_figure(record.metrics),
+                record.log_tail(LOG_LINES), loss_note, _eval_frame(evaluation),
+                _jobs_frame(records), gr.Dropdown(choices=versions), served)
 
     @guard
     def cancel(job_id):

@@ -12,6 +12,7 @@ bench/quant_fidelity.py and the tests.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -31,6 +32,8 @@ from typing import Callable
 from finetune import FinetuneError
 
 STAGING_PREFIX = ".staging-"
+# The converter and the quantizer print one line per tensor (hundreds): counted, not logged.
+PER_TENSOR_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]|hf-to-gguf:.* --> .*shape")
 
 
 @dataclass
@@ -125,7 +128,8 @@ def export(result, config, models_dir: Path, workdir: Path, reporter, *,
             _check_cancelled(reporter)
             reporter.stage("quantizing", f"{quant} ({i}/{len(quants)})")
             started = time.monotonic()
-            staged[quant] = quantize(f16_path, staging / f"{version}.{quant}.gguf", quant)
+            staged[quant] = quantize(f16_path, staging / f"{version}.{quant}.gguf", quant,
+                                     log=reporter.log)
             timings[f"quantize_{quant}"] = round(time.monotonic() - started, 2)
             reporter.log(f"{staged[quant].name}: {staged[quant].stat().st_size / 2**20:.1f} MiB "
                          f"in {timings[f'quantize_{quant}']} s")
@@ -205,12 +209,17 @@ def convert_to_gguf(merged_dir: Path, out_path: Path, log: Callable[[str], None]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
     tail: list[str] = []
+    tensors = 0
     for line in proc.stdout:
         line = line.rstrip()
-        if line:
+        if PER_TENSOR_LINE.search(line):
+            tensors += 1
+        elif line:
             log(f"convert: {line}")
+        if line:
             tail = (tail + [line])[-20:]
     rc = proc.wait()
+    log(f"convert: {tensors} tensors written")
     if rc != 0 or not out_path.is_file():
         out_path.unlink(missing_ok=True)
         errors = [ln for ln in tail if "error" in ln.lower()]
@@ -219,7 +228,8 @@ def convert_to_gguf(merged_dir: Path, out_path: Path, log: Callable[[str], None]
     return out_path
 
 
-def quantize(f16_path: Path, out_path: Path, quant: str, n_threads: int = 0) -> Path:
+def quantize(f16_path: Path, out_path: Path, quant: str, n_threads: int = 0,
+             log: Callable[[str], None] | None = None) -> Path:
     """llama.cpp's quantizer in-process. Rows whose width is not a multiple of 256 fall back to
     a legacy type (q5_0/q5_1/q8_0) inside K-quant files: expected for small models."""
     import llama_cpp
@@ -227,13 +237,39 @@ def quantize(f16_path: Path, out_path: Path, quant: str, n_threads: int = 0) -> 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype_of(quant)
     params.nthread = n_threads
-    rc = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(out_path).encode(),
-                                        ctypes.byref(params))
+    with _llama_log_lines() if log else contextlib.nullcontext([]) as lines:
+        rc = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(out_path).encode(),
+                                            ctypes.byref(params))
+    for line in lines:
+        if not PER_TENSOR_LINE.search(line):
+            log(f"quantize: {line}")
     if rc != 0 or not out_path.is_file() or out_path.stat().st_size == 0:
         out_path.unlink(missing_ok=True)
         raise FinetuneError(f"llama.cpp could not quantize {f16_path.name} to {quant} (code {rc}); "
                             "see the job log for llama.cpp's message.")
     return out_path
+
+
+@contextlib.contextmanager
+def _llama_log_lines():
+    """Collect llama.cpp's log inside the block (llama-cpp-python prints it to sys.stderr,
+    at INFO only while no verbose=False model has lowered its logger's level). Process-wide:
+    the job process does nothing else while it quantizes."""
+    import io
+    import logging
+
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+    sink, saved_stderr, saved_level = io.StringIO(), sys.stderr, _logger.logger.level
+    sys.stderr = sink
+    _logger.logger.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        sys.stderr = saved_stderr
+        _logger.logger.setLevel(saved_level)
+        lines += [ln.rstrip() for ln in sink.getvalue().splitlines() if ln.strip()]
 
 
 def publish(staging: Path, models_dir: Path) -> list[Path]:

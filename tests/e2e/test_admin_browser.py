@@ -6,10 +6,13 @@ Screenshots of each step are kept in tests/artifacts/ (admin_*.png, chat_new_mod
 """
 from __future__ import annotations
 
+import io
 import json
 import re
+import time
 
 import pytest
+from PIL import Image
 from playwright.sync_api import expect
 
 from inference.registry import SMOLLM2_FILENAME
@@ -23,18 +26,24 @@ pytestmark = pytest.mark.browser
 PASSWORD = "browser-admin-pw"
 FAQ = ROOT / "tests" / "data" / "faq.jsonl"
 JOB_TIMEOUT_MS = 10 * 60_000  # a SmolLM2 CPU job takes 2-3 min on 2 busy cores
-LOSS_CURVE_DRAWN_JS = """() => {
-  const line = document.querySelector('#loss-plot svg .mark-line path');
-  if (line) return (line.getAttribute('d') || '').length > 10;  // the svg renderer
-  const canvas = document.querySelector('#loss-plot canvas');
-  if (!canvas || !canvas.width || !canvas.height) return false;
-  const px = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
-  let colored = 0;
-  for (let i = 0; i < px.length; i += 4)
-    if (px[i + 3] > 0 && Math.max(px[i], px[i + 1], px[i + 2])
-                         - Math.min(px[i], px[i + 1], px[i + 2]) > 60) colored++;
-  return colored > 20;
-}"""
+CURVE_PIXELS = 300  # colored pixels of drawn lines; axes, grid and text are gray or black
+
+
+def colored_pixels(png: bytes) -> int:
+    """Pixels of a saturated color (the plot's series lines and legend) in a screenshot."""
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    return sum(1 for r, g, b in image.get_flattened_data() if max(r, g, b) - min(r, g, b) > 60)
+
+
+def wait_for_curve(page, timeout_s: float = 30.0) -> int:
+    """What the user sees: lines drawn in the loss plot (an empty or stuck plot has none)."""
+    deadline, seen = time.monotonic() + timeout_s, 0
+    while time.monotonic() < deadline:
+        seen = colored_pixels(page.locator("#loss-plot").screenshot())
+        if seen >= CURVE_PIXELS:
+            return seen
+        page.wait_for_timeout(1000)
+    raise AssertionError(f"no loss curve drawn ({seen} colored pixels)")
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +117,17 @@ def test_login_upload_start_watch_and_new_model_in_chat(admin_page, admin_browse
     expect(progress).to_be_visible()
     expect(progress).to_contain_text(
         re.compile(r"queued|loading|evaluating|training|merging|converting|quantizing|done"))
-    # the loss curve draws once the first training step has been logged: wait for the
-    # progress line to report a loss, then for colored (non-gray) pixels of a series in
-    # the plot's canvas (axes and grid are gray, so an empty plot has none)
-    expect(progress).to_contain_text(re.compile(r"loss \d"), timeout=JOB_TIMEOUT_MS)
-    page.wait_for_function(LOSS_CURVE_DRAWN_JS, timeout=30_000)
+    # a line needs two points: wait for the second logged step, then for colored pixels of
+    # the drawn series in the plot's screenshot
+    expect(progress).to_contain_text(re.compile(r"step [2-9]\d*/"), timeout=JOB_TIMEOUT_MS)
+    wait_for_curve(page)
     page.screenshot(path=str(artifacts_dir / "admin_progress.png"), full_page=True)
 
     page.wait_for_function(
         """() => { const p = document.querySelector('#job-progress');
                    return p && /\\b(done|failed|cancelled)\\b/.test(p.innerText); }""",
         timeout=JOB_TIMEOUT_MS)
+    wait_for_curve(page)  # the finished job's whole curve
     page.screenshot(path=str(artifacts_dir / "admin_done.png"), full_page=True)
     final = progress.inner_text()
     (job_dir,) = (server.models_dir.parent / "jobs").glob("2*")  # the one job of this app
