@@ -73,9 +73,13 @@ def _export_and_evaluate(result, config, models_dir: Path, workdir: Path, report
 
     def evaluate_before_publish(staged: dict[str, Path]) -> dict:
         quant = next((q for q in EVAL_QUANT_PREFERENCE if q in staged), next(iter(staged)))
-        prompts = list(result.eval_prompts)
-        reporter.stage("evaluating", f"{len(prompts)} prompts through {staged[quant].name}")
-        tuned = evaluate.answer_prompts_gguf(staged[quant], prompts, config.eval_max_new_tokens)
+        # eval_max_new_tokens 0 means "no eval answers": the losses are still recorded
+        prompts = list(result.eval_prompts) if config.eval_max_new_tokens else []
+        tuned = []
+        if prompts:
+            reporter.stage("evaluating", f"{len(prompts)} prompts through {staged[quant].name}")
+            tuned = evaluate.answer_prompts_gguf(staged[quant], prompts,
+                                                 config.eval_max_new_tokens)
         evaluation = {"val_loss_before": result.metrics.get("val_loss_before"),
                       "val_loss_after": result.metrics.get("val_loss_after"),
                       "tuned_model": staged[quant].name,

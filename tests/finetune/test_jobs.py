@@ -115,6 +115,15 @@ def test_queue_runs_jobs_one_at_a_time_then_cancel_stops_cleanly(tiny_llama_dir,
     assert [r.id for r in jobs.list_jobs(jobs_dir)] == [second.id, first.id]
 
 
+def test_job_without_eval_answers_still_records_losses(tiny_llama_dir, dirs):
+    jobs_dir, models_dir = dirs
+    record = jobs.submit(tiny_config(tiny_llama_dir, max_steps=2, eval_max_new_tokens=0,
+                                     quant_types=["Q4_K_M"]), jobs_dir, models_dir)
+    done = jobs.wait(jobs_dir, record.id, timeout_s=240)
+    assert done.state == "done", done.status
+    assert done.evaluation["val_loss_after"] and done.evaluation["samples"] == []
+
+
 def test_kill_9_is_detected_and_marked_failed_with_log_tail(tiny_llama_dir, dirs):
     jobs_dir, models_dir = dirs
     record = jobs.submit(tiny_config(tiny_llama_dir, max_steps=500), jobs_dir, models_dir)
