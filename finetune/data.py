@@ -401,10 +401,11 @@ class PackedCollator:
     bin)^2 as one flattened row would. A short bin is topped up with a pad segment that has
     its own positions and no labels: it sees nothing real and nothing real sees it.
     flash_attention_2 only unpacks rows when the batch is a single row, so there we flatten
-    the bins into one [1, tokens] row (variable-length attention, no padding at all)."""
+    the bins into one [1, tokens] row (variable-length attention, no padding at all).
+    pad_to fixes the width (flex_attention compiles a kernel per shape)."""
 
-    def __init__(self, pad_token_id: int, flatten: bool = False):
-        self.pad_token_id, self.flatten = pad_token_id, flatten
+    def __init__(self, pad_token_id: int, flatten: bool = False, pad_to: int = 0):
+        self.pad_token_id, self.flatten, self.pad_to = pad_token_id, flatten, pad_to
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
@@ -412,7 +413,7 @@ class PackedCollator:
         keys = ("input_ids", "labels", "position_ids")
         if self.flatten:
             return {k: torch.tensor([sum((f[k] for f in features), [])]) for k in keys}
-        width = max(len(f["input_ids"]) for f in features)
+        width = max(self.pad_to, *(len(f["input_ids"]) for f in features))
         batch = {k: [] for k in keys}
         for f in features:
             gap = width - len(f["input_ids"])

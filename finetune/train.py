@@ -26,8 +26,13 @@ from finetune import FinetuneError, data
 from finetune.base_models import default_cache_dir, resolve_base
 from finetune.config import FinetuneConfig
 
-# Past this many tokens per forward pass a GPU is saturated; more only costs memory.
-MAX_TOKENS_PER_MICRO_BATCH = 16384
+# Tokens per forward pass: past ~12k an H100 gains little (Phi-3.5 +2% at 16k, Mistral-7B -2%)
+# and memory keeps growing (bench/train_throughput.py).
+MAX_TOKENS_PER_MICRO_BATCH = 12288
+# The loss projects this many target tokens onto the vocabulary at a time (recomputed in the
+# backward pass), so a micro-batch's [tokens, vocab] fp32 logits never exist at once: 5 GB for
+# 16k tokens of Phi-3.5. 0 computes all logits at once (the model's own loss).
+LOSS_CHUNK_TOKENS = 2048
 CPU_TOKENS_PER_MICRO_BATCH = 2048
 # Aim for at least this many optimizer steps per epoch when a dataset is small.
 MIN_STEPS_PER_EPOCH = 8
@@ -70,8 +75,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
     import transformers
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.evaluate import answer_prompts_hf
 
@@ -105,6 +110,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
                     if report.n_truncated else ""))
     eval_prompts = config.eval_prompts or [_last_user(m) for m in (val_rows or train_rows)[:3]]
 
+    attention = resolve_attention(config, cuda)
     reporter.stage("loading", f"loading {base_path} ({'4-bit NF4' if load_in_4bit else dtype})")
     transformers.set_seed(config.seed)
     quantization = None
@@ -115,7 +121,9 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
     try:
         model = AutoModelForCausalLM.from_pretrained(
             base_path, dtype=dtype, quantization_config=quantization,
-            attn_implementation=config.attn_implementation,
+            # flex_attention would recompile for every generated length: it is set after the
+            # base answers below.
+            attn_implementation="sdpa" if attention == "flex_attention" else attention,
             device_map={"": torch.cuda.current_device() if cuda else "cpu"})
     except (OSError, ValueError, ImportError) as exc:
         raise FinetuneError(f"Could not load base model {config.base_model}: {exc}") from exc
@@ -127,8 +135,10 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
         base_answers = answer_prompts_hf(model, tokenizer, eval_prompts,
                                          config.eval_max_new_tokens)
 
-    if load_in_4bit:  # freezes the base, upcasts norms/embeddings to fp32 for stability
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if attention != model.config._attn_implementation:
+        model.set_attn_implementation(attention)
+    if load_in_4bit:
+        _freeze_base(model, dtype)
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False},
@@ -142,34 +152,26 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
     if config.packing:
         train_items = data.pack(train_set, config.max_seq_length)
         val_items = data.pack(val_set, config.max_seq_length)
-        collator = data.PackedCollator(tokenizer.pad_token_id,
-                                       flatten=config.attn_implementation == "flash_attention_2")
+        # flex_attention compiles its kernels for each shape: give it a single one.
+        collator = data.PackedCollator(
+            tokenizer.pad_token_id, flatten=attention == "flash_attention_2",
+            pad_to=config.max_seq_length if attention == "flex_attention" else 0)
     else:
         train_items, val_items = train_set, val_set
         collator = data.PaddedCollator(tokenizer.pad_token_id, config.max_seq_length
                                        if config.padding == "max_length" else 0)
     micro_batch = config.micro_batch_size or auto_micro_batch_size(
-        model.config, config, len(train_items), _free_gpu_bytes() if cuda else None)
+        model.config, config, len(train_items), _free_gpu_bytes() if cuda else None,
+        dtype_bytes=4 if dtype == torch.float16 else 2)  # fp16 keeps an fp32 residual stream
     use_liger = _liger_wanted(config.use_liger, cuda, reporter)
     reporter.log(f"{len(train_items)} training sequences, micro-batch {micro_batch} x "
                  f"{config.gradient_accumulation} accumulation, {dtype}, {optimizer}, "
-                 f"{config.attn_implementation}" + (", liger kernels" if use_liger else ""))
+                 f"{attention}" + (", liger kernels" if use_liger else ""))
 
-    args = TrainingArguments(
-        output_dir=str(workdir / "trainer"), save_strategy="no", eval_strategy="no",
-        report_to="none", logging_steps=1, disable_tqdm=True, seed=config.seed,
-        data_seed=config.seed, per_device_train_batch_size=micro_batch,
-        gradient_accumulation_steps=config.gradient_accumulation,
-        learning_rate=config.learning_rate, num_train_epochs=config.num_epochs,
-        max_steps=config.max_steps, warmup_steps=config.warmup_ratio,
-        lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm, optim=optimizer,
-        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not cuda,
-        remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
-        use_liger_kernel=use_liger)
-    trainer = Trainer(model=model, args=args, train_dataset=train_items, data_collator=collator,
-                      processing_class=tokenizer,
-                      callbacks=[_progress_callback(reporter, report.train_tokens)])
+    args = _training_arguments(config, workdir, micro_batch, optimizer, dtype, cuda, use_liger)
+    trainer = _trainer_class(dtype)(
+        model=model, args=args, train_dataset=train_items, data_collator=collator,
+        processing_class=tokenizer, callbacks=[_progress_callback(reporter, report.train_tokens)])
     trainer.remove_callback(transformers.PrinterCallback)  # progress goes to the reporter
     steps = max(1, math.ceil(len(train_items) / micro_batch) // config.gradient_accumulation
                 ) * config.num_epochs
@@ -203,7 +205,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
         "steps": trainer.state.global_step, "micro_batch_size": micro_batch,
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "compute_dtype": str(dtype).removeprefix("torch."), "load_in_4bit": load_in_4bit,
-        "optimizer": optimizer, "liger": use_liger, "trainable_params": trainable,
+        "optimizer": optimizer, "liger": use_liger, "attention": attention,
+        "trainable_params": trainable,
     }
     reporter.log(f"validation loss {val_loss_before} -> {val_loss_after}, "
                  f"{metrics['tokens_per_s']} tokens/s")
@@ -224,6 +227,120 @@ def _compute_dtype(name: str, cuda: bool):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+def resolve_attention(config: FinetuneConfig, cuda: bool) -> str:
+    """auto: flex_attention for packed rows on Ampere+ (its block mask skips the tiles where
+    rows of a bin would see each other; sdpa gets a dense [bin, bin] mask and a slower kernel),
+    sdpa elsewhere (older GPUs, CPU, padded batches)."""
+    if config.attn_implementation != "auto":
+        return config.attn_implementation
+    import torch
+
+    flex = (cuda and config.packing and torch.cuda.get_device_capability() >= (8, 0)
+            and importlib.util.find_spec("triton") is not None)
+    return "flex_attention" if flex else "sdpa"
+
+
+def _freeze_base(model, dtype) -> None:
+    """Freeze the quantized base. Under fp16, norms and embeddings go to fp32 for stability
+    (peft's prepare_model_for_kbit_training); bf16 has fp32's range, and leaving them in bf16
+    keeps the residual stream in bf16: half the activation memory, no cast around every layer."""
+    import torch
+
+    if dtype == torch.float16:
+        from peft import prepare_model_for_kbit_training
+
+        prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        return
+    for param in model.parameters():
+        param.requires_grad = False
+
+
+def _training_arguments(config: FinetuneConfig, workdir: Path, micro_batch: int, optimizer: str,
+                        dtype, cuda: bool, use_liger: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(workdir / "trainer"), save_strategy="no", eval_strategy="no",
+        report_to="none", logging_steps=1, disable_tqdm=True, seed=config.seed,
+        data_seed=config.seed, per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=config.gradient_accumulation,
+        learning_rate=config.learning_rate, num_train_epochs=config.num_epochs,
+        max_steps=config.max_steps, warmup_steps=config.warmup_ratio,
+        lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm, optim=optimizer,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not cuda,
+        remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
+        use_liger_kernel=use_liger,
+        # liger's own loss would need the full forward; causal_lm_loss replaces it.
+        liger_kernel_config={"fused_linear_cross_entropy": False, "cross_entropy": False}
+        if use_liger else None)
+
+
+def _trainer_class(dtype):
+    """transformers' Trainer with causal_lm_loss in place of the model's loss."""
+    import torch
+    from transformers import Trainer
+
+    class ChunkedLossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            device = inputs["input_ids"].device
+            # The decoder is called directly, past accelerate's autocast around model.forward.
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                total, count = causal_lm_loss(model, inputs)
+            # Divided by the targets of the whole accumulated batch when the Trainer counted
+            # them (then it does not divide by the accumulation steps again).
+            loss = total / (num_items_in_batch if num_items_in_batch is not None
+                            else max(count, 1))
+            return (loss, None) if return_outputs else loss
+
+    return ChunkedLossTrainer
+
+
+def _plain_lm_head(model_config) -> bool:
+    """True when logits are just lm_head(hidden): no softcapping or scaling to reproduce."""
+    return not any(getattr(model_config, name, None) for name in
+                   ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                    "output_multiplier_scale"))
+
+
+def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None):
+    """(sum of the next-token losses, number of target tokens) of a batch.
+
+    Only target tokens are projected onto the vocabulary, LOSS_CHUNK_TOKENS at a time and
+    recomputed in the backward pass, so peak memory holds one chunk's logits, not the whole
+    micro-batch's; prompt tokens (label -100) never get logits at all."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    chunk_tokens = LOSS_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
+    labels = batch["labels"]
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    keep = targets != -100
+    count = int(keep.sum())
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not chunk_tokens or not _plain_lm_head(causal_lm.config):
+        output = model(**batch, use_cache=False)  # its loss: the mean over the targets
+        return (output.loss.float() * count if count else output.logits.sum() * 0.0), count
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
+    head = causal_lm.get_output_embeddings()
+    total = hidden.sum() * 0.0  # a zero that keeps the graph when no token is a target
+    for start in range(0, count, chunk_tokens):
+        piece = (head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens])
+        total = total + (checkpoint(_summed_token_loss, *piece, use_reentrant=False)
+                         if torch.is_grad_enabled() else _summed_token_loss(*piece))
+    return total, count
+
+
+def _summed_token_loss(head, hidden, targets):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+
+
 def _last_user(messages: list[dict]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
@@ -235,39 +352,45 @@ def _free_gpu_bytes() -> int:
     return free
 
 
-def activation_bytes_per_token(model_config, checkpointing: bool, dtype_bytes: int = 2,
-                               fused_loss: bool = False) -> int:
-    """A rough upper bound of training memory per token (activations + logits)."""
+def activation_bytes_per_token(model_config, checkpointing: bool, dtype_bytes: int = 2) -> int:
+    """A rough upper bound of training activation memory per token."""
     hidden = model_config.hidden_size
     inter = getattr(model_config, "intermediate_size", 4 * hidden)
     layers = model_config.num_hidden_layers
     one_layer = (10 * hidden + 5 * inter) * dtype_bytes
-    # Logits in the compute dtype, their fp32 upcast for the loss and its gradient.
-    logits = 0 if fused_loss else model_config.vocab_size * (dtype_bytes + 8)
     if checkpointing:  # one saved input per layer, plus one layer recomputed at a time
-        return layers * hidden * dtype_bytes + 2 * one_layer + logits
-    return layers * one_layer + logits
+        return layers * hidden * dtype_bytes + 2 * one_layer
+    return layers * one_layer
+
+
+def loss_bytes(model_config, dtype_bytes: int = 2) -> int:
+    """One loss chunk's logits: compute dtype, fp32 upcast and its gradient."""
+    return (LOSS_CHUNK_TOKENS or MAX_TOKENS_PER_MICRO_BATCH) * model_config.vocab_size * (
+        dtype_bytes + 8)
 
 
 def auto_micro_batch_size(model_config, config: FinetuneConfig, n_sequences: int,
-                          free_bytes: int | None) -> int:
+                          free_bytes: int | None, dtype_bytes: int = 2) -> int:
     """Sequences per micro-batch: what fits in 60% of free GPU memory (a fixed token budget
     on CPU), capped so small datasets still get MIN_STEPS_PER_EPOCH optimizer steps."""
     if free_bytes is None:
         tokens = CPU_TOKENS_PER_MICRO_BATCH
     else:
-        per_token = activation_bytes_per_token(model_config, config.gradient_checkpointing)
-        tokens = min(MAX_TOKENS_PER_MICRO_BATCH, int(free_bytes * 0.6 / per_token))
+        per_token = activation_bytes_per_token(model_config, config.gradient_checkpointing,
+                                               dtype_bytes)
+        budget = free_bytes * 0.6 - loss_bytes(model_config, dtype_bytes)
+        tokens = min(MAX_TOKENS_PER_MICRO_BATCH, max(0, int(budget / per_token)))
     by_memory = max(1, tokens // config.max_seq_length)
     by_data = max(1, n_sequences // (config.gradient_accumulation * MIN_STEPS_PER_EPOCH))
     return min(by_memory, by_data)
 
 
-def _liger_wanted(wanted: bool, cuda: bool, reporter) -> bool:
+def _liger_wanted(wanted: bool | None, cuda: bool, reporter) -> bool:
+    """None (the default) uses liger wherever it can run; True says so when it cannot."""
     available = cuda and importlib.util.find_spec("liger_kernel") is not None
     if wanted and not available:
         reporter.log("liger kernels need CUDA and the liger-kernel package: continuing without")
-    return wanted and available
+    return available and wanted is not False
 
 
 def _validation_loss(model, items, collator, batch_size, dtype, reporter, when):
@@ -287,10 +410,9 @@ def _validation_loss(model, items, collator, batch_size, dtype, reporter, when):
             if reporter.cancelled():
                 raise Cancelled("training cancelled")
             batch = {k: v.to(device) for k, v in collator(items[start:start + batch_size]).items()}
-            targets = int((batch["labels"][:, 1:] != -100).sum())  # the loss shifts labels
-            if targets:
-                total += float(model(**batch, use_cache=False).loss) * targets
-                count += targets
+            loss_sum, targets = causal_lm_loss(model, batch)
+            total += float(loss_sum)
+            count += targets
     model.train(was_training)
     loss = round(total / count, 4) if count else None
     reporter.progress(val_loss=loss)

@@ -24,6 +24,8 @@ def test_presets_suit_their_models(dataset):
     smol = from_preset("smollm2-135m", dataset=dataset, lora_r=8).validate()
     assert smol.base_model == "smollm2-135m" and smol.lora_r == 8
     assert smol.output_prefix() == "smollm2-135m-ft"
+    assert smol.attn_implementation == "sdpa"  # too short a run to repay flex's compilation
+    assert phi.attn_implementation == "auto" and phi.lora_dropout == 0.0
     with pytest.raises(FinetuneError, match="Unknown preset 'llama'.*smollm2-135m"):
         from_preset("llama")
 

@@ -236,3 +236,12 @@ def test_packed_rows_do_not_attend_to_each_other(tiny_llama_dir):
         assert torch.allclose(together[row, begin:end], expected, atol=1e-4)
     # Without restarting positions the second row of bin 1 would see the first.
     assert not torch.allclose(leaky[1, 37:58], alone[300], atol=1e-4)
+
+
+def test_packed_collator_can_fix_the_width():
+    """flex_attention compiles per shape, so its batches all get max_seq_length columns."""
+    row = {"input_ids": [7, 8, 9], "labels": [-100, 8, 9], "position_ids": [0, 1, 2]}
+    batch = data.PackedCollator(0, pad_to=8)([row])
+    assert batch["input_ids"].tolist() == [[7, 8, 9, 0, 0, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 3, 4]]
+    assert batch["labels"].tolist() == [[-100, 8, 9] + [-100] * 5]

@@ -10,7 +10,8 @@ import pytest
 
 from finetune import FinetuneError
 from finetune.config import FinetuneConfig, from_preset
-from finetune.train import Cancelled, auto_micro_batch_size, train
+from finetune.train import (Cancelled, _liger_wanted, auto_micro_batch_size, causal_lm_loss,
+                            resolve_attention, train)
 from tests.finetune.conftest import RecordingReporter
 
 
@@ -35,6 +36,7 @@ def test_tiny_llama_trains_and_reports(tiny_llama_dir, faq_path, tmp_path, repor
     assert math.isfinite(m["train_loss"]) and math.isfinite(m["val_loss_after"])
     assert m["steps"] == 3 and m["train_tokens"] > 0 and m["tokens_per_s"] > 0
     assert m["device"] == "cpu" and m["compute_dtype"] == "float32" and not m["load_in_4bit"]
+    assert m["attention"] == "sdpa" and not m["liger"]  # the fast GPU paths degrade on CPU
     assert result.dataset_report["format"] == "question_answer"
     assert result.dataset_report["n_train"] + result.dataset_report["n_val"] == 52
     assert len(result.eval_prompts) == 3 and len(result.base_answers) == 3
@@ -122,3 +124,40 @@ def test_auto_micro_batch_size():
     assert auto_micro_batch_size(mistral, config, 10_000, free_bytes=None) == 1  # CPU budget
     # A small dataset keeps several optimizer steps per epoch instead of one huge batch.
     assert auto_micro_batch_size(mistral, config, 12, free_bytes=70 * 2**30) == 1
+
+
+def test_chunked_loss_matches_the_models_own_loss(tiny_llama_dir, monkeypatch):
+    """Targets-only, chunked, recomputed logits give the model's own loss and gradients."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune import data
+    from finetune import train as train_mod
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    rows = [torch.randint(5, 1000, (n,), generator=generator).tolist() for n in (40, 70, 25, 90)]
+    batch = data.PackedCollator(0)(data.pack(
+        [{"input_ids": ids, "labels": [-100] * 3 + ids[3:]} for ids in rows], 128))
+    weight = model.model.layers[0].mlp.down_proj.weight
+    reference = model(**batch, use_cache=False).loss
+    reference.backward()
+    expected_grad, weight.grad = weight.grad.clone(), None
+
+    monkeypatch.setattr(train_mod, "LOSS_CHUNK_TOKENS", 16)  # several chunks
+    total, count = causal_lm_loss(model, batch)
+    (total / count).backward()
+    assert count == int((batch["labels"][:, 1:] != -100).sum())
+    assert float(total / count) == pytest.approx(float(reference), abs=1e-5)
+    assert torch.allclose(weight.grad, expected_grad, atol=1e-6)
+
+
+def test_fast_path_defaults_degrade_without_cuda():
+    config = FinetuneConfig(base_model="x", dataset="y")
+    assert (config.attn_implementation, config.lora_dropout, config.use_liger) == ("auto", 0.0, None)
+    assert resolve_attention(config, cuda=False) == "sdpa"
+    assert resolve_attention(FinetuneConfig(base_model="x", dataset="y",
+                                            attn_implementation="eager"), cuda=False) == "eager"
+    quiet, asked = RecordingReporter(), RecordingReporter()
+    assert not _liger_wanted(None, cuda=False, reporter=quiet) and not quiet.logs
+    assert not _liger_wanted(True, cuda=False, reporter=asked) and "liger" in asked.logs[0]

@@ -1,0 +1,404 @@
+"""How fast does the project's own trainer (finetune.train.train) run QLoRA, and in how much
+memory? The seed recipe (the notebooks this project grew from) against the project default, on
+random-init Phi-3.5-mini and Mistral-7B architectures (public config values; the weights
+cannot be downloaded here) and on SmolLM2-135M, the offline preset (real weights).
+
+    python bench/train_throughput.py [--models phi,mistral,smollm2] [--levers] [--budget-s 560]
+
+  throughput  non-padding tokens/s over the optimizer steps after the first (compilation,
+              allocator warm-up), counted exactly as the collator hands tokens over
+  memory      peak allocated / reserved CUDA memory during training (torch.cuda.max_memory_*)
+  MFU         6 * N * tokens/s / 989 TFLOP/s (H100 SXM dense bf16), N = weights of all linear
+              layers incl. lm_head (embedding lookups and attention scores not counted). For
+              LoRA with full activation checkpointing 6N is the work really done per token:
+              forward 2N, recomputed forward 2N, input gradients 2N (no base weight gradients)
+  --levers    Phi-3.5: a ladder from the seed recipe to the default, one lever at a time, plus
+              levers that were tried and not kept
+  smollm2     also checks that the default recipe's speed levers leave the validation loss
+              where the plain recipe puts it after the same tokens (two seeds each)
+
+Random models are built on the GPU and saved once under --workdir; the synthetic dataset has
+rows of 128-2048 tokens (log-uniform) over a word-level tokenizer of the architecture's vocab
+size. Results merge into bench/results/train_throughput.json (one key per model), so models can
+be run in separate calls.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from finetune import data as data_mod  # noqa: E402
+from finetune import train as train_mod  # noqa: E402
+from finetune.config import from_preset  # noqa: E402
+
+PEAK_TFLOPS = 989.0  # H100 SXM dense bf16, the datasheet figure
+RESULTS = ROOT / "bench" / "results" / "train_throughput.json"
+ARCHS = {  # public config values of the two Hub presets
+    "phi": {"preset": "phi-3.5-mini", "model_type": "phi3", "vocab_size": 32064,
+            "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+            "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 4096, "tie_word_embeddings": False},
+    "mistral": {"preset": "mistral-7b", "model_type": "mistral", "vocab_size": 32000,
+                "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
+                "max_position_embeddings": 32768, "rope_theta": 1e6, "sliding_window": None,
+                "tie_word_embeddings": False},
+}
+# The notebooks' recipe: one padded row per pass, fp16, eager attention, plain AdamW, dropout,
+# fp32 norms/embeddings (peft's prepare_model_for_kbit_training) and the model's own loss.
+SEED = {"micro_batch_size": 1, "gradient_accumulation": 4, "max_seq_length": 512,
+        "packing": False, "padding": "max_length", "compute_dtype": "fp16",
+        "attn_implementation": "eager", "optimizer": "adamw_torch", "lora_dropout": 0.05,
+        "gradient_checkpointing": True, "use_liger": False}
+OLD_PATH = {"upcast": True, "chunked_loss": False}  # the recipe before issue 5
+# The ladder (Phi-3.5, --levers): each rung adds one lever to the one before.
+PACKED = {"packing": True, "max_seq_length": 2048, "compute_dtype": "bf16",
+          "attn_implementation": "sdpa", "optimizer": "paged_adamw_8bit", "lora_dropout": 0.05,
+          "micro_batch_size": 4, "gradient_accumulation": 1, "use_liger": False}
+LADDER = [
+    ("packed 4x2048, bf16, sdpa, paged AdamW 8-bit", PACKED, OLD_PATH),
+    ("+ bf16 norms/embeddings (no fp32 upcast)", PACKED, {"chunked_loss": False}),
+    ("+ LoRA dropout 0", {**PACKED, "lora_dropout": 0.0}, {"chunked_loss": False}),
+    ("+ chunked loss (targets only)", {**PACKED, "lora_dropout": 0.0}, {}),
+    ("+ flex_attention", {**PACKED, "lora_dropout": 0.0, "attn_implementation": "flex_attention"},
+     {}),
+]
+BEST = {**PACKED, "lora_dropout": 0.0, "attn_implementation": "flex_attention"}
+VARIANTS = [  # tried on top of the last rung; liger last: it patches transformers' modules
+    ("micro-batch 6x2048", {**BEST, "micro_batch_size": 6}, {}),
+    ("micro-batch 8x2048", {**BEST, "micro_batch_size": 8}, {}),
+    ("checkpoint every 2nd layer only", {**BEST, "checkpoint_every_n_layers": 2}, {}),
+    ("adamw_torch_fused instead of paged 8-bit", {**BEST, "optimizer": "adamw_torch_fused"},
+     {}),
+    ("+ torch.compile (each decoder layer)", BEST, {"compile": True}),
+    ("+ liger-kernel (RMSNorm, SwiGLU, RoPE)", {**BEST, "use_liger": True}, {}),
+    ("+ liger-kernel, micro-batch 8x2048", {**BEST, "use_liger": True, "micro_batch_size": 8},
+     {}),
+]
+
+
+# -- inputs: tokenizer, random models, datasets ------------------------------------------------
+
+def word_tokenizer(vocab_size: int, dest: Path):
+    """A word-level tokenizer of exactly `vocab_size` ids: ChatML specials, role names, w<i>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+    words = specials + ["system", "user", "assistant"]
+    vocab = {w: i for i, w in enumerate(words + [f"w{i}" for i in range(vocab_size - len(words))])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>",
+                                        pad_token="<pad>", bos_token="<|im_start|>",
+                                        eos_token="<|im_end|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[2:]})
+    tokenizer.chat_template = data_mod.CHATML_TEMPLATE
+    tokenizer.save_pretrained(dest)
+    return tokenizer
+
+
+def build_random_model(arch: str, dest: Path) -> Path:
+    """Random-init weights of the architecture, built on the GPU (7B on a CPU takes minutes)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (dest / "config.json").is_file():
+        return dest
+    spec = {k: v for k, v in ARCHS[arch].items() if k != "preset"}
+    tokenizer = word_tokenizer(spec["vocab_size"], dest)
+    config = AutoConfig.for_model(**spec, pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(dest)
+    del model
+    torch.cuda.empty_cache()
+    return dest
+
+
+def word_rows(path: Path, n_rows: int, vocab_size: int, seed: int = 0) -> Path:
+    """Question/answer rows of 128-2048 words (log-uniform), each word one token."""
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocab_size - 7)]
+    with open(path, "w") as fh:
+        for _ in range(n_rows):
+            total = int(math.exp(rng.uniform(math.log(128), math.log(2040)))) - 12
+            question = rng.randint(8, max(9, total // 4))
+            fh.write(json.dumps({"question": " ".join(rng.choices(words, k=question)),
+                                 "answer": " ".join(rng.choices(words, k=total - question))})
+                     + "\n")
+    return path
+
+
+def prose_rows(path: Path, chunk_chars: int = 1000) -> Path:
+    """Real English for SmolLM2: Python's reference topics (pydoc_data), offline, in chunks."""
+    from pydoc_data.topics import topics
+
+    with open(path, "w") as fh:
+        for key in sorted(topics):
+            text = topics[key]
+            for part, start in enumerate(range(0, len(text), chunk_chars)):
+                chunk = text[start:start + chunk_chars].strip()
+                if len(chunk) > 200:
+                    fh.write(json.dumps({"question": f"Quote part {part + 1} of the Python "
+                                         f"reference on '{key}'.", "answer": chunk}) + "\n")
+    return path
+
+
+# -- one run of the trainer --------------------------------------------------------------------
+
+class StepClock:
+    """A Reporter that timestamps every optimizer step."""
+
+    def __init__(self):
+        self.steps: list[tuple[float, int]] = []  # (time, tokens handed over so far)
+        self.tokens = 0
+
+    def stage(self, stage: str, message: str = "") -> None:
+        print(f"  [{stage}] {message}", flush=True)
+
+    def progress(self, **metrics) -> None:
+        if "step" in metrics:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.steps.append((time.perf_counter(), self.tokens))
+
+    def log(self, message: str) -> None:
+        print(f"  {message}", flush=True)
+
+    def cancelled(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def patched(clock: StepClock, upcast: bool = False, chunked_loss: bool = True,
+            compile: bool = False):
+    """Count collated tokens; optionally switch the trainer back to the pre-issue-5 path."""
+    saved = (data_mod.PackedCollator.__call__, data_mod.PaddedCollator.__call__,
+             train_mod._freeze_base, train_mod.LOSS_CHUNK_TOKENS)
+
+    def counting(call):
+        def wrapper(self, features):
+            clock.tokens += sum(len(f["input_ids"]) for f in features)
+            return call(self, features)
+        return wrapper
+
+    data_mod.PackedCollator.__call__ = counting(saved[0])
+    data_mod.PaddedCollator.__call__ = counting(saved[1])
+    def freeze(model, dtype):
+        if upcast:
+            from peft import prepare_model_for_kbit_training
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        else:
+            saved[2](model, dtype)
+        if compile:  # regional: one compiled decoder layer, reused by all of them
+            for layer in model.get_decoder().layers:
+                layer.compile()
+
+    train_mod._freeze_base = freeze
+    if not chunked_loss:
+        train_mod.LOSS_CHUNK_TOKENS = 0
+    try:
+        yield
+    finally:
+        (data_mod.PackedCollator.__call__, data_mod.PaddedCollator.__call__,
+         train_mod._freeze_base, train_mod.LOSS_CHUNK_TOKENS) = saved
+
+
+def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_params: int,
+        warmup_steps: int, measured_steps: int, overrides: dict, path: dict) -> dict:
+    import torch
+
+    print(f"\n== {label}", flush=True)
+    clock = StepClock()
+    values = {"base_model": str(base), "dataset": str(dataset), "eval_max_new_tokens": 0,
+              "eval_prompts": [], "warmup_ratio": 0.0, "val_split": 0.01,
+              "max_steps": warmup_steps + measured_steps}  # measured_steps 0: as configured
+    config = from_preset(preset, **{**values, **overrides})
+    started = time.perf_counter()
+    try:
+        with patched(clock, **path):
+            result = train_mod.train(config, Path(tempfile.mkdtemp(dir=workdir)), clock)
+    except Exception as exc:  # an OOM or an unsupported combination is a result too
+        print(f"  FAILED: {type(exc).__name__}: {exc}"[:600], flush=True)
+        return {"label": label, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    (t0, n0), (t1, n1) = clock.steps[warmup_steps - 1], clock.steps[-1]
+    tokens_per_s = (n1 - n0) / (t1 - t0)
+    m = result.metrics
+    row = {"label": label, "tokens_per_s": round(tokens_per_s, 1),
+           "peak_allocated_gb": m["peak_gpu_mem_gb"], "peak_reserved_gb": m["peak_gpu_reserved_gb"],
+           "mfu_6n": round(6 * n_params * tokens_per_s / (PEAK_TFLOPS * 1e12), 4),
+           "micro_batch_size": m["micro_batch_size"],
+           "gradient_accumulation": config.gradient_accumulation,
+           "max_seq_length": config.max_seq_length, "packing": config.packing,
+           "compute_dtype": m["compute_dtype"], "attention": m["attention"],
+           "optimizer": m["optimizer"], "lora_dropout": config.lora_dropout, "liger": m["liger"],
+           "measured_steps": len(clock.steps) - warmup_steps, "measured_tokens": n1 - n0,
+           "val_loss_before": m["val_loss_before"], "val_loss_after": m["val_loss_after"],
+           "wall_s": round(time.perf_counter() - started, 1), "overrides": overrides,
+           "path": path}
+    print(f"  -> {tokens_per_s:,.0f} tok/s, peak {m['peak_gpu_mem_gb']} GB allocated, "
+          f"{m['peak_gpu_reserved_gb']} GB reserved, micro-batch {m['micro_batch_size']}",
+          flush=True)
+    return row
+
+
+def matmul_params(config) -> int:
+    """Weights of every linear layer (attention, MLP, lm_head)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q = config.num_attention_heads * head_dim
+    kv = config.num_key_value_heads * head_dim
+    per_layer = h * q + 2 * h * kv + q * h + 3 * h * config.intermediate_size
+    return layers * per_layer + config.vocab_size * h
+
+
+def measured_peak_tflops() -> float:
+    import torch
+
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        a @ b
+    end.record()
+    torch.cuda.synchronize()
+    return round(20 * 2 * 8192 ** 3 / (start.elapsed_time(end) / 1e3) / 1e12, 1)
+
+
+# -- the models --------------------------------------------------------------------------------
+
+def bench_arch(arch: str, workdir: Path, levers: bool, deadline: float,
+               only: set[str] | None = None) -> dict:
+    from transformers import AutoConfig
+
+    preset = ARCHS[arch]["preset"]
+    started = time.perf_counter()
+    base = build_random_model(arch, workdir / f"{arch}-random")
+    print(f"built {base} in {time.perf_counter() - started:.0f} s", flush=True)
+    n_params = matmul_params(AutoConfig.from_pretrained(base))
+    dataset = word_rows(workdir / f"{arch}.jsonl", 900, ARCHS[arch]["vocab_size"])
+    args = (preset, base, dataset, workdir, n_params)
+    out = {"matmul_params": n_params, "runs": {}}
+    plan = [("seed", "seed recipe (bs1 x ga4, pad 512, fp16, eager, AdamW)", 2, 5, SEED, OLD_PATH),
+            ("default", "project default", 1, 4, {}, {})]
+    if levers or only:
+        plan += [(f"lever{i}", label, 2, 12, o, p) for i, (label, o, p) in
+                 enumerate(LADDER + VARIANTS, 1)]
+    for key, label, warmup, measured, overrides, path in plan:
+        if only and key not in only:
+            continue
+        if time.perf_counter() > deadline:
+            out["runs"][key] = {"label": label, "skipped": "out of time in this call"}
+            continue
+        out["runs"][key] = run(label, *args, warmup, measured, overrides, path)
+    return out
+
+
+def bench_smollm2(workdir: Path, deadline: float) -> dict:
+    """Throughput, and validation loss after one epoch: plain vs default recipe, two seeds."""
+    from transformers import AutoConfig
+
+    from finetune.base_models import default_cache_dir, resolve_base
+
+    base = Path(resolve_base("smollm2-135m", default_cache_dir()))
+    n_params = matmul_params(AutoConfig.from_pretrained(base))
+    dataset = prose_rows(workdir / "prose.jsonl")
+    out = {"matmul_params": n_params, "runs": {}}
+    epoch = {"max_steps": -1, "num_epochs": 1.0, "val_split": 0.1, "learning_rate": 2e-4}
+    # About the same tokens per optimizer step: 4 padded rows vs 3 packed bins of 512.
+    plan = [("seed", "seed recipe", 2, 30, SEED, OLD_PATH),
+            ("default", "project default", 2, 30, {}, {})]
+    for seed in (1, 2):
+        plan += [(f"parity_plain_seed{seed}", f"plain recipe, 1 epoch, seed {seed}", 2, 0,
+                  {**SEED, **epoch, "seed": seed}, OLD_PATH),
+                 (f"parity_default_seed{seed}", f"default recipe, 1 epoch, seed {seed}", 2, 0,
+                  {**epoch, "seed": seed, "micro_batch_size": 3, "gradient_accumulation": 1},
+                  {})]
+    for key, label, warmup, measured, overrides, path in plan:
+        if time.perf_counter() > deadline:
+            out["runs"][key] = {"label": label, "skipped": "out of time in this call"}
+            continue
+        row = run(label, "smollm2-135m", base, dataset, workdir, n_params, warmup,
+                  measured, overrides, path)
+        out["runs"][key] = row
+    return out
+
+
+def print_table(results: dict) -> None:
+    print(f"\n{'model':<9} {'run':<48} {'tok/s':>8} {'alloc GB':>9} {'resv GB':>8} "
+          f"{'MFU':>6} {'val after':>9}")
+    for model, block in results.items():
+        if model.startswith("_"):
+            continue
+        for row in block["runs"].values():
+            if "tokens_per_s" not in row:
+                print(f"{model:<9} {row['label'][:48]:<48} {row.get('error') or row.get('skipped')}")
+                continue
+            print(f"{model:<9} {row['label'][:48]:<48} {row['tokens_per_s']:>8,.0f} "
+                  f"{row['peak_allocated_gb'] or 0:>9.2f} {row['peak_reserved_gb'] or 0:>8.2f} "
+                  f"{row['mfu_6n']:>6.1%} {row['val_loss_after'] or float('nan'):>9.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="phi,mistral,smollm2")
+    parser.add_argument("--levers", action="store_true", help="Phi-3.5 lever ladder")
+    parser.add_argument("--runs", default="", help="only these runs (seed,default,lever7,...)")
+    parser.add_argument("--budget-s", type=float, default=560,
+                        help="start no run after this many seconds")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ft-bench")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    # One process runs many shapes through flex_attention; a training job runs one or two.
+    torch._dynamo.config.recompile_limit = 64
+    deadline = time.perf_counter() + args.budget_s
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results["_device"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                          "measured_bf16_matmul_tflops": measured_peak_tflops(),
+                          "mfu_formula": "6 * N * tokens/s / 989e12, N = linear-layer weights "
+                                         "incl. lm_head"}
+    for model in args.models.split(","):
+        if model == "smollm2":
+            block = bench_smollm2(args.workdir, deadline)
+        else:
+            block = bench_arch(model, args.workdir, args.levers and model == "phi", deadline,
+                               set(filter(None, args.runs.split(","))))
+        earlier = results.get(model, {}).get("runs", {})
+        results[model] = {**block, "runs": {**earlier, **block["runs"]}}  # newer runs win
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print_table(results)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
