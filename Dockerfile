@@ -32,11 +32,11 @@ ENV HOME=/home/user \
     FINECHAT_CACHE_DIR=/home/user/.cache/finechat
 WORKDIR /home/user/app
 
-COPY --chown=user requirements.txt ./
+COPY --chown=user requirements.txt requirements-gpu.txt ./
 # CPU: torch's small CPU wheel; CUDA: PyPI's CUDA torch and a CUDA build of llama.cpp.
 RUN python3 -m venv "$VIRTUAL_ENV" \
     && if [ "$ACCEL" = "cuda" ]; then \
-         CMAKE_ARGS="-DGGML_CUDA=on" pip install -r requirements.txt; \
+         CMAKE_ARGS="-DGGML_CUDA=on" pip install -r requirements-gpu.txt; \
        else \
          pip install --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt; \
        fi

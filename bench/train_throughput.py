@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from finetune import data as data_mod  # noqa: E402
+from finetune import loss as loss_mod  # noqa: E402
 from finetune import train as train_mod  # noqa: E402
 from finetune.config import from_preset  # noqa: E402
 
@@ -192,7 +193,7 @@ def patched(clock: StepClock, upcast: bool = False, chunked_loss: bool = True,
             compile: bool = False):
     """Count collated tokens; optionally switch the trainer back to the pre-issue-5 path."""
     saved = (data_mod.PackedCollator.__call__, data_mod.PaddedCollator.__call__,
-             train_mod._freeze_base, train_mod.LOSS_CHUNK_TOKENS)
+             train_mod._freeze_base, loss_mod.LOSS_CHUNK_TOKENS)
 
     def counting(call):
         def wrapper(self, features):
@@ -214,12 +215,12 @@ def patched(clock: StepClock, upcast: bool = False, chunked_loss: bool = True,
 
     train_mod._freeze_base = freeze
     if not chunked_loss:
-        train_mod.LOSS_CHUNK_TOKENS = 0
+        loss_mod.LOSS_CHUNK_TOKENS = 0
     try:
         yield
     finally:
         (data_mod.PackedCollator.__call__, data_mod.PaddedCollator.__call__,
-         train_mod._freeze_base, train_mod.LOSS_CHUNK_TOKENS) = saved
+         train_mod._freeze_base, loss_mod.LOSS_CHUNK_TOKENS) = saved
 
 
 def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_params: int,

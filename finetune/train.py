@@ -22,17 +22,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import FinetuneError, data
+from finetune import FinetuneError, data, loss
 from finetune.base_models import default_cache_dir, resolve_base
 from finetune.config import FinetuneConfig
 
 # Tokens per forward pass: past ~12k an H100 gains little (Phi-3.5 +2% at 16k, Mistral-7B -2%)
 # and memory keeps growing (bench/train_throughput.py).
 MAX_TOKENS_PER_MICRO_BATCH = 12288
-# The loss projects this many target tokens onto the vocabulary at a time (recomputed in the
-# backward pass), so a micro-batch's [tokens, vocab] fp32 logits never exist at once: 5 GB for
-# 16k tokens of Phi-3.5. 0 computes all logits at once (the model's own loss).
-LOSS_CHUNK_TOKENS = 2048
 CPU_TOKENS_PER_MICRO_BATCH = 2048
 # Aim for at least this many optimizer steps per epoch when a dataset is small.
 MIN_STEPS_PER_EPOCH = 8
@@ -169,7 +165,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
                  f"{attention}" + (", liger kernels" if use_liger else ""))
 
     args = _training_arguments(config, workdir, micro_batch, optimizer, dtype, cuda, use_liger)
-    trainer = _trainer_class(dtype)(
+    trainer = loss.trainer_class(dtype)(
         model=model, args=args, train_dataset=train_items, data_collator=collator,
         processing_class=tokenizer, callbacks=[_progress_callback(reporter, report.train_tokens)])
     trainer.remove_callback(transformers.PrinterCallback)  # progress goes to the reporter
@@ -277,70 +273,6 @@ def _training_arguments(config: FinetuneConfig, workdir: Path, micro_batch: int,
         if use_liger else None)
 
 
-def _trainer_class(dtype):
-    """transformers' Trainer with causal_lm_loss in place of the model's loss."""
-    import torch
-    from transformers import Trainer
-
-    class ChunkedLossTrainer(Trainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            device = inputs["input_ids"].device
-            # The decoder is called directly, past accelerate's autocast around model.forward.
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                total, count = causal_lm_loss(model, inputs)
-            # Divided by the targets of the whole accumulated batch when the Trainer counted
-            # them (then it does not divide by the accumulation steps again).
-            loss = total / (num_items_in_batch if num_items_in_batch is not None
-                            else max(count, 1))
-            return (loss, None) if return_outputs else loss
-
-    return ChunkedLossTrainer
-
-
-def _plain_lm_head(model_config) -> bool:
-    """True when logits are just lm_head(hidden): no softcapping or scaling to reproduce."""
-    return not any(getattr(model_config, name, None) for name in
-                   ("final_logit_softcapping", "logit_scale", "logits_scaling",
-                    "output_multiplier_scale"))
-
-
-def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None):
-    """(sum of the next-token losses, number of target tokens) of a batch.
-
-    Only target tokens are projected onto the vocabulary, LOSS_CHUNK_TOKENS at a time and
-    recomputed in the backward pass, so peak memory holds one chunk's logits, not the whole
-    micro-batch's; prompt tokens (label -100) never get logits at all."""
-    import torch
-    import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
-
-    chunk_tokens = LOSS_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
-    labels = batch["labels"]
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
-    keep = targets != -100
-    count = int(keep.sum())
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not chunk_tokens or not _plain_lm_head(causal_lm.config):
-        output = model(**batch, use_cache=False)  # its loss: the mean over the targets
-        return (output.loss.float() * count if count else output.logits.sum() * 0.0), count
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
-    hidden, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
-    head = causal_lm.get_output_embeddings()
-    total = hidden.sum() * 0.0  # a zero that keeps the graph when no token is a target
-    for start in range(0, count, chunk_tokens):
-        piece = (head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens])
-        total = total + (checkpoint(_summed_token_loss, *piece, use_reentrant=False)
-                         if torch.is_grad_enabled() else _summed_token_loss(*piece))
-    return total, count
-
-
-def _summed_token_loss(head, hidden, targets):
-    import torch.nn.functional as F
-
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
-
-
 def _last_user(messages: list[dict]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
@@ -365,7 +297,7 @@ def activation_bytes_per_token(model_config, checkpointing: bool, dtype_bytes: i
 
 def loss_bytes(model_config, dtype_bytes: int = 2) -> int:
     """One loss chunk's logits: compute dtype, fp32 upcast and its gradient."""
-    return (LOSS_CHUNK_TOKENS or MAX_TOKENS_PER_MICRO_BATCH) * model_config.vocab_size * (
+    return (loss.LOSS_CHUNK_TOKENS or MAX_TOKENS_PER_MICRO_BATCH) * model_config.vocab_size * (
         dtype_bytes + 8)
 
 
@@ -410,13 +342,13 @@ def _validation_loss(model, items, collator, batch_size, dtype, reporter, when):
             if reporter.cancelled():
                 raise Cancelled("training cancelled")
             batch = {k: v.to(device) for k, v in collator(items[start:start + batch_size]).items()}
-            loss_sum, targets = causal_lm_loss(model, batch)
+            loss_sum, targets = loss.causal_lm_loss(model, batch)
             total += float(loss_sum)
             count += targets
     model.train(was_training)
-    loss = round(total / count, 4) if count else None
-    reporter.progress(val_loss=loss)
-    return loss
+    mean = round(total / count, 4) if count else None
+    reporter.progress(val_loss=mean)
+    return mean
 
 
 def _progress_callback(reporter, epoch_tokens: int):

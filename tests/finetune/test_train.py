@@ -10,8 +10,8 @@ import pytest
 
 from finetune import FinetuneError
 from finetune.config import FinetuneConfig, from_preset
-from finetune.train import (Cancelled, _liger_wanted, auto_micro_batch_size, causal_lm_loss,
-                            resolve_attention, train)
+from finetune.loss import causal_lm_loss
+from finetune.train import Cancelled, _liger_wanted, auto_micro_batch_size, resolve_attention, train
 from tests.finetune.conftest import RecordingReporter
 
 
@@ -132,7 +132,7 @@ def test_chunked_loss_matches_the_models_own_loss(tiny_llama_dir, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     from finetune import data
-    from finetune import train as train_mod
+    from finetune import loss as loss_mod
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     generator = torch.Generator().manual_seed(0)
@@ -144,7 +144,7 @@ def test_chunked_loss_matches_the_models_own_loss(tiny_llama_dir, monkeypatch):
     reference.backward()
     expected_grad, weight.grad = weight.grad.clone(), None
 
-    monkeypatch.setattr(train_mod, "LOSS_CHUNK_TOKENS", 16)  # several chunks
+    monkeypatch.setattr(loss_mod, "LOSS_CHUNK_TOKENS", 16)  # several chunks
     total, count = causal_lm_loss(model, batch)
     (total / count).backward()
     assert count == int((batch["labels"][:, 1:] != -100).sum())

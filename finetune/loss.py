@@ -1,0 +1,77 @@
+"""The training loss: next-token cross-entropy over target tokens only, in chunks.
+
+transformers' models compute logits for every position of a micro-batch and upcast them to
+fp32: for 12k tokens of a 32k vocabulary that is 1.5 GB, plus its gradient. Here only target
+tokens (labels != -100) are projected onto the vocabulary, LOSS_CHUNK_TOKENS at a time, each
+chunk recomputed in the backward pass, so peak memory holds one chunk's logits.
+"""
+from __future__ import annotations
+
+# Target tokens projected onto the vocabulary at a time (recomputed in the backward pass), so a
+# micro-batch's [tokens, vocab] fp32 logits never exist at once: 5 GB for 16k tokens of
+# Phi-3.5. 0 computes all logits at once (the model's own loss).
+LOSS_CHUNK_TOKENS = 2048
+
+
+def trainer_class(dtype):
+    """transformers' Trainer with causal_lm_loss in place of the model's loss."""
+    import torch
+    from transformers import Trainer
+
+    class ChunkedLossTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            device = inputs["input_ids"].device
+            # The decoder is called directly, past accelerate's autocast around model.forward.
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                total, count = causal_lm_loss(model, inputs)
+            # Divided by the targets of the whole accumulated batch when the Trainer counted
+            # them (then it does not divide by the accumulation steps again).
+            loss = total / (num_items_in_batch if num_items_in_batch is not None
+                            else max(count, 1))
+            return (loss, None) if return_outputs else loss
+
+    return ChunkedLossTrainer
+
+
+def _plain_lm_head(model_config) -> bool:
+    """True when logits are just lm_head(hidden): no softcapping or scaling to reproduce."""
+    return not any(getattr(model_config, name, None) for name in
+                   ("final_logit_softcapping", "logit_scale", "logits_scaling",
+                    "output_multiplier_scale"))
+
+
+def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None):
+    """(sum of the next-token losses, number of target tokens) of a batch.
+
+    Only target tokens are projected onto the vocabulary, LOSS_CHUNK_TOKENS at a time and
+    recomputed in the backward pass, so peak memory holds one chunk's logits, not the whole
+    micro-batch's; prompt tokens (label -100) never get logits at all."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    chunk_tokens = LOSS_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
+    labels = batch["labels"]
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    keep = targets != -100
+    count = int(keep.sum())
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not chunk_tokens or not _plain_lm_head(causal_lm.config):
+        output = model(**batch, use_cache=False)  # its loss: the mean over the targets
+        return (output.loss.float() * count if count else output.logits.sum() * 0.0), count
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    hidden, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
+    head = causal_lm.get_output_embeddings()
+    total = hidden.sum() * 0.0  # a zero that keeps the graph when no token is a target
+    for start in range(0, count, chunk_tokens):
+        piece = (head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens])
+        total = total + (checkpoint(_summed_token_loss, *piece, use_reentrant=False)
+                         if torch.is_grad_enabled() else _summed_token_loss(*piece))
+    return total, count
+
+
+def _summed_token_loss(head, hidden, targets):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
