@@ -120,3 +120,26 @@ def chat_server(tmp_path_factory, smollm2_path) -> Iterator[AppServer]:
     seed_unusable_models(models_dir, smollm2_path)
     with run_app(workdir, models_dir, FINECHAT_N_CTX="512", FINECHAT_PROMPT_CACHE="0") as server:
         yield server
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync"]
+TIMEOUT_MS = 60_000
+
+
+# One browser for the whole session, shared by every browser test module: Playwright's sync
+# API cannot be started twice in one thread.
+@pytest.fixture(scope="session")
+def browser():
+    if not CHROMIUM.exists():
+        reason = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()

@@ -18,8 +18,7 @@ from playwright.sync_api import expect
 from inference.registry import SMOLLM2_FILENAME
 from inference.settings import ROOT
 from tests.conftest import link_model
-from tests.e2e.conftest import run_app
-from tests.e2e.test_browser import TIMEOUT_MS, browser  # noqa: F401  (the chromium fixture)
+from tests.e2e.conftest import TIMEOUT_MS, run_app
 
 pytestmark = pytest.mark.browser
 
@@ -47,7 +46,7 @@ def wait_for_curve(page, timeout_s: float = 30.0) -> int:
 
 
 @pytest.fixture(scope="module")
-def admin_browser_server(browser, tmp_path_factory, smollm2_path):  # noqa: F811
+def admin_browser_server(browser, tmp_path_factory, smollm2_path):
     workdir = tmp_path_factory.mktemp("admin_browser")
     models = workdir / "models"
     link_model(smollm2_path, models, SMOLLM2_FILENAME)
@@ -56,7 +55,7 @@ def admin_browser_server(browser, tmp_path_factory, smollm2_path):  # noqa: F811
 
 
 @pytest.fixture
-def admin_page(browser, admin_browser_server):  # noqa: F811
+def admin_page(browser, admin_browser_server):
     server = admin_browser_server
     page = browser.new_page(viewport={"width": 1280, "height": 1000})
     page.set_default_timeout(TIMEOUT_MS)

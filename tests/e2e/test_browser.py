@@ -5,21 +5,15 @@ through `executable_path`. Missing chromium skips these tests locally and fails 
 """
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import expect
 
-from tests.e2e.conftest import CORRUPT_NAME, TRUNCATED_NAME
+from tests.e2e.conftest import CORRUPT_NAME, TIMEOUT_MS, TRUNCATED_NAME
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run", "--disable-sync"]
-TIMEOUT_MS = 60_000
 # Lengths of the newest assistant message, recorded by the page on every DOM change, so a
 # fast stream is seen growing even between two polls from Python.
 WATCH_ANSWER_JS = """() => {
@@ -31,21 +25,6 @@ WATCH_ANSWER_JS = """() => {
     if (n && n !== seen[seen.length - 1]) seen.push(n);
   }).observe(document.body, {subtree: true, childList: true, characterData: true});
 }"""
-
-
-@pytest.fixture(scope="session")  # same scope as chat_server, so a skip comes before its start
-def browser():
-    if not CHROMIUM.exists():
-        reason = f"{CHROMIUM} is missing: install Debian's chromium (apt-get install chromium)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
