@@ -1,6 +1,8 @@
 """The Chat tab: UI only. Calls the engine, never llama_cpp directly."""
 from __future__ import annotations
 
+import time
+
 import gradio as gr
 
 from inference.engine import ChatEngine, GenerationParams
@@ -30,6 +32,8 @@ def model_status(engine: ChatEngine) -> str:
 
 
 def make_chat_fn(engine: ChatEngine):
+    interval = engine.settings.stream_interval_ms / 1000
+
     def chat(message: str, history: list, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
              model: str = ACTIVE, temperature: float = _DEFAULTS.temperature,
              top_p: float = _DEFAULTS.top_p, top_k: int = _DEFAULTS.top_k,
@@ -42,10 +46,14 @@ def make_chat_fn(engine: ChatEngine):
             params = GenerationParams(float(temperature), float(top_p), int(top_k),
                                       float(repeat_penalty), int(max_new_tokens))
             messages = build_messages(system_prompt, history, message)
-            answer = ""
+            answer, sent, last_sent = "", "", 0.0
             for piece in engine.stream_chat(messages, params, model or ACTIVE):
                 answer += piece
-                yield answer
+                if time.monotonic() - last_sent >= interval:
+                    sent, last_sent = answer, time.monotonic()
+                    yield answer
+            if answer != sent:
+                yield answer  # the rest since the last update
             if not answer:
                 yield "(the model returned an empty answer)"
         except InferenceError as exc:

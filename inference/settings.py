@@ -34,6 +34,10 @@ class Settings:
     # multi-turn chats, but batch-size-dependent rounding makes temperature 0 not bit-exact
     # across requests; set FINECHAT_PROMPT_CACHE=0 for reproducible answers.
     prompt_cache: bool = True
+    # Streamed answers go to the browser at most once per this many ms (the first piece at
+    # once): each update costs the server a diff + SSE message, which on a small CPU competes
+    # with llama.cpp's decode threads. 0 sends every token.
+    stream_interval_ms: int = 50
     admin_password: str = ""
     host: str = "0.0.0.0"
     port: int = 7860
@@ -50,6 +54,7 @@ class Settings:
             n_gpu_layers=_int("FINECHAT_N_GPU_LAYERS", 0),
             max_loaded_models=max(1, _int("FINECHAT_MAX_LOADED_MODELS", 2)),
             chat_concurrency=max(1, _int("FINECHAT_CHAT_CONCURRENCY", 1)),
+            stream_interval_ms=max(0, _int("FINECHAT_STREAM_INTERVAL_MS", 50)),
             prompt_cache=env("FINECHAT_PROMPT_CACHE", "1").strip().lower() not in {"0", "false", "no"},
             admin_password=env("ADMIN_PASSWORD", ""),
             host=env("FINECHAT_HOST", env("GRADIO_SERVER_NAME", "0.0.0.0")),
