@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from finetune import export, train  # noqa: E402
+from finetune import export, fidelity, train  # noqa: E402
 from finetune.config import from_preset  # noqa: E402
 
 FAQ = ROOT / "tests" / "data" / "faq.jsonl"
@@ -80,7 +80,7 @@ def main() -> int:
         result = train.train(config, tmp / "train", reporter)
         exported = export.export(result, config, tmp / "models", tmp / "export", reporter)
         started = time.monotonic()
-        greedy = export.greedy_agreement(exported.merged_dir, exported.f16_path, PROMPTS,
+        greedy = fidelity.greedy_agreement(exported.merged_dir, exported.f16_path, PROMPTS,
                                          args.max_new_tokens)
         greedy_s = time.monotonic() - started
         started = time.monotonic()
@@ -88,7 +88,7 @@ def main() -> int:
         for quant in REFERENCE_QUANTS:  # not published: rows that explain the published ones
             compared[quant] = export.quantize(exported.f16_path, tmp / f"ref.{quant}.gguf", quant)
         chunks = max(1, args.tokens // (args.n_ctx // 2))  # half of each window is scored
-        quality = export.quant_fidelity(exported.f16_path, compared, held_out_text(),
+        quality = fidelity.quant_fidelity(exported.f16_path, compared, held_out_text(),
                                         n_ctx=args.n_ctx, max_chunks=chunks)
         quality_s = time.monotonic() - started
         sizes = {q: p.stat().st_size for q, p in compared.items()}

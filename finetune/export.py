@@ -7,8 +7,7 @@
 4. publish: everything is written into models/.staging-<version>/ and moved into models/ only
    when every step succeeded, so a failed export never leaves a half-written model behind.
 
-The fidelity checks at the end (f16 GGUF vs the merged HF model, quantized vs f16) are used by
-bench/quant_fidelity.py and the tests.
+The fidelity checks (f16 GGUF vs the merged HF model, quantized vs f16) are in fidelity.py.
 """
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import contextlib
 import ctypes
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -349,117 +347,3 @@ def _version_of(package: str) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return (text.splitlines()[0] if text else type(exc).__name__)[:300]
-
-
-# -- fidelity: does the GGUF compute what the merged model computes? --------------------
-
-def greedy_agreement(merged_dir: Path, f16_gguf: Path, prompts: list[str],
-                     max_new_tokens: int = 24) -> dict:
-    """Greedy continuations of the merged HF model (fp32 compute) vs the f16 GGUF in llama.cpp,
-    from the same prompt tokens. Also checks both tokenizers split each prompt the same way."""
-    import torch
-    from llama_cpp import Llama
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
-    llm = Llama(str(f16_gguf), n_ctx=512, logits_all=True, verbose=False, seed=0)
-    rows = []
-    try:
-        for prompt in prompts:
-            hf_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            gguf_ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
-            with torch.no_grad():
-                out = model.generate(torch.tensor([hf_ids]), max_new_tokens=max_new_tokens,
-                                     do_sample=False, repetition_penalty=1.0,
-                                     pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-            hf_new = _until_eos(out[0, len(hf_ids):].tolist(), tokenizer.eos_token_id)
-            gguf_new = _until_eos(_llama_greedy(llm, hf_ids, max_new_tokens),
-                                  tokenizer.eos_token_id)
-            same = 0
-            for a, b in zip(hf_new, gguf_new):
-                if a != b:
-                    break
-                same += 1
-            rows.append({"prompt": prompt, "tokenizer_agrees": hf_ids == gguf_ids,
-                         "identical": hf_new == gguf_new, "prefix_match": same,
-                         "hf": tokenizer.decode(hf_new), "gguf": tokenizer.decode(gguf_new)})
-    finally:
-        llm.close()
-    return {"prompts": len(rows), "identical": sum(r["identical"] for r in rows),
-            "tokenizer_agrees": sum(r["tokenizer_agrees"] for r in rows),
-            "max_new_tokens": max_new_tokens, "rows": rows}
-
-
-def _llama_greedy(llm, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-    llm.reset()
-    llm.eval(prompt_ids)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        token = int(llm.scores[llm.n_tokens - 1].argmax())
-        new.append(token)
-        if token == llm.token_eos():
-            break
-        llm.eval([token])
-    return new
-
-
-def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
-    return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
-
-
-def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path], text: str, n_ctx: int = 512,
-                   max_chunks: int = 8) -> dict:
-    """Perplexity of f16 and each quantized GGUF on `text`, plus the quantized models' mean KL
-    divergence from f16 and how often their top-1 token matches f16's (llama.cpp's KLD metrics).
-    The text is cut into n_ctx windows; the second half of each window is scored, as
-    llama.cpp's perplexity tool does, so every scored token has at least n_ctx/2 of context."""
-    import numpy as np
-    from llama_cpp import Llama
-
-    models = {}
-    try:
-        for quant, path in {"F16": f16_gguf, **quantized}.items():
-            models[quant] = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                                  verbose=False)
-        tokens = models["F16"].tokenize(text.encode(), add_bos=False)
-        prefix = models["F16"].tokenize(b"", add_bos=True)  # [bos] only if the model wants one
-        width = n_ctx - len(prefix)
-        chunks = [prefix + tokens[i:i + width] for i in range(0, len(tokens), width)]
-        chunks = [c for c in chunks if len(c) == n_ctx][:max_chunks]
-        if not chunks:
-            raise FinetuneError(f"Held-out text too short: need at least {n_ctx} tokens.")
-        nll = {q: 0.0 for q in models}
-        kld = {q: 0.0 for q in models if q != "F16"}
-        top1 = {q: 0 for q in kld}
-        scored = 0
-        for ids in chunks:
-            first = len(ids) // 2
-            logp = {}
-            for quant, llm in models.items():
-                llm.reset()
-                llm.eval(ids)
-                logits = np.asarray(llm.scores[first - 1:len(ids) - 1], dtype=np.float64)
-                logits -= logits.max(axis=1, keepdims=True)
-                logp[quant] = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-            targets = np.asarray(ids[first:])
-            rows = np.arange(len(targets))
-            for quant, lp in logp.items():
-                nll[quant] -= float(lp[rows, targets].sum())
-            p_ref = np.exp(logp["F16"])
-            for quant in kld:
-                kld[quant] += float((p_ref * (logp["F16"] - logp[quant])).sum())
-                top1[quant] += int((logp[quant].argmax(1) == logp["F16"].argmax(1)).sum())
-            scored += len(targets)
-    finally:
-        for llm in models.values():
-            llm.close()
-    ppl = {q: math.exp(v / scored) for q, v in nll.items()}
-    result = {"tokens_scored": scored, "n_ctx": n_ctx, "chunks": len(chunks),
-              "F16": {"perplexity": round(ppl["F16"], 4)}}
-    for quant in kld:
-        result[quant] = {"perplexity": round(ppl[quant], 4),
-                         "ppl_ratio_vs_f16": round(ppl[quant] / ppl["F16"], 5),
-                         "mean_kld_vs_f16": round(kld[quant] / scored, 6),
-                         "top1_agreement_vs_f16": round(top1[quant] / scored, 5)}
-    return result

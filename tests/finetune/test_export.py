@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from bench.quant_fidelity import held_out_text
-from finetune import FinetuneError, export
+from finetune import FinetuneError, export, fidelity
 from finetune.config import FinetuneConfig
 from inference import registry
 
@@ -123,7 +123,7 @@ def test_merge_applies_adapter_and_f16_gguf_matches_merged_model(tiny_llama_dir,
         merged = AutoModelForCausalLM.from_pretrained(result.merged_dir, dtype=torch.float32)(ids).logits
     assert not torch.allclose(base_logits, merged, atol=1e-3)  # the adapter changed something
     assert torch.allclose(unmerged, merged, atol=2e-2)  # merged == base + adapter (16-bit rounding)
-    check = export.greedy_agreement(result.merged_dir, result.f16_path, PROMPTS, max_new_tokens=8)
+    check = fidelity.greedy_agreement(result.merged_dir, result.f16_path, PROMPTS, max_new_tokens=8)
     assert check["tokenizer_agrees"] == len(PROMPTS)
     assert check["identical"] >= len(PROMPTS) - 1, check["rows"]  # random weights: near-ties
 
@@ -197,13 +197,13 @@ def test_smollm2_export_and_fidelity(smollm2_hf_dir, tmp_path):
     merged HF model computes, and the quantized files stay close to f16."""
     adapter = make_adapter(smollm2_hf_dir, tmp_path / "adapter")
     result, models_dir, _, _ = run_export(smollm2_hf_dir, adapter, tmp_path, keep_intermediates=True)
-    check = export.greedy_agreement(result.merged_dir, result.f16_path, PROMPTS, max_new_tokens=12)
+    check = fidelity.greedy_agreement(result.merged_dir, result.f16_path, PROMPTS, max_new_tokens=12)
     assert check["tokenizer_agrees"] == len(PROMPTS) and check["identical"] == len(PROMPTS), check["rows"]
-    fidelity = export.quant_fidelity(result.f16_path, result.models, held_out_text(), n_ctx=256,
-                                     max_chunks=3)
+    quality = fidelity.quant_fidelity(result.f16_path, result.models, held_out_text(), n_ctx=256,
+                                      max_chunks=3)
     # This base is a dequantized Q4_1 model: Q4_K_M's q4_1 fallback (576-wide rows) lands back
     # on its grid, Q5_K_M's q5_1 does not, so Q5_K_M need not beat Q4_K_M here. A broken
     # quantization is off by far more (perplexity x2 and up).
-    assert fidelity["Q4_K_M"]["ppl_ratio_vs_f16"] < 1.15 and fidelity["Q5_K_M"]["ppl_ratio_vs_f16"] < 1.25
-    assert fidelity["Q5_K_M"]["top1_agreement_vs_f16"] > 0.8
+    assert quality["Q4_K_M"]["ppl_ratio_vs_f16"] < 1.15 and quality["Q5_K_M"]["ppl_ratio_vs_f16"] < 1.25
+    assert quality["Q5_K_M"]["top1_agreement_vs_f16"] > 0.8
     assert "<|im_start|>" not in generate(result.models["Q4_K_M"], "What is 2+2?")
