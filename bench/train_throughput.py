@@ -15,7 +15,8 @@ cannot be downloaded here) and on SmolLM2-135M, the offline preset (real weights
   --levers    Phi-3.5: a ladder from the seed recipe to the default, one lever at a time, plus
               levers that were tried and not kept
   smollm2     also checks that the default recipe's speed levers leave the validation loss
-              where the plain recipe puts it after the same tokens (two seeds each)
+              where the plain recipe puts it after the same rows (one epoch, --seeds training
+              seeds each, one fixed validation split)
 
 Random models are built on the GPU and saved once under --workdir; the synthetic dataset has
 rows of 128-2048 tokens (log-uniform) over a word-level tokenizer of the architecture's vocab
@@ -31,6 +32,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -190,10 +192,11 @@ class StepClock:
 
 @contextlib.contextmanager
 def patched(clock: StepClock, upcast: bool = False, chunked_loss: bool = True,
-            compile: bool = False):
-    """Count collated tokens; optionally switch the trainer back to the pre-issue-5 path."""
+            compile: bool = False, split_seed: int | None = None):
+    """Count collated tokens; optionally switch the trainer back to the pre-issue-5 path, or
+    hold the validation split fixed while the training seed varies."""
     saved = (data_mod.PackedCollator.__call__, data_mod.PaddedCollator.__call__,
-             train_mod._freeze_base, loss_mod.LOSS_CHUNK_TOKENS)
+             train_mod._freeze_base, loss_mod.LOSS_CHUNK_TOKENS, data_mod.split)
 
     def counting(call):
         def wrapper(self, features):
@@ -216,11 +219,13 @@ def patched(clock: StepClock, upcast: bool = False, chunked_loss: bool = True,
     train_mod._freeze_base = freeze
     if not chunked_loss:
         loss_mod.LOSS_CHUNK_TOKENS = 0
+    if split_seed is not None:
+        data_mod.split = lambda rows, fraction, seed: saved[4](rows, fraction, split_seed)
     try:
         yield
     finally:
         (data_mod.PackedCollator.__call__, data_mod.PaddedCollator.__call__,
-         train_mod._freeze_base, loss_mod.LOSS_CHUNK_TOKENS) = saved
+         train_mod._freeze_base, loss_mod.LOSS_CHUNK_TOKENS, data_mod.split) = saved
 
 
 def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_params: int,
@@ -256,6 +261,7 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
            "compute_dtype": m["compute_dtype"], "attention": m["attention"],
            "optimizer": m["optimizer"], "lora_dropout": config.lora_dropout, "liger": m["liger"],
            "measured_steps": len(clock.steps) - warmup_steps, "measured_tokens": n1 - n0,
+           "tokens_seen": clock.tokens, "optimizer_steps": m["steps"],
            "val_loss_before": m["val_loss_before"], "val_loss_after": m["val_loss_after"],
            "wall_s": round(time.perf_counter() - started, 1), "overrides": overrides,
            "path": path}
@@ -319,8 +325,8 @@ def bench_arch(arch: str, workdir: Path, levers: bool, deadline: float,
     return out
 
 
-def bench_smollm2(workdir: Path, deadline: float) -> dict:
-    """Throughput, and validation loss after one epoch: plain vs default recipe, two seeds."""
+def bench_smollm2(workdir: Path, deadline: float, seeds: int = 3) -> dict:
+    """Throughput, and validation loss after one epoch: plain vs default recipe, paired seeds."""
     from transformers import AutoConfig
 
     from finetune.base_models import default_cache_dir, resolve_base
@@ -330,15 +336,17 @@ def bench_smollm2(workdir: Path, deadline: float) -> dict:
     dataset = prose_rows(workdir / "prose.jsonl")
     out = {"matmul_params": n_params, "runs": {}}
     epoch = {"max_steps": -1, "num_epochs": 1.0, "val_split": 0.1, "learning_rate": 2e-4}
-    # About the same tokens per optimizer step: 4 padded rows vs 3 packed bins of 512.
+    # The same rows once each, and about the same tokens per optimizer step: 4 padded rows
+    # (~1,100 tokens) vs 2 packed bins of 512, so both take about as many optimizer steps.
     plan = [("seed", "seed recipe", 2, 30, SEED, OLD_PATH),
             ("default", "project default", 2, 30, {}, {})]
-    for seed in (1, 2):
+    # One validation split for all of them: only the training seed (LoRA init, row order) varies.
+    for seed in range(1, seeds + 1):
         plan += [(f"parity_plain_seed{seed}", f"plain recipe, 1 epoch, seed {seed}", 2, 0,
-                  {**SEED, **epoch, "seed": seed}, OLD_PATH),
+                  {**SEED, **epoch, "seed": seed}, {**OLD_PATH, "split_seed": 0}),
                  (f"parity_default_seed{seed}", f"default recipe, 1 epoch, seed {seed}", 2, 0,
-                  {**epoch, "seed": seed, "micro_batch_size": 3, "gradient_accumulation": 1},
-                  {})]
+                  {**epoch, "seed": seed, "micro_batch_size": 2, "gradient_accumulation": 1},
+                  {"split_seed": 0})]
     for key, label, warmup, measured, overrides, path in plan:
         if time.perf_counter() > deadline:
             out["runs"][key] = {"label": label, "skipped": "out of time in this call"}
@@ -346,7 +354,29 @@ def bench_smollm2(workdir: Path, deadline: float) -> dict:
         row = run(label, "smollm2-135m", base, dataset, workdir, n_params, warmup,
                   measured, overrides, path)
         out["runs"][key] = row
+    out["parity"] = parity(out["runs"])
     return out
+
+
+def parity(runs: dict) -> dict:
+    """Default minus plain validation loss (same validation rows), against the seed-to-seed
+    noise of either recipe."""
+    pairs = [(runs[f"parity_plain_seed{s}"]["val_loss_after"],
+              runs[f"parity_default_seed{s}"]["val_loss_after"]) for s in range(1, 10)
+             if runs.get(f"parity_plain_seed{s}", {}).get("val_loss_after") is not None
+             and runs.get(f"parity_default_seed{s}", {}).get("val_loss_after") is not None]
+    if len(pairs) < 2:
+        return {"verdict": "not enough finished runs"}
+    plain, default = zip(*pairs)
+    diffs = [d - p for p, d in pairs]
+    mean = sum(diffs) / len(diffs)
+    # Noise: the spread of either recipe's result over seeds (sample standard deviation).
+    noise = max(statistics.stdev(plain), statistics.stdev(default))
+    tokens = {k: v.get("tokens_seen") for k, v in runs.items() if k.startswith("parity_")}
+    return {"val_loss_plain": list(plain), "val_loss_default": list(default),
+            "mean_difference": round(mean, 4), "seed_std": round(noise, 4),
+            "within_noise": abs(mean) <= 2 * noise, "tokens_seen": tokens,
+            "rule": "|mean(default - plain)| <= 2 x the larger seed-to-seed standard deviation"}
 
 
 def print_table(results: dict) -> None:
@@ -362,12 +392,15 @@ def print_table(results: dict) -> None:
             print(f"{model:<9} {row['label'][:48]:<48} {row['tokens_per_s']:>8,.0f} "
                   f"{row['peak_allocated_gb'] or 0:>9.2f} {row['peak_reserved_gb'] or 0:>8.2f} "
                   f"{row['mfu_6n']:>6.1%} {row['val_loss_after'] or float('nan'):>9.4f}")
+        if "parity" in block:
+            print(f"{model:<9} parity: {json.dumps(block['parity'])}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="phi,mistral,smollm2")
     parser.add_argument("--levers", action="store_true", help="Phi-3.5 lever ladder")
+    parser.add_argument("--seeds", type=int, default=3, help="SmolLM2 parity: seeds per recipe")
     parser.add_argument("--runs", default="", help="only these runs (seed,default,lever7,...)")
     parser.add_argument("--budget-s", type=float, default=560,
                         help="start no run after this many seconds")
@@ -389,7 +422,7 @@ def main() -> None:
                                          "incl. lm_head"}
     for model in args.models.split(","):
         if model == "smollm2":
-            block = bench_smollm2(args.workdir, deadline)
+            block = bench_smollm2(args.workdir, deadline, args.seeds)
         else:
             block = bench_arch(model, args.workdir, args.levers and model == "phi", deadline,
                                set(filter(None, args.runs.split(","))))
