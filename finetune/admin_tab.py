@@ -193,7 +193,9 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
 
         gr.Markdown("### 4 · Served model")
         with gr.Row():
-            version_pick = gr.Dropdown([], label="Model file", scale=3, allow_custom_value=True)
+            # "" rather than None: the refresh endpoint's API keeps this argument optional
+            version_pick = gr.Dropdown([], value="", label="Model file", scale=3,
+                                       allow_custom_value=True)
             activate_btn = gr.Button("Activate", scale=1)
             rollback_btn = gr.Button("Roll back", scale=1)
         served_md = gr.Markdown()
@@ -249,16 +251,19 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
         return [r.id for r in jobs.list_jobs(jobs_dir)]
 
     @guard
-    def refresh(job_id):
+    def refresh(job_id, version=""):
         records = jobs.list_jobs(jobs_dir)
         ids = [r.id for r in records]
         job_id = job_id if job_id in ids else (ids[0] if ids else None)
         picker = gr.Dropdown(choices=ids, value=job_id)
         versions = [i.name for i in engine.models() if i.usable]
+        # Keep the admin's pick across timer ticks; until there is one, show the served model.
+        version = version if version in versions else engine.active_name
+        versions_pick = gr.Dropdown(choices=versions, value=version)
         served = f"**Serving:** `{engine.active_name or 'nothing'}`"
         if job_id is None:
             return (picker, "<i>No jobs yet.</i>", None, "", "", _eval_frame({}),
-                    _jobs_frame(records), gr.Dropdown(choices=versions), served)
+                    _jobs_frame(records), versions_pick, served)
         record = jobs.get(jobs_dir, job_id)
         evaluation = record.evaluation
         loss_note = ""
@@ -267,7 +272,7 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
                          f"{evaluation.get('val_loss_after', float('nan')):.4f}**")
         return (picker, _progress_html(record.status), _loss_figure(record.metrics),
                 record.log_tail(LOG_LINES), loss_note, _eval_frame(evaluation),
-                _jobs_frame(records), gr.Dropdown(choices=versions), served)
+                _jobs_frame(records), versions_pick, served)
 
     @guard
     def cancel(job_id):
@@ -302,9 +307,9 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
                     [start_msg, job_pick], api_name="admin_start")
     refresh_outputs = [job_pick, progress, loss_plot, log_tail, eval_md, eval_table, jobs_table,
                        version_pick, served_md]
-    timer.tick(refresh, [token, job_pick], refresh_outputs, api_name="admin_refresh",
-               show_progress="hidden")
-    job_pick.change(refresh, [token, job_pick], refresh_outputs, **private)
+    timer.tick(refresh, [token, job_pick, version_pick], refresh_outputs,
+               api_name="admin_refresh", show_progress="hidden")
+    job_pick.change(refresh, [token, job_pick, version_pick], refresh_outputs, **private)
     cancel_btn.click(cancel, [token, job_pick], start_msg, api_name="admin_cancel")
     activate_btn.click(activate_version, [token, version_pick], served_md,
                        api_name="admin_activate")

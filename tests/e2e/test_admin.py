@@ -99,6 +99,9 @@ def test_login_then_reload_under_load_rollback_and_corrupt_model(admin_server, s
         assert V2 in served
         time.sleep(2)
         assert SMOLLM2_FILENAME in admin.predict(api_name="/admin_rollback")
+        # The model picker shows the served model until the admin picks another, then keeps it.
+        assert admin.predict(None, api_name="/admin_refresh")[-2]["value"] == SMOLLM2_FILENAME
+        assert admin.predict(None, V2, api_name="/admin_refresh")[-2]["value"] == V2
         broken = admin_server.models_dir / "broken.Q4_K_M.gguf"
         broken.write_bytes(smollm2_path.read_bytes()[: smollm2_path.stat().st_size // 3])
         with pytest.raises(AppError):

@@ -90,6 +90,8 @@ def test_login_upload_start_watch_and_new_model_in_chat(admin_page, admin_browse
     log_in(page, PASSWORD)
     expect(page.get_by_text("Logged in.")).to_be_visible()
     expect(start_button(page)).to_be_visible()
+    # the served model is preselected in the "Served model" picker (the timer fills it in)
+    expect(page.get_by_label("Model file")).to_have_value(SMOLLM2_FILENAME)
     page.screenshot(path=str(artifacts_dir / "admin_login.png"), full_page=True)
 
     page.locator("#dataset-upload input[type=file]").set_input_files(str(FAQ))
