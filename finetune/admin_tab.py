@@ -123,6 +123,7 @@ def _rows_frame(conversations: list[list[dict]]) -> pd.DataFrame:
 def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None:
     guard = _Guard(auth)
     token = gr.State("")
+    served_seen = gr.State("")  # the served model this session last showed in the picker
     models_dir = engine.settings.models_dir
 
     with gr.Row(elem_id="admin-login"):
@@ -251,19 +252,21 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
         return [r.id for r in jobs.list_jobs(jobs_dir)]
 
     @guard
-    def refresh(job_id, version=""):
+    def refresh(job_id, version="", seen=""):
         records = jobs.list_jobs(jobs_dir)
         ids = [r.id for r in records]
         job_id = job_id if job_id in ids else (ids[0] if ids else None)
         picker = gr.Dropdown(choices=ids, value=job_id)
         versions = [i.name for i in engine.models() if i.usable]
-        # Keep the admin's pick across timer ticks; until there is one, show the served model.
-        version = version if version in versions else engine.active_name
+        # The picker follows the served model (a hot reload, a rollback) unless the admin has
+        # picked another file since it last showed it.
+        if version not in versions or version == seen:
+            version = engine.active_name
         versions_pick = gr.Dropdown(choices=versions, value=version)
         served = f"**Serving:** `{engine.active_name or 'nothing'}`"
         if job_id is None:
             return (picker, "<i>No jobs yet.</i>", None, "", "", _eval_frame({}),
-                    _jobs_frame(records), versions_pick, served)
+                    _jobs_frame(records), versions_pick, served, engine.active_name)
         record = jobs.get(jobs_dir, job_id)
         evaluation = record.evaluation
         loss_note = ""
@@ -272,7 +275,7 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
                          f"{evaluation.get('val_loss_after', float('nan')):.4f}**")
         return (picker, _progress_html(record.status), _loss_figure(record.metrics),
                 record.log_tail(LOG_LINES), loss_note, _eval_frame(evaluation),
-                _jobs_frame(records), versions_pick, served)
+                _jobs_frame(records), versions_pick, served, engine.active_name)
 
     @guard
     def cancel(job_id):
@@ -306,10 +309,11 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
                             val_split, seed, packing, four_bit, quants, activate],
                     [start_msg, job_pick], api_name="admin_start")
     refresh_outputs = [job_pick, progress, loss_plot, log_tail, eval_md, eval_table, jobs_table,
-                       version_pick, served_md]
-    timer.tick(refresh, [token, job_pick, version_pick], refresh_outputs,
-               api_name="admin_refresh", show_progress="hidden")
-    job_pick.change(refresh, [token, job_pick, version_pick], refresh_outputs, **private)
+                       version_pick, served_md, served_seen]
+    refresh_inputs = [token, job_pick, version_pick, served_seen]
+    timer.tick(refresh, refresh_inputs, refresh_outputs, api_name="admin_refresh",
+               show_progress="hidden")
+    job_pick.change(refresh, refresh_inputs, refresh_outputs, **private)
     cancel_btn.click(cancel, [token, job_pick], start_msg, api_name="admin_cancel")
     activate_btn.click(activate_version, [token, version_pick], served_md,
                        api_name="admin_activate")

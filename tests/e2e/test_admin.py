@@ -115,6 +115,10 @@ def test_login_then_reload_under_load_rollback_and_corrupt_model(admin_server, s
     assert len(results) >= 6 and not failures, failures[:3]
     active = json.loads((admin_server.models_dir / "active.json").read_text())["active"]
     assert active == SMOLLM2_FILENAME
+    # An unchanged picker follows the served model when another one is activated.
+    admin.predict(V2, api_name="/admin_activate")
+    assert admin.predict(None, SMOLLM2_FILENAME, api_name="/admin_refresh")[-2]["value"] == V2
+    assert SMOLLM2_FILENAME in admin.predict(api_name="/admin_rollback")
 
 
 def wait_for_job(admin, timeout_s: float) -> tuple:

@@ -137,6 +137,8 @@ def test_login_upload_start_watch_and_new_model_in_chat(admin_page, admin_browse
     status = json.loads((job_dir / "status.json").read_text())
     (new_model,) = [m for m in status["models"] if ".Q4_K_M." in m]
     assert new_model.startswith(status["version"]) and "-ft-" in new_model
+    # the hot reload moves the admin's picker to the new model too
+    expect(page.get_by_label("Model file")).to_have_value(new_model)
 
     page.get_by_role("tab", name="Chat").click()
     # "activate when done": the app's hot-reload watcher (a 2 s poll) swaps the served model
