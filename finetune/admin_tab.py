@@ -189,7 +189,9 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
             log_tail = gr.Code(label="Log (tail)", language=None, lines=LOG_LINES,
                                max_lines=LOG_LINES)
         eval_md = gr.Markdown()
-        eval_table = gr.Dataframe(label="Before / after", interactive=False, wrap=True)
+        # fixed widths: long answers would otherwise push the fine-tuned column out of view
+        eval_table = gr.Dataframe(label="Before / after", interactive=False, wrap=True,
+                                  column_widths=["20%", "40%", "40%"])
         jobs_table = gr.Dataframe(label="All jobs", interactive=False)
 
         gr.Markdown("### 4 · Served model")
