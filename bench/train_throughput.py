@@ -362,10 +362,12 @@ def bench_smollm2(workdir: Path, deadline: float, seeds: list[int], only: set[st
 def parity(runs: dict) -> dict:
     """Default minus plain validation loss (same validation rows), against the seed-to-seed
     noise of either recipe."""
-    pairs = [(runs[f"parity_plain_seed{s}"]["val_loss_after"],
-              runs[f"parity_default_seed{s}"]["val_loss_after"]) for s in range(1, 10)
-             if runs.get(f"parity_plain_seed{s}", {}).get("val_loss_after") is not None
-             and runs.get(f"parity_default_seed{s}", {}).get("val_loss_after") is not None]
+    def loss(recipe: str, seed: str):
+        return runs.get(f"parity_{recipe}_seed{seed}", {}).get("val_loss_after")
+
+    seeds = sorted(k.rsplit("seed", 1)[1] for k in runs if k.startswith("parity_plain_seed"))
+    pairs = [(loss("plain", s), loss("default", s)) for s in seeds
+             if loss("plain", s) is not None and loss("default", s) is not None]
     if len(pairs) < 2:
         return {"verdict": "not enough finished runs"}
     plain, default = zip(*pairs)

@@ -260,15 +260,16 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
         job_id = job_id if job_id in ids else (ids[0] if ids else None)
         picker = gr.Dropdown(choices=ids, value=job_id)
         versions = [i.name for i in engine.models() if i.usable]
+        active = engine.active_name
         # The picker follows the served model (a hot reload, a rollback) unless the admin has
         # picked another file since it last showed it.
         if version not in versions or version == seen:
-            version = engine.active_name
+            version = active
         versions_pick = gr.Dropdown(choices=versions, value=version)
-        served = f"**Serving:** `{engine.active_name or 'nothing'}`"
+        served = f"**Serving:** `{active or 'nothing'}`"
         if job_id is None:
             return (picker, "<i>No jobs yet.</i>", None, "", "", _eval_frame({}),
-                    _jobs_frame(records), versions_pick, served, engine.active_name)
+                    _jobs_frame(records), versions_pick, served, active)
         record = jobs.get(jobs_dir, job_id)
         evaluation = record.evaluation
         loss_note = ""
@@ -277,7 +278,7 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
                          f"{evaluation.get('val_loss_after', float('nan')):.4f}**")
         return (picker, _progress_html(record.status), _loss_figure(record.metrics),
                 record.log_tail(LOG_LINES), loss_note, _eval_frame(evaluation),
-                _jobs_frame(records), versions_pick, served, engine.active_name)
+                _jobs_frame(records), versions_pick, served, active)
 
     @guard
     def cancel(job_id):
