@@ -161,29 +161,17 @@ def _check_cancelled(reporter) -> None:
 # -- the three steps --------------------------------------------------------------------
 
 def merge_adapter(base_model_path: str, adapter_dir: Path, out_dir: Path) -> Path:
-    """Base reloaded in 16-bit on the CPU (never the 4-bit training copy) + adapter, merged."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Base in 16-bit (never the 4-bit training copy) + adapter, merged tensor by tensor from
+    the base's safetensors (finetune/merge.py): RAM holds one tensor, not the model."""
+    from finetune import merge
 
-    dtype = _merge_dtype(base_model_path)
     try:
-        base = AutoModelForCausalLM.from_pretrained(base_model_path, dtype=dtype, device_map="cpu")
-        merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+        return merge.merge(base_model_path, adapter_dir, out_dir, _merge_dtype(base_model_path))
+    except FinetuneError:
+        raise
     except Exception as exc:
         raise FinetuneError(f"Could not merge the adapter {adapter_dir} into {base_model_path}: "
                             f"{_first_line(exc)}") from exc
-    # The adapter folder carries the tokenizer used in training (its chat template included).
-    has_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir) if has_tokenizer
-                                              else base_model_path)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    merged.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    del merged, base
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return out_dir
 
 
 def _merge_dtype(base_model_path: str):
