@@ -27,7 +27,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from finetune import FinetuneError
+from finetune import FinetuneError, resources
 
 STAGING_PREFIX = ".staging-"
 # The converter and the quantizer print one line per tensor (hundreds): counted, not logged.
@@ -101,19 +101,22 @@ def export(result, config, models_dir: Path, workdir: Path, reporter, *,
     staging = models_dir / f"{STAGING_PREFIX}{version}"
     merged_dir, f16_path = workdir / "merged", workdir / f"{version}.F16.gguf"
     timings: dict[str, float] = {}
+    peaks = resources.StagePeaks()  # stage -> peak RAM / GPU memory, beside timings
     keep = bool(config.keep_intermediates)
     try:
         _check_cancelled(reporter)
         reporter.stage("merging", "folding the adapter into the 16-bit base")
         started = time.monotonic()
-        merge_adapter(result.base_model_path, result.adapter_dir, merged_dir)
+        with peaks.measure("merge"):
+            merge_adapter(result.base_model_path, result.adapter_dir, merged_dir)
         timings["merge"] = round(time.monotonic() - started, 2)
         reporter.log(f"merged model in {merged_dir} ({timings['merge']} s)")
 
         _check_cancelled(reporter)
         reporter.stage("converting", "GGUF f16 with llama.cpp's converter")
         started = time.monotonic()
-        convert_to_gguf(merged_dir, f16_path, reporter.log)
+        with peaks.measure("convert"):  # the converter subprocess included
+            convert_to_gguf(merged_dir, f16_path, reporter.log)
         timings["convert"] = round(time.monotonic() - started, 2)
         f16_size = f16_path.stat().st_size
         if not keep:
@@ -126,8 +129,9 @@ def export(result, config, models_dir: Path, workdir: Path, reporter, *,
             _check_cancelled(reporter)
             reporter.stage("quantizing", f"{quant} ({i}/{len(quants)})")
             started = time.monotonic()
-            staged[quant] = quantize(f16_path, staging / f"{version}.{quant}.gguf", quant,
-                                     log=reporter.log)
+            with peaks.measure(f"quantize_{quant}"):
+                staged[quant] = quantize(f16_path, staging / f"{version}.{quant}.gguf", quant,
+                                         log=reporter.log)
             timings[f"quantize_{quant}"] = round(time.monotonic() - started, 2)
             reporter.log(f"{staged[quant].name}: {staged[quant].stat().st_size / 2**20:.1f} MiB "
                          f"in {timings[f'quantize_{quant}']} s")
@@ -136,7 +140,7 @@ def export(result, config, models_dir: Path, workdir: Path, reporter, *,
 
         extra = before_publish(staged) if before_publish else {}
         _check_cancelled(reporter)
-        card = model_card(result, config, version, staged, timings, f16_size, extra)
+        card = model_card(result, config, version, staged, timings, f16_size, extra, peaks)
         (staging / f"{version}.card.json").write_text(json.dumps(card, indent=2, default=str))
         published = publish(staging, models_dir)
     except BaseException:
@@ -282,8 +286,10 @@ def publish(staging: Path, models_dir: Path) -> list[Path]:
 # -- the model card ---------------------------------------------------------------------
 
 def model_card(result, config, version: str, staged: dict[str, Path], timings: dict,
-               f16_size: int, extra: dict) -> dict:
+               f16_size: int, extra: dict, peaks: dict | None = None) -> dict:
     metrics = dict(result.metrics or {})
+    # stage -> {"peak_ram_gb", "peak_gpu_gb"}: training's (load, train), then export's
+    stage_peaks = {**metrics.pop("stage_peaks", {}), **(peaks or {})}
     stage_timings = {"train": metrics.get("train_seconds"), **timings}
     return {
         "version": version,
@@ -296,6 +302,7 @@ def model_card(result, config, version: str, staged: dict[str, Path], timings: d
         "config": config.to_dict(),
         "metrics": metrics,
         "timings_s": stage_timings,
+        "peaks": stage_peaks,
         "quant_types": list(staged),
         "files": {p.name: p.stat().st_size for p in staged.values()},
         "f16_size_bytes": f16_size,

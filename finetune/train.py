@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import FinetuneError, data, loss
+from finetune import FinetuneError, data, loss, resources
 from finetune.base_models import default_cache_dir, resolve_base
 from finetune.config import FinetuneConfig
 
@@ -114,13 +114,15 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
         quantization = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
+    stage_peaks = resources.StagePeaks()  # peak RAM / GPU memory of the load and of training
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            base_path, dtype=dtype, quantization_config=quantization,
-            # flex_attention would recompile for every generated length: it is set after the
-            # base answers below.
-            attn_implementation="sdpa" if attention == "flex_attention" else attention,
-            device_map={"": torch.cuda.current_device() if cuda else "cpu"})
+        with stage_peaks.measure("load"):  # the base read (and quantized to 4-bit on CUDA)
+            model = AutoModelForCausalLM.from_pretrained(
+                base_path, dtype=dtype, quantization_config=quantization,
+                # flex_attention would recompile for every generated length: it is set after
+                # the base answers below.
+                attn_implementation="sdpa" if attention == "flex_attention" else attention,
+                device_map={"": torch.cuda.current_device() if cuda else "cpu"})
     except (OSError, ValueError, ImportError) as exc:
         raise FinetuneError(f"Could not load base model {config.base_model}: {exc}") from exc
     model.config.use_cache = False  # the KV cache is useless in training, and costs memory
@@ -182,7 +184,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.monotonic()
-    output = trainer.train()
+    with stage_peaks.measure("train"):
+        output = trainer.train()
     train_seconds = time.monotonic() - started
     val_loss_after = _validation_loss(model, *validation, reporter, "after")
 
@@ -202,7 +205,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "compute_dtype": str(dtype).removeprefix("torch."), "load_in_4bit": load_in_4bit,
         "optimizer": optimizer, "liger": use_liger, "attention": attention,
-        "trainable_params": trainable,
+        "trainable_params": trainable, "stage_peaks": dict(stage_peaks),
     }
     reporter.log(f"validation loss {val_loss_before} -> {val_loss_after}, "
                  f"{metrics['tokens_per_s']} tokens/s")

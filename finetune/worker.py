@@ -52,7 +52,8 @@ def run_job(job_dir: Path) -> str:
         jobs.finish(job_dir, "done", f"published {len(exported.models)} model files",
                     models=[p.name for p in exported.models.values()],
                     card=exported.card_path.name, metrics=result.metrics,
-                    timings_s={**exported.card.get("timings_s", {}), "total": total_s})
+                    timings_s={**exported.card.get("timings_s", {}), "total": total_s},
+                    peaks=exported.card.get("peaks", {}))  # stage -> peak RAM / GPU GB
         return "done"
     except BaseException as exc:  # every way out ends in a final state
         state, message = _outcome(exc, reporter)

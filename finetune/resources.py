@@ -1,0 +1,149 @@
+"""Peak memory of each stage of a job: RAM of this process and its children, and GPU memory.
+
+    peaks = StagePeaks()
+    with peaks.measure("merge"):
+        ...
+    peaks == {"merge": {"peak_ram_gb": 0.9, "peak_gpu_gb": None}}
+
+RAM is resident memory (RSS), from the kernel's own high-water mark of this process
+(VmHWM, reset at the start of the block), its children's (`getrusage(RUSAGE_CHILDREN)`, for
+the converter subprocess) and a sampler thread that adds up this process and its live
+descendants every 50 ms (they run at the same time). GPU memory is torch's peak allocation,
+measured only where torch is already imported and CUDA is available (llama.cpp's own CUDA
+buffers are not torch's and are not counted). Linux only; elsewhere RAM reads None.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+import threading
+from pathlib import Path
+
+GB = 1e9
+SAMPLE_INTERVAL_S = 0.05
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+class StagePeaks(dict):
+    """stage -> {"peak_ram_gb", "peak_gpu_gb"}: a plain dict, so it goes into JSON as is."""
+
+    @contextlib.contextmanager
+    def measure(self, stage: str, interval_s: float = SAMPLE_INTERVAL_S):
+        meter = PeakMeter(interval_s)
+        meter.start()
+        try:
+            yield meter
+        finally:
+            meter.stop()
+            self[stage] = {"peak_ram_gb": meter.ram_gb, "peak_gpu_gb": meter.gpu_gb}
+
+
+class PeakMeter:
+    """Peak RSS (bytes) of this process + its descendants, and torch's peak GPU allocation,
+    between start() and stop()."""
+
+    def __init__(self, interval_s: float = SAMPLE_INTERVAL_S):
+        self.interval_s = interval_s
+        self.ram_gb: float | None = None
+        self.gpu_gb: float | None = None
+        self._sampled_bytes = 0  # this process + descendants at one instant
+        self._self_min_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_loop, name="peak-meter", daemon=True)
+
+    def start(self) -> None:
+        self._children_before = _children_maxrss_bytes()
+        _reset_high_water_mark()
+        self._self_min_bytes = rss_bytes(os.getpid()) or 0
+        self._sample()
+        self._torch = _cuda_torch()
+        if self._torch is not None:
+            self._torch.cuda.reset_peak_memory_stats()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        # A child that ended inside the block and grew past every earlier child raised this;
+        # it ran beside this process, which never went below its smallest sample.
+        children = _children_maxrss_bytes()
+        child_peak = children if children > self._children_before else 0
+        peak = max(self._sampled_bytes, _high_water_mark_bytes(),
+                   self._self_min_bytes + child_peak if child_peak else 0)
+        self.ram_gb = round(peak / GB, 3) if peak else None
+        if self._torch is not None:
+            self.gpu_gb = round(self._torch.cuda.max_memory_allocated() / GB, 3)
+
+    def _sample_loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        own = rss_bytes(os.getpid())
+        if own is None:
+            return
+        self._self_min_bytes = min(self._self_min_bytes, own) if self._self_min_bytes else own
+        total = own + sum(rss_bytes(pid) or 0 for pid in descendants(os.getpid()))
+        self._sampled_bytes = max(self._sampled_bytes, total)
+
+
+def rss_bytes(pid: int) -> int | None:
+    """Resident memory of one process, None once it is gone (or off Linux)."""
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE_BYTES
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def descendants(pid: int) -> list[int]:
+    """Children, grandchildren, ... (the kernel lists each thread's children)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = list(Path(f"/proc/{parent}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                kids = [int(p) for p in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def _reset_high_water_mark() -> None:
+    try:  # "5" resets VmHWM to the current RSS (Linux 4.0+)
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _high_water_mark_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _children_maxrss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux (bytes on macOS)
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+
+
+def _cuda_torch():
+    """torch, when something already imported it and a GPU is there; never imports it."""
+    torch = sys.modules.get("torch")
+    try:
+        return torch if torch is not None and torch.cuda.is_available() else None
+    except Exception:  # a broken CUDA install must not fail a job over a measurement
+        return None

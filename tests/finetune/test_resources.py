@@ -1,0 +1,90 @@
+"""finetune/resources.py on real allocations: this process's own peak (gone again before the
+block ends) and a child process's, as the converter subprocess is measured; and the peaks of
+each export stage in the model card."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from finetune import resources
+
+
+def _rss_gb() -> float:
+    return resources.rss_bytes(os.getpid()) / 1e9
+
+
+def test_peak_of_a_short_lived_allocation_in_this_process():
+    before = _rss_gb()
+    peaks = resources.StagePeaks()
+    with peaks.measure("alloc"):
+        block = bytearray(400 * 2**20)  # zero-filled, so every page is touched
+        del block
+    with peaks.measure("idle"):
+        pass
+    assert peaks["alloc"]["peak_ram_gb"] >= before + 0.4
+    # the kernel's high-water mark was reset: the earlier peak does not leak into the next stage
+    assert peaks["idle"]["peak_ram_gb"] < before + 0.2
+    assert peaks["alloc"]["peak_gpu_gb"] is None  # no CUDA here
+    assert json.loads(json.dumps(peaks)) == peaks
+
+
+def test_peak_includes_a_child_process():
+    peaks = resources.StagePeaks()
+    code = "import time; b = bytearray(300 * 2**20); time.sleep(0.5)"
+    with peaks.measure("child"):
+        subprocess.run([sys.executable, "-c", code], check=True)
+    # this process (which allocated nothing) plus the child's 300 MB at the same time
+    assert peaks["child"]["peak_ram_gb"] >= _rss_gb() + 0.3
+
+
+def test_descendants_are_found_through_grandchildren():
+    code = ("import subprocess, sys; subprocess.run([sys.executable, '-c', "
+            "'import time; time.sleep(3)'])")
+    child, found = subprocess.Popen([sys.executable, "-c", code]), []
+    try:
+        import time
+
+        deadline = time.monotonic() + 10
+        while len(resources.descendants(os.getpid())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        found = resources.descendants(os.getpid())
+        assert child.pid in found and len(found) >= 2
+    finally:
+        for pid in found:
+            if pid != child.pid:  # the grandchild
+                os.kill(pid, 9)
+        child.kill()
+        child.wait()
+
+
+def test_export_records_the_peaks_of_each_stage_in_the_card(tiny_llama_dir, tmp_path):
+    """Training's stages (from result.metrics) and export's own, in the model card; the
+    converter runs as a child process and must be counted."""
+    import os
+    from types import SimpleNamespace
+
+    from finetune import export
+    from finetune.config import FinetuneConfig
+    from tests.finetune.test_export import Recorder, make_adapter
+
+    adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter")
+    trained = {"load": {"peak_ram_gb": 1.5, "peak_gpu_gb": 0.7},
+               "train": {"peak_ram_gb": 2.5, "peak_gpu_gb": 3.1}}
+    result = SimpleNamespace(adapter_dir=adapter, base_model_path=str(tiny_llama_dir),
+                             metrics={"train_seconds": 1.0, "stage_peaks": trained},
+                             dataset_report={})
+    config = FinetuneConfig(base_model=str(tiny_llama_dir), dataset=str(Path(__file__)),
+                            quant_types=["Q4_K_M"])
+    own_gb = _rss_gb()
+    exported = export.export(result, config, tmp_path / "models", tmp_path / "work", Recorder())
+    peaks = json.loads(exported.card_path.read_text())["peaks"]
+    assert {"load", "train", "merge", "convert", "quantize_Q4_K_M"} <= set(peaks)
+    assert peaks["train"] == trained["train"]
+    assert "stage_peaks" not in exported.card["metrics"]  # once in the card, not twice
+    for stage in ("merge", "convert", "quantize_Q4_K_M"):
+        assert peaks[stage]["peak_ram_gb"] >= own_gb * 0.9 and peaks[stage]["peak_gpu_gb"] is None
+    # the converter is a second Python importing torch and transformers: well over 0.1 GB
+    assert peaks["convert"]["peak_ram_gb"] > own_gb + 0.1
