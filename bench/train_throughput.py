@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.standins import CONFIGS  # noqa: E402
 from finetune import data as data_mod  # noqa: E402
 from finetune import loss as loss_mod  # noqa: E402
 from finetune import train as train_mod  # noqa: E402
@@ -48,16 +49,16 @@ from finetune.config import from_preset  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16, the datasheet figure
 RESULTS = ROOT / "bench" / "results" / "train_throughput.json"
-ARCHS = {  # public config values of the two Hub presets
-    "phi": {"preset": "phi-3.5-mini", "model_type": "phi3", "vocab_size": 32064,
-            "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
-            "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5,
-            "max_position_embeddings": 4096, "tie_word_embeddings": False},
-    "mistral": {"preset": "mistral-7b", "model_type": "mistral", "vocab_size": 32000,
-                "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                "num_attention_heads": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-5,
-                "max_position_embeddings": 32768, "rope_theta": 1e6, "sliding_window": None,
-                "tie_word_embeddings": False},
+# The two Hub presets' widths from their real configs (bench/standins.py). Phi as measured for
+# the README: no longrope and a 4096 context (training rows are at most 2048 tokens).
+_WIDTHS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+           "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings")
+ARCHS = {
+    "phi": {"preset": "phi-3.5-mini", "model_type": "phi3", "max_position_embeddings": 4096,
+            **{k: CONFIGS["phi-3.5-mini"][k] for k in _WIDTHS}},
+    "mistral": {"preset": "mistral-7b", "model_type": "mistral",
+                **{k: CONFIGS["mistral-7b"][k] for k in (*_WIDTHS, "max_position_embeddings",
+                                                          "rope_theta", "sliding_window")}},
 }
 # The notebooks' recipe: one padded row per pass, fp16, eager attention, plain AdamW, dropout,
 # fp32 norms/embeddings (peft's prepare_model_for_kbit_training) and the model's own loss.
