@@ -117,3 +117,51 @@ def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path], text: str, n_ctx:
                          "mean_kld_vs_f16": round(kld[quant] / scored, 6),
                          "top1_agreement_vs_f16": round(top1[quant] / scored, 5)}
     return result
+
+
+def logits_agreement(merged_dir: Path, f16_gguf: Path, text: str, n_tokens: int = 400,
+                     n_ctx: int = 2048) -> dict:
+    """Next-token logits of the merged HF model (fp32 compute) and of the f16 GGUF in llama.cpp
+    on the same `n_tokens` tokens of `text` (the HF tokenizer's ids, fed to both): how often
+    their top-1 tokens agree and how far apart the logits are. A converter mismatch (rope
+    scaling, fused projections, vocab padding) moves these far more than 16-bit rounding does.
+    llama.cpp picks longrope's long or short factors by n_ctx, HF by sequence length: compare
+    short text with n_ctx <= original_max_position_embeddings."""
+    import numpy as np
+    import torch
+    from llama_cpp import Llama
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune import FinetuneError
+
+    tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"][:n_tokens]
+    if len(ids) < n_tokens or n_tokens > n_ctx:
+        raise FinetuneError(f"Need {n_tokens} tokens of text within n_ctx {n_ctx} "
+                            f"(the text has {len(ids)}).")
+    model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        hf = model(torch.tensor([ids])).logits[0].float().numpy()
+    del model
+    llm = Llama(str(f16_gguf), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
+                verbose=False)
+    try:
+        # add_bos=True adds BOS only when the GGUF asks for one, as add_special_tokens does
+        gguf_ids = llm.tokenize(text.encode(), add_bos=True)[:n_tokens]
+        llm.eval(ids)
+        gguf = np.asarray(llm.scores[:len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+    width = min(hf.shape[1], gguf.shape[1])
+    hf, gguf = hf[:, :width], gguf[:, :width]
+    diff = np.abs(hf - gguf)
+    rows, hf_top, gguf_top = np.arange(len(ids)), hf.argmax(1), gguf.argmax(1)
+    # where the two pick different tokens, how far apart HF puts them: rounding only flips ties
+    gaps = (hf[rows, hf_top] - hf[rows, gguf_top])[hf_top != gguf_top]
+    return {"tokens": len(ids), "n_ctx": n_ctx, "vocab_hf": hf.shape[1],
+            "vocab_gguf": gguf.shape[1], "tokenizer_agrees": gguf_ids == ids,
+            "top1_agreement": round(float((hf_top == gguf_top).mean()), 5),
+            "max_abs_diff": round(float(diff.max()), 6),
+            "mean_abs_diff": round(float(diff.mean()), 6),
+            "widest_disagreement": round(float(gaps.max()) if len(gaps) else 0.0, 6),
+            "logit_std": round(float(hf.std()), 4)}
