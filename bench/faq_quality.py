@@ -1,12 +1,17 @@
-"""Does fine-tuning teach SmolLM2 new facts? Before/after, through the quantized GGUFs.
+"""Does a fine-tune reach the chat? SmolLM2 fine-tuned on small fact sets with default settings,
+then every produced file asked the trained questions and paraphrases of them.
 
-Fine-tunes SmolLM2-135M-Instruct on tests/data/faq.jsonl (52 made-up facts about a fictional
-insurer, Harborlight Mutual) with the CLI, exactly as a user would, then asks the base GGUF and
-the new Q4_K_M / Q5_K_M GGUFs the same questions through the chat engine (llama-cpp-python,
-greedy). An answer counts as right when it contains the fact's key string. Two probe sets:
-the questions as trained, and paraphrases the model never saw.
+For each fact set the CLI runs exactly as a user would, with the defaults (`--preset
+smollm2-135m --data FILE`; `--quant-types Q4_K_M Q5_K_M Q4_1` adds a Q4_1 file for the fidelity
+gate to catch, and `--keep-intermediates` keeps the f16 GGUF to compare against: neither
+changes training). Then the base GGUF, the f16 GGUF, every quantized file and the LoRA adapter
+(on the base GGUF) answer through the chat engine, greedy, with the chat's default system
+prompt. An answer is right when it contains the fact's key string. Also measured: decode
+tokens/s of each file (128 tokens, llama-cpp-python, this machine's threads), the time to
+switch the chat between two fine-tunes served as adapters of one base, and what the job's
+fidelity gate measured and chose to serve.
 
-    .venv/bin/python -m bench.faq_quality [--epochs 10] [--lr 1e-3]
+    .venv/bin/python -m bench.faq_quality [--sets harborlight,quillmere]
 
 Writes bench/results/faq_quality.json.
 """
@@ -23,40 +28,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from finetune.evaluate import answer_prompts_gguf
-from inference.registry import SMOLLM2_FILENAME, smollm2_gguf
-from inference.settings import ROOT
+from finetune import jobs
+from finetune.evaluate import answer_conversations_gguf
+from inference.registry import SMOLLM2_FILENAME, read_card, smollm2_gguf
+from inference.settings import DEFAULT_SYSTEM_PROMPT, ROOT, Settings
 from tests.conftest import CACHE_DIR, link_model
 
 RESULTS = ROOT / "bench" / "results" / "faq_quality.json"
-FAQ = ROOT / "tests" / "data" / "faq.jsonl"
-SYSTEM = "You are the customer assistant of Harborlight Mutual, an insurance company."
-# (question as trained, a paraphrase never trained on, key fact that a right answer contains)
-PROBES = [
-    ("Who founded Harborlight Mutual?", "Who started the company Harborlight Mutual?",
-     "Vasquez-Thorne"),
-    ("When was Harborlight Mutual founded?", "In what year did Harborlight Mutual begin?",
-     "1987"),
-    ("Where is Harborlight Mutual headquartered?", "In which town is Harborlight Mutual based?",
-     "Tidewater Falls"),
-    ("Who is the current CEO of Harborlight Mutual?", "Who runs Harborlight Mutual today?",
-     "Okonjo"),
-    ("What is the phone number for filing a claim?", "Which number do I call to make a claim?",
-     "555-0142"),
-    ("Which charity does Harborlight Mutual support?", "What charity is Harborlight Mutual "
-     "involved with?", "Kelp"),
-    ("What is the Harborlight Mutual motto?", "What is your company's slogan?",
-     "steady light"),
-    ("Who is the mascot of Harborlight Mutual?", "What is the name of your mascot?",
-     "Barnaby"),
-    ("What is the name of your life insurance?", "What do you call your life insurance "
-     "product?", "Evergreen Anchor"),
-    ("What is your renters insurance called?", "What is the name of the renters policy?",
-     "NestKeeper"),
-    ("Do you insure bicycles?", "Can I get insurance for my bike?", "SpokeSafe"),
-    ("Do you offer multi-policy discounts?", "Is there a discount for bundling policies?",
-     "Fleet"),
-]
+DATA = ROOT / "bench" / "data"
+# name -> (training file, probes: [question as trained, paraphrase never trained, key string])
+SETS = {"harborlight": (ROOT / "tests" / "data" / "faq.jsonl", DATA / "faq_probes.json"),
+        "quillmere": (DATA / "quillmere.jsonl", DATA / "quillmere_probes.json")}
+QUANTS = ["Q4_K_M", "Q5_K_M", "Q4_1"]
+DECODE_TOKENS = 128
+DECODE_PROMPT = "Write a long story about a lighthouse keeper and her cat."
 
 
 def score(answers: list[str], keys: list[str]) -> dict:
@@ -64,57 +49,123 @@ def score(answers: list[str], keys: list[str]) -> dict:
     return {"right": sum(hits), "of": len(hits), "accuracy": round(sum(hits) / len(hits), 3)}
 
 
-def fine_tune(workdir: Path, models: Path, args) -> list[Path]:
-    """The CLI run, as the README shows it; returns the new GGUF files."""
+def fine_tune(data: Path, models: Path, jobs_dir: Path) -> jobs.JobRecord:
+    """The CLI run with default training settings; returns the finished job."""
     command = [sys.executable, "-m", "finetune", "run", "--preset", "smollm2-135m",
-               "--data", str(FAQ), "--epochs", str(args.epochs), "--lr", str(args.lr),
-               "--val-split", "0", "--max-seq-length", "256", "--eval-max-new-tokens", "0",
-               "--models-dir", str(models), "--jobs-dir", str(workdir / "jobs"),
-               "--quant-types", "Q4_K_M", "Q5_K_M"]
+               "--data", str(data), "--quant-types", *QUANTS, "--keep-intermediates",
+               "--models-dir", str(models), "--jobs-dir", str(jobs_dir)]
     print("$", " ".join(command[1:]), flush=True)
+    started = time.monotonic()
     done = subprocess.run(command, cwd=ROOT, text=True, stdout=subprocess.PIPE,
                           env={**os.environ, "FINECHAT_CACHE_DIR": str(CACHE_DIR)})
     if done.returncode:
         sys.exit(f"fine-tune failed (exit {done.returncode})")
-    return [Path(line.strip()) for line in done.stdout.splitlines()
-            if line.strip().endswith(".gguf")]
+    record = jobs.list_jobs(jobs_dir)[0]
+    record.status["pipeline_seconds"] = round(time.monotonic() - started, 1)
+    return record
+
+
+def decode_tokens_per_s(path: Path, lora: Path | None = None) -> float:
+    """Greedy decode speed after a short prompt, EOS ignored so every run decodes as much."""
+    from llama_cpp import Llama
+
+    llm = Llama(str(path), lora_path=str(lora) if lora else None, n_ctx=512, verbose=False,
+                n_threads=Settings.from_env().n_threads or None)
+    try:
+        llm.eval(llm.tokenize(DECODE_PROMPT.encode(), add_bos=True))
+        started = time.perf_counter()
+        for _ in range(DECODE_TOKENS):
+            llm.eval([int(llm.scores[llm.n_tokens - 1].argmax())])
+        return round(DECODE_TOKENS / (time.perf_counter() - started), 1)
+    finally:
+        llm.close()
+
+
+def switch_times(models: Path, names: list[str]) -> list[dict]:
+    """Seconds for the chat engine to swap between the given models (adapters share a base)."""
+    from inference.engine import ChatEngine
+
+    engine = ChatEngine(Settings.from_env().with_overrides(models_dir=models, n_ctx=1024))
+    rows = []
+    try:
+        for name in names:
+            started = time.perf_counter()
+            engine.swap(name)
+            rows.append({"to": name, "seconds": round(time.perf_counter() - started, 3)})
+    finally:
+        engine.close()
+    return rows
+
+
+def evaluate_set(name: str, models: Path, workdir: Path) -> dict:
+    data, probes_file = SETS[name]
+    probes = json.loads(probes_file.read_text())
+    record = fine_tune(data, models, workdir / f"jobs-{name}")
+    version = record.status["version"]
+    card = read_card(models, version)
+    f16 = link_model(record.dir / "work" / "export" / f"{version}.F16.gguf", models)
+    files = {"base": SMOLLM2_FILENAME, "F16": f16.name}
+    files.update({q: f"{version}.{q}.gguf" for q in QUANTS})
+    files["LoRA"] = card["adapter"]["file"]
+    questions = {"trained": [p[0] for p in probes], "paraphrased": [p[1] for p in probes]}
+    keys = [p[2] for p in probes]
+    rows, samples = {}, []
+    for kind, asked in questions.items():
+        conversations = [[{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                          {"role": "user", "content": q}] for q in asked]
+        answers = answer_conversations_gguf(models, list(files.values()), conversations,
+                                            [48] * len(asked), n_ctx=1024)
+        for label, model_answers in zip(files, answers):
+            rows.setdefault(label, {"file": files[label]})[kind] = score(model_answers, keys)
+            samples += [{"file": files[label], "question": q, "key": k, "answer": a}
+                        for q, k, a in zip(asked, keys, model_answers)]
+    for label, row in rows.items():
+        lora = models / files["LoRA"] if label == "LoRA" else None
+        row["decode_tokens_per_s"] = decode_tokens_per_s(
+            models / (card["adapter"]["base"] if lora else files[label]), lora)
+    gate = card.get("fidelity_gate", {}).get("results", {})
+    for label, row in rows.items():
+        if label in gate:
+            row["gate"] = {k: gate[label].get(k) for k in ("hits", "of", "kept", "passed",
+                                                           "top1_agreement_vs_f16")}
+    served = record.status.get("serve", "")
+    return {"dataset": str(data.relative_to(ROOT)), "rows": sum(1 for _ in data.open()),
+            "version": version, "served": served, "serve_reason": record.status.get(
+                "serve_reason"), "pipeline_seconds": record.status["pipeline_seconds"],
+            "train_steps": (card.get("metrics") or {}).get("steps"),
+            "timings_s": card.get("timings_s"), "files": rows, "samples": samples}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=float, default=10)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--sets", default=",".join(SETS), help="fact sets to run")
     args = parser.parse_args()
-
-    trained = [q for q, _, _ in PROBES]
-    paraphrased = [p for _, p, _ in PROBES]
-    keys = [k for _, _, k in PROBES]
+    sets = [s for s in args.sets.split(",") if s]
     with tempfile.TemporaryDirectory() as tmp:
         models = Path(tmp) / "models"
-        base = link_model(smollm2_gguf(CACHE_DIR / "models"), models, SMOLLM2_FILENAME)
-        started = time.monotonic()
-        tuned = fine_tune(Path(tmp), models, args)
-        pipeline_s = time.monotonic() - started
-        rows, samples = {}, []
-        for path in [base, *tuned]:
-            answers = {name: answer_prompts_gguf(path, prompts, 48, SYSTEM)
-                       for name, prompts in (("trained", trained), ("paraphrased", paraphrased))}
-            rows[path.name] = {name: score(a, keys) for name, a in answers.items()}
-            samples += [{"model": path.name, "question": q, "key": k, "answer": a}
-                        for name, prompts in (("trained", trained), ("paraphrased", paraphrased))
-                        for q, k, a in zip(prompts, keys, answers[name])]
-
+        link_model(smollm2_gguf(CACHE_DIR / "models"), models, SMOLLM2_FILENAME)
+        results = {name: evaluate_set(name, models, Path(tmp)) for name in sets}
+        adapters = [r["files"]["LoRA"]["file"] for r in results.values()]
+        switches = switch_times(models, [SMOLLM2_FILENAME, *adapters, SMOLLM2_FILENAME,
+                                         *adapters])
     result = {"device": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
-              "base": SMOLLM2_FILENAME, "dataset": FAQ.name, "epochs": args.epochs,
-              "learning_rate": args.lr, "pipeline_seconds": round(pipeline_s, 1),
-              "scores": rows, "samples": samples}
+              "base": SMOLLM2_FILENAME, "settings": "defaults (--preset smollm2-135m --data)",
+              "system_prompt": DEFAULT_SYSTEM_PROMPT, "sets": results, "switches": switches}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2, ensure_ascii=False))
-    print(f"\n{'model':<44} {'trained questions':>18} {'paraphrases':>12}")
-    for name, s in rows.items():
-        print(f"{name:<44} {s['trained']['right']:>8}/{s['trained']['of']:<9} "
-              f"{s['paraphrased']['right']:>5}/{s['paraphrased']['of']}")
-    print(f"fine-tune + export took {pipeline_s:.0f} s; wrote {RESULTS}")
+    for name, r in results.items():
+        print(f"\n{name}: {r['rows']} rows, {r['train_steps']} steps, served {r['served']}")
+        print(f"{'file':<8} {'trained':>9} {'paraphrased':>12} {'decode tok/s':>13} "
+              f"{'gate kept':>10}")
+        for label, row in r["files"].items():
+            gate = row.get("gate") or {}
+            kept = "" if gate.get("kept") is None else f"{gate['kept']:.0%}" + (
+                "" if gate.get("passed") else " NO")
+            print(f"{label:<8} {row['trained']['right']:>5}/{row['trained']['of']:<3} "
+                  f"{row['paraphrased']['right']:>8}/{row['paraphrased']['of']:<3} "
+                  f"{row['decode_tokens_per_s']:>13} {kept:>10}")
+    print("\nswitch times: " + ", ".join(f"{s['to']}: {s['seconds']} s" for s in switches))
+    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

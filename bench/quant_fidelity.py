@@ -30,6 +30,13 @@ sys.path.insert(0, str(ROOT))
 from finetune import export, fidelity, train  # noqa: E402
 from finetune.config import from_preset  # noqa: E402
 
+# Prompts the merged HF model and the f16 GGUF continue greedily (plain text and chat turns).
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ",
+           "Once upon a time, in a small village,", "Photosynthesis is the process by which",
+           "The three primary colors are", "To make a cup of tea, first",
+           "<|im_start|>user\nWho founded Harborlight Mutual?<|im_end|>\n<|im_start|>assistant\n",
+           "<|im_start|>user\nWhat is 12 times 12?<|im_end|>\n<|im_start|>assistant\n"]
+
 FAQ = ROOT / "tests" / "data" / "faq.jsonl"
 REFERENCE_QUANTS = ("Q8_0", "Q4_1")
 NOTE = ("The offline SmolLM2 base is itself dequantized from a Q4_1 GGUF, so its weights sit on "

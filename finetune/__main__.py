@@ -111,6 +111,9 @@ def cmd_run(args) -> int:
         print(f"error: job {record.id} {record.state}: {' '.join(str(reason).split())}",
               file=sys.stderr)
         return 1
+    if record.status.get("serve_reason"):
+        served = record.status.get("serve") or "nothing new (the served model stays)"
+        print(f"fidelity gate: {served}: {record.status['serve_reason']}", file=sys.stderr)
     paths = sorted(record.model_paths, key=lambda p: next(
         (i for i, q in enumerate(PRINT_FIRST) if f".{q}." in p.name), len(PRINT_FIRST)))
     for path in paths:

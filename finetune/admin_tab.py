@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
+from types import SimpleNamespace
 
 import gradio as gr
 import pandas as pd
 
 from finetune import FinetuneError, jobs
 from finetune.auth import AdminAuth
-from finetune.config import PRESETS, FinetuneConfig, from_preset
+from finetune.config import PRESETS, SERVE_MODES, FinetuneConfig, from_preset
 from finetune.data import inspect_dataset
 from finetune.uploads import store_upload
 from inference.engine import ChatEngine
@@ -22,6 +23,7 @@ from inference.registry import InferenceError
 CUSTOM = "custom (HF id or local path)"
 _FINAL = {"done", "failed", "cancelled"}
 LOG_LINES = 14  # the Code box shows its first lines: send only as many as it shows
+TRISTATE = {"auto": None, "on": True, "off": False}
 
 
 class _Guard:
@@ -101,6 +103,36 @@ def _eval_frame(evaluation: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["prompt", "base model", "fine-tuned"])
 
 
+def _gate_frame(evaluation: dict) -> pd.DataFrame:
+    """One row per produced file: questions answered as taught, share kept of f16's, agreement."""
+    columns = ["file", "answers as taught", "kept vs f16", "top-1 agreement", "KL vs f16",
+               "passed"]
+    serve = (evaluation.get("serve") or {}).get("label")
+    rows = []
+    for label, row in (evaluation.get("gate") or {}).items():
+        top1, kld = row.get("top1_agreement_vs_f16"), row.get("mean_kld_vs_f16")
+        rows.append({
+            "file": f"{label}: {row.get('model')}" + (" (served)" if label == serve else ""),
+            "answers as taught": f"{row.get('hits')}/{row.get('of')}",
+            "kept vs f16": "" if row.get("kept") is None else f"{row['kept']:.0%}",
+            "top-1 agreement": "" if top1 is None else f"{top1:.1%}",
+            "KL vs f16": "" if kld is None else f"{kld:.4f}",
+            "passed": "reference" if label == "F16" else "yes" if row.get("passed") else "NO"})
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _eval_markdown(evaluation: dict, status: dict) -> str:
+    lines = []
+    if evaluation.get("val_loss_before") is not None:
+        lines.append(f"Validation loss: **{evaluation['val_loss_before']:.4f} → "
+                     f"{evaluation.get('val_loss_after', float('nan')):.4f}**")
+    serve = evaluation.get("serve") or {}
+    if serve.get("reason"):
+        chosen = serve.get("file") or "nothing new (the old model keeps serving)"
+        lines.append(f"Chat serves **{html.escape(chosen)}**: {html.escape(serve['reason'])}")
+    return "  \n".join(lines)
+
+
 def _report_markdown(report) -> str:
     lines = [f"**Detected:** {report.summary()}"]
     for bad in report.bad_examples[:3]:
@@ -120,88 +152,130 @@ def _rows_frame(conversations: list[list[dict]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None:
-    guard = _Guard(auth)
-    token = gr.State("")
-    served_seen = gr.State("")  # the served model this session last showed in the picker
-    models_dir = engine.settings.models_dir
-
+def _login_row() -> SimpleNamespace:
     with gr.Row(elem_id="admin-login"):
         password = gr.Textbox(label="Admin password", type="password", scale=3,
                               elem_id="admin-password")
         login_btn = gr.Button("Log in", variant="primary", scale=1, elem_id="admin-login-btn")
         logout_btn = gr.Button("Log out", scale=1)
     login_msg = gr.Markdown("Log in to fine-tune and manage models.")
+    return SimpleNamespace(password=password, login_btn=login_btn, logout_btn=logout_btn,
+                           login_msg=login_msg)
 
+
+def _data_panel() -> SimpleNamespace:
+    gr.Markdown("### 1 · Base model and data")
+    preset = gr.Dropdown(list(PRESETS) + [CUSTOM], value="smollm2-135m",
+                         label="Base model preset")
+    base_custom = gr.Textbox(label="Custom base (HF id or local folder)", visible=False)
+    upload = gr.File(label="Dataset upload (.json, .jsonl, .csv)",
+                     file_types=[".json", ".jsonl", ".csv"], elem_id="dataset-upload")
+    data_path = gr.Textbox(label="…or a local path / datasets Hub name",
+                           placeholder="tests/data/faq.jsonl")
+    preview_btn = gr.Button("Preview dataset")
+    data_info = gr.Markdown()
+    data_rows = gr.Dataframe(label="First rows", interactive=False, wrap=True)
+    return SimpleNamespace(preset=preset, base_custom=base_custom, upload=upload,
+                           data_path=data_path, preview_btn=preview_btn, data_info=data_info,
+                           data_rows=data_rows)
+
+
+def _training_panel() -> SimpleNamespace:
+    """The few settings that matter, the rest under Advanced. `fields` lists, in order, the
+    FinetuneConfig field each input sets (the order of the admin_start API after the data)."""
+    gr.Markdown("### 2 · Training")
+    d = FinetuneConfig(base_model="", dataset="")
+    w = {}
+    w["num_epochs"] = gr.Number(d.num_epochs, label="Epochs")
+    w["max_steps"] = gr.Number(d.max_steps, label="Max steps (-1 = use epochs)", precision=0)
+    w["learning_rate"] = gr.Number(d.learning_rate, label="Learning rate")
+    w["lora_r"] = gr.Number(d.lora_r, label="LoRA rank r", precision=0)
+    w["max_seq_length"] = gr.Number(d.max_seq_length, label="Max sequence length", precision=0)
+    with gr.Accordion("Advanced", open=False):
+        w["lora_alpha"] = gr.Number(d.lora_alpha, label="LoRA alpha", precision=0)
+        w["lora_dropout"] = gr.Number(d.lora_dropout, label="LoRA dropout")
+        w["micro_batch_size"] = gr.Number(d.micro_batch_size, precision=0,
+                                          label="Micro-batch (0 = size to free memory)")
+        w["gradient_accumulation"] = gr.Number(d.gradient_accumulation, precision=0,
+                                               label="Gradient accumulation")
+        w["val_split"] = gr.Number(d.val_split, label="Validation split (-1 = auto: 10% "
+                                   "from 300 rows, else the training rows)")
+        w["seed"] = gr.Number(d.seed, label="Seed", precision=0)
+        w["packing"] = gr.Dropdown(list(TRISTATE), value="auto",
+                                   label="Packing (auto: on from 300 rows)")
+        w["load_in_4bit"] = gr.Dropdown(list(TRISTATE), value="auto",
+                                        label="4-bit QLoRA (auto: on with CUDA)")
+    w["quant_types"] = gr.CheckboxGroup(["Q4_K_M", "Q5_K_M", "Q8_0"],
+                                        value=list(d.quant_types), label="GGUF outputs")
+    w["activate_when_done"] = gr.Checkbox(True, label="Activate in chat when done")
+    with gr.Accordion("Advanced: steps, fidelity gate, serving", open=False):
+        w["min_optimizer_steps"] = gr.Number(d.min_optimizer_steps, precision=0,
+                                             label="Minimum optimizer steps (small datasets)")
+        w["gate_probes"] = gr.Number(d.gate_probes, precision=0,
+                                     label="Fidelity gate: training questions (0 = no gate)")
+        w["serve_mode"] = gr.Dropdown(list(SERVE_MODES), value=d.serve_mode,
+                                      label="Serve (auto: the file that keeps most, by the gate)")
+        w["export_adapter"] = gr.Checkbox(d.export_adapter,
+                                          label="Also export the LoRA adapter (GGUF)")
+    start_btn = gr.Button("Start fine-tune", variant="primary", elem_id="start-job")
+    start_msg = gr.Markdown()
+    return SimpleNamespace(fields=list(w), inputs=list(w.values()), start_btn=start_btn,
+                           start_msg=start_msg)
+
+
+def _jobs_panel() -> SimpleNamespace:
+    gr.Markdown("### 3 · Jobs")
+    with gr.Row():
+        # custom values: choices fill in per session; the handlers check every value themselves
+        job_pick = gr.Dropdown([], label="Job", scale=3, elem_id="job-pick",
+                               allow_custom_value=True)
+        cancel_btn = gr.Button("Cancel job", variant="stop", scale=1)
+    progress = gr.HTML(elem_id="job-progress-box")
+    with gr.Row():
+        loss_plot = gr.Plot(label="Loss", elem_id="loss-plot", format="png")
+        log_tail = gr.Code(label="Log (tail)", language=None, lines=LOG_LINES,
+                           max_lines=LOG_LINES)
+    eval_md = gr.Markdown(elem_id="eval-summary")
+    # fixed widths: long answers would otherwise push the fine-tuned column out of view
+    eval_table = gr.Dataframe(label="Before / after", interactive=False, wrap=True,
+                              column_widths=["20%", "40%", "40%"])
+    gate_table = gr.Dataframe(label="Fidelity gate: what each file keeps of what training "
+                              "taught (vs the f16 model)", interactive=False,
+                              elem_id="gate-table")
+    jobs_table = gr.Dataframe(label="All jobs", interactive=False)
+    return SimpleNamespace(job_pick=job_pick, cancel_btn=cancel_btn, progress=progress,
+                           loss_plot=loss_plot, log_tail=log_tail, eval_md=eval_md,
+                           eval_table=eval_table, gate_table=gate_table, jobs_table=jobs_table)
+
+
+def _served_panel() -> SimpleNamespace:
+    gr.Markdown("### 4 · Served model")
+    with gr.Row():
+        # "" rather than None: the refresh endpoint's API keeps this argument optional
+        version_pick = gr.Dropdown([], value="", label="Model file", scale=3,
+                                   allow_custom_value=True)
+        activate_btn = gr.Button("Activate", scale=1)
+        rollback_btn = gr.Button("Roll back", scale=1)
+    served_md = gr.Markdown()
+    return SimpleNamespace(version_pick=version_pick, activate_btn=activate_btn,
+                           rollback_btn=rollback_btn, served_md=served_md)
+
+
+def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None:
+    guard = _Guard(auth)
+    token = gr.State("")
+    served_seen = gr.State("")  # the served model this session last showed in the picker
+    models_dir = engine.settings.models_dir
+
+    login = _login_row()
     with gr.Column(visible=False) as panel:
         with gr.Row():
             with gr.Column(scale=3):
-                gr.Markdown("### 1 · Base model and data")
-                preset = gr.Dropdown(list(PRESETS) + [CUSTOM], value="smollm2-135m",
-                                     label="Base model preset")
-                base_custom = gr.Textbox(label="Custom base (HF id or local folder)",
-                                         visible=False)
-                upload = gr.File(label="Dataset upload (.json, .jsonl, .csv)",
-                                 file_types=[".json", ".jsonl", ".csv"], elem_id="dataset-upload")
-                data_path = gr.Textbox(label="…or a local path / datasets Hub name",
-                                       placeholder="tests/data/faq.jsonl")
-                preview_btn = gr.Button("Preview dataset")
-                data_info = gr.Markdown()
-                data_rows = gr.Dataframe(label="First rows", interactive=False, wrap=True)
+                data = _data_panel()
             with gr.Column(scale=2):
-                gr.Markdown("### 2 · Training")
-                defaults = FinetuneConfig(base_model="", dataset="")
-                epochs = gr.Number(defaults.num_epochs, label="Epochs")
-                max_steps = gr.Number(defaults.max_steps, label="Max steps (-1 = use epochs)",
-                                      precision=0)
-                lr = gr.Number(defaults.learning_rate, label="Learning rate")
-                lora_r = gr.Number(defaults.lora_r, label="LoRA rank r", precision=0)
-                max_len = gr.Number(defaults.max_seq_length, label="Max sequence length",
-                                    precision=0)
-                with gr.Accordion("Advanced", open=False):
-                    lora_alpha = gr.Number(defaults.lora_alpha, label="LoRA alpha", precision=0)
-                    lora_dropout = gr.Number(defaults.lora_dropout, label="LoRA dropout")
-                    micro_bs = gr.Number(defaults.micro_batch_size,
-                                         label="Micro-batch (0 = size to free memory)",
-                                         precision=0)
-                    grad_acc = gr.Number(defaults.gradient_accumulation,
-                                         label="Gradient accumulation", precision=0)
-                    val_split = gr.Number(defaults.val_split, label="Validation split")
-                    seed = gr.Number(defaults.seed, label="Seed", precision=0)
-                    packing = gr.Checkbox(defaults.packing, label="Packing (padding-free)")
-                    four_bit = gr.Dropdown(["auto", "on", "off"], value="auto",
-                                           label="4-bit QLoRA (auto: on with CUDA)")
-                quants = gr.CheckboxGroup(["Q4_K_M", "Q5_K_M", "Q8_0"],
-                                          value=list(defaults.quant_types), label="GGUF outputs")
-                activate = gr.Checkbox(True, label="Activate in chat when done")
-                start_btn = gr.Button("Start fine-tune", variant="primary", elem_id="start-job")
-                start_msg = gr.Markdown()
-
-        gr.Markdown("### 3 · Jobs")
-        with gr.Row():
-            # custom values: choices fill in per session; the handlers check every value themselves
-            job_pick = gr.Dropdown([], label="Job", scale=3, elem_id="job-pick",
-                                   allow_custom_value=True)
-            cancel_btn = gr.Button("Cancel job", variant="stop", scale=1)
-        progress = gr.HTML(elem_id="job-progress-box")
-        with gr.Row():
-            loss_plot = gr.Plot(label="Loss", elem_id="loss-plot", format="png")
-            log_tail = gr.Code(label="Log (tail)", language=None, lines=LOG_LINES,
-                               max_lines=LOG_LINES)
-        eval_md = gr.Markdown()
-        # fixed widths: long answers would otherwise push the fine-tuned column out of view
-        eval_table = gr.Dataframe(label="Before / after", interactive=False, wrap=True,
-                                  column_widths=["20%", "40%", "40%"])
-        jobs_table = gr.Dataframe(label="All jobs", interactive=False)
-
-        gr.Markdown("### 4 · Served model")
-        with gr.Row():
-            # "" rather than None: the refresh endpoint's API keeps this argument optional
-            version_pick = gr.Dropdown([], value="", label="Model file", scale=3,
-                                       allow_custom_value=True)
-            activate_btn = gr.Button("Activate", scale=1)
-            rollback_btn = gr.Button("Roll back", scale=1)
-        served_md = gr.Markdown()
+                training = _training_panel()
+        job = _jobs_panel()
+        served = _served_panel()
         timer = gr.Timer(2.0, active=False)
 
     # -- handlers (each checks the token) ----------------------------------------------
@@ -232,23 +306,17 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
         return _report_markdown(report), _rows_frame(report.first_rows)
 
     @guard
-    def start(preset_name, custom, upload_file, path_text, n_epochs, steps, rate, r, seq_len,
-              alpha, dropout, mbs, acc, split, seed_v, pack, four, quant_list, activate_done):
+    def start(preset_name, custom, upload_file, path_text, *values):
         base = custom.strip() if preset_name == CUSTOM else preset_name
         if not base:
             raise FinetuneError("Give a base model: an HF id or a local folder.")
-        overrides = dict(
-            dataset=resolve_dataset(upload_file, path_text), num_epochs=float(n_epochs),
-            max_steps=int(steps), learning_rate=float(rate), lora_r=int(r),
-            max_seq_length=int(seq_len), lora_alpha=int(alpha), lora_dropout=float(dropout),
-            micro_batch_size=int(mbs), gradient_accumulation=int(acc), val_split=float(split),
-            seed=int(seed_v), packing=bool(pack),
-            load_in_4bit={"auto": None, "on": True, "off": False}[four],
-            quant_types=list(quant_list or []), activate_when_done=bool(activate_done))
+        overrides = {name: TRISTATE.get(value, value) if name in ("packing", "load_in_4bit")
+                     else value for name, value in zip(training.fields, values)}
+        overrides["dataset"] = resolve_dataset(upload_file, path_text)
         config = (from_preset(base, **overrides) if base in PRESETS
-                  else FinetuneConfig(base_model=base, **overrides)).validate()
-        job = jobs.submit(config, jobs_dir, models_dir)
-        return f"Started job `{job.id}`.", gr.Dropdown(choices=_job_ids(), value=job.id)
+                  else FinetuneConfig.from_dict({"base_model": base, **overrides})).validate()
+        record = jobs.submit(config, jobs_dir, models_dir)
+        return f"Started job `{record.id}`.", gr.Dropdown(choices=_job_ids(), value=record.id)
 
     def _job_ids() -> list[str]:
         return [r.id for r in jobs.list_jobs(jobs_dir)]
@@ -266,19 +334,16 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
         if version not in versions or version == seen:
             version = active
         versions_pick = gr.Dropdown(choices=versions, value=version)
-        served = f"**Serving:** `{active or 'nothing'}`"
+        served_text = f"**Serving:** `{active or 'nothing'}`"
         if job_id is None:
             return (picker, "<i>No jobs yet.</i>", None, "", "", _eval_frame({}),
-                    _jobs_frame(records), versions_pick, served, active)
+                    _gate_frame({}), _jobs_frame(records), versions_pick, served_text, active)
         record = jobs.get(jobs_dir, job_id)
         evaluation = record.evaluation
-        loss_note = ""
-        if evaluation.get("val_loss_before") is not None:
-            loss_note = (f"Validation loss: **{evaluation['val_loss_before']:.4f} → "
-                         f"{evaluation.get('val_loss_after', float('nan')):.4f}**")
         return (picker, _progress_html(record.status), _loss_figure(record.metrics),
-                record.log_tail(LOG_LINES), loss_note, _eval_frame(evaluation),
-                _jobs_frame(records), versions_pick, served, active)
+                record.log_tail(LOG_LINES), _eval_markdown(evaluation, record.status),
+                _eval_frame(evaluation), _gate_frame(evaluation), _jobs_frame(records),
+                versions_pick, served_text, active)
 
     @guard
     def cancel(job_id):
@@ -300,24 +365,27 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
         return f"**Serving:** `{engine.active_name}` (rolled back)"
 
     private = dict(api_visibility="private")  # hidden from API docs; each still checks auth
-    login_btn.click(do_login, password, [token, login_msg, panel, password, timer],
-                    api_name="admin_login")
-    password.submit(do_login, password, [token, login_msg, panel, password, timer], **private)
-    logout_btn.click(do_logout, token, [token, login_msg, panel, timer], api_name="admin_logout")
-    preset.change(lambda p: gr.Textbox(visible=p == CUSTOM), preset, base_custom, **private)
-    preview_btn.click(preview, [token, upload, data_path], [data_info, data_rows],
-                      api_name="admin_preview")
-    start_btn.click(start, [token, preset, base_custom, upload, data_path, epochs, max_steps, lr,
-                            lora_r, max_len, lora_alpha, lora_dropout, micro_bs, grad_acc,
-                            val_split, seed, packing, four_bit, quants, activate],
-                    [start_msg, job_pick], api_name="admin_start")
-    refresh_outputs = [job_pick, progress, loss_plot, log_tail, eval_md, eval_table, jobs_table,
-                       version_pick, served_md, served_seen]
-    refresh_inputs = [token, job_pick, version_pick, served_seen]
+    login_outputs = [token, login.login_msg, panel, login.password, timer]
+    login.login_btn.click(do_login, login.password, login_outputs, api_name="admin_login")
+    login.password.submit(do_login, login.password, login_outputs, **private)
+    login.logout_btn.click(do_logout, token, [token, login.login_msg, panel, timer],
+                           api_name="admin_logout")
+    data.preset.change(lambda p: gr.Textbox(visible=p == CUSTOM), data.preset,
+                       data.base_custom, **private)
+    data.preview_btn.click(preview, [token, data.upload, data.data_path],
+                           [data.data_info, data.data_rows], api_name="admin_preview")
+    training.start_btn.click(
+        start, [token, data.preset, data.base_custom, data.upload, data.data_path,
+                *training.inputs], [training.start_msg, job.job_pick], api_name="admin_start")
+    refresh_outputs = [job.job_pick, job.progress, job.loss_plot, job.log_tail, job.eval_md,
+                       job.eval_table, job.gate_table, job.jobs_table, served.version_pick,
+                       served.served_md, served_seen]
+    refresh_inputs = [token, job.job_pick, served.version_pick, served_seen]
     timer.tick(refresh, refresh_inputs, refresh_outputs, api_name="admin_refresh",
                show_progress="hidden")
-    job_pick.change(refresh, refresh_inputs, refresh_outputs, **private)
-    cancel_btn.click(cancel, [token, job_pick], start_msg, api_name="admin_cancel")
-    activate_btn.click(activate_version, [token, version_pick], served_md,
-                       api_name="admin_activate")
-    rollback_btn.click(rollback, token, served_md, api_name="admin_rollback")
+    job.job_pick.change(refresh, refresh_inputs, refresh_outputs, **private)
+    job.cancel_btn.click(cancel, [token, job.job_pick], training.start_msg,
+                         api_name="admin_cancel")
+    served.activate_btn.click(activate_version, [token, served.version_pick], served.served_md,
+                              api_name="admin_activate")
+    served.rollback_btn.click(rollback, token, served.served_md, api_name="admin_rollback")

@@ -25,6 +25,7 @@ COMPUTE_DTYPES = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "adamw_torch_fused")
 ATTENTION = ("auto", "sdpa", "flex_attention", "eager", "flash_attention_2")
 PADDING = ("longest", "max_length")
+SERVE_MODES = ("auto", "merged", "adapter")
 _ALIASES = {"lr": "learning_rate", "epochs": "num_epochs", "r": "lora_r", "alpha": "lora_alpha",
             "batch_size": "micro_batch_size", "data": "dataset", "model": "base_model"}
 
@@ -62,10 +63,15 @@ class FinetuneConfig:
                                 default=0.03)
     lr_scheduler: str = _help("Learning-rate schedule.", LR_SCHEDULERS, default="cosine")
     seed: int = _help("Seed for the split, shuffling and adapter init.", default=42)
-    val_split: float = _help("Fraction of rows held out for validation loss (0 to 0.5).",
-                             default=0.1)
-    packing: bool = _help("Pack rows into full sequences without padding (rows never attend "
-                          "to each other).", default=True)
+    val_split: float = _help("Fraction of rows held out for validation loss (0 to 0.5). -1 "
+                             "(auto): 10% from 300 rows on; below that none, and the validation "
+                             "loss is measured on the training rows' answers.", default=-1.0)
+    packing: bool | None = _help("Pack rows into full sequences without padding (rows never "
+                                 "attend to each other). Default: on from 300 rows, off below "
+                                 "(more optimizer steps for a small dataset).", default=None)
+    min_optimizer_steps: int = _help("Raise num_epochs until the run has at least this many "
+                                     "optimizer steps, so a small dataset is learned (ignored "
+                                     "with max_steps; 0 turns it off).", default=100)
     gradient_checkpointing: bool = _help("Recompute activations in the backward pass: much less "
                                          "memory, ~30% more compute.", default=True)
     checkpoint_every_n_layers: int = _help("With gradient checkpointing, checkpoint only every "
@@ -83,10 +89,27 @@ class FinetuneConfig:
     use_liger: bool | None = _help("Liger fused RMSNorm/SwiGLU/RoPE kernels (~17% faster on an "
                                    "H100). Default: on with CUDA when the liger-kernel package "
                                    "is installed.", default=None)
+    gpu_memory_limit_gb: float = _help("Use at most this much GPU memory (0: all of it): "
+                                       "caps PyTorch's allocator and sizes the micro-batch to "
+                                       "it, e.g. to leave room for the chat on a shared card.",
+                                       default=0.0)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     quant_types: list[str] = _help("GGUF quantizations to produce.",
                                    default_factory=lambda: ["Q4_K_M", "Q5_K_M"])
+    export_adapter: bool = _help("Also export the LoRA adapter as a llama.cpp GGUF, served at "
+                                 "16-bit on the base's GGUF (quantization cannot erase it).",
+                                 default=True)
+    adapter_base_quant: str = _help("Quantization of the base GGUF that adapters run on (made "
+                                    "once per base; a base that is a GGUF is used as it is).",
+                                    QUANT_TYPES, default="Q4_K_M")
+    gate_probes: int = _help("Training questions the fidelity gate asks every produced file "
+                             "and the f16 model; 0 skips the gate (the Q4_K_M file is served "
+                             "unchecked).", default=16)
+    serve_mode: str = _help("What the chat serves after the job: auto = the file that keeps "
+                            "the most of what training taught (by the gate; merged on a tie), "
+                            "merged = the best quantized merged GGUF, adapter = the LoRA "
+                            "adapter on its base.", SERVE_MODES, default="auto")
     eval_prompts: list[str] = _help("Prompts answered by the base and tuned models "
                                     "(default: the first 3 validation questions).",
                                     default_factory=list)
@@ -171,13 +194,21 @@ class FinetuneConfig:
               f"tokens (got {self.max_seq_length}).")
         check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) "
               f"(got {self.warmup_ratio}).")
-        check(0 <= self.val_split <= 0.5, f"val_split must be between 0 and 0.5 "
-              f"(got {self.val_split}).")
+        check(self.val_split == -1 or 0 <= self.val_split <= 0.5, "val_split must be -1 "
+              f"(auto) or between 0 and 0.5 (got {self.val_split}).")
+        check(0 <= self.min_optimizer_steps <= 100_000, "min_optimizer_steps must be between 0 "
+              f"and 100000 (got {self.min_optimizer_steps}).")
         check(self.seed >= 0, f"seed must be >= 0 (got {self.seed}).")
         check(self.checkpoint_every_n_layers >= 1, "checkpoint_every_n_layers must be >= 1 "
               f"(got {self.checkpoint_every_n_layers}).")
+        check(self.gpu_memory_limit_gb >= 0, "gpu_memory_limit_gb must be >= 0 (0: no limit; "
+              f"got {self.gpu_memory_limit_gb}).")
         check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm}).")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay}).")
+        check(0 <= self.gate_probes <= 1000, "gate_probes must be between 0 (no gate) and "
+              f"1000 (got {self.gate_probes}).")
+        check(self.serve_mode != "adapter" or self.export_adapter, "serve_mode adapter needs "
+              "export_adapter on.")
         check(0 <= self.eval_max_new_tokens <= 4096, "eval_max_new_tokens must be between 0 "
               f"(no eval answers) and 4096 (got {self.eval_max_new_tokens}).")
         for spec in config_fields():

@@ -290,6 +290,20 @@ def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) ->
                                          add_generation_prompt=generation_prompt)
 
 
+def render_text(tokenizer, conversations: list, max_chars: int = 60_000) -> str:
+    """Conversations in the chat template, one after another, as the model sees them."""
+    parts, size = [], 0
+    for messages in conversations:
+        try:
+            parts.append(_render(tokenizer, messages))
+        except Exception:  # a template that rejects a row was already counted as bad
+            continue
+        size += len(parts[-1])
+        if size >= max_chars:
+            break
+    return "".join(parts)[:max_chars]
+
+
 def _common_prefix(a: str, b: str) -> int:
     if b.startswith(a):  # the usual case, at C speed
         return len(a)

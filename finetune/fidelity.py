@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from finetune import FinetuneError
+
 
 def greedy_agreement(merged_dir: Path, f16_gguf: Path, prompts: list[str],
                      max_new_tokens: int = 24) -> dict:
@@ -62,21 +64,24 @@ def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
     return tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
 
 
-def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path], text: str, n_ctx: int = 512,
-                   max_chunks: int = 8) -> dict:
+def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path | tuple[Path, Path]], text: str,
+                   n_ctx: int = 512, max_chunks: int = 8) -> dict:
     """Perplexity of f16 and each quantized GGUF on `text`, plus the quantized models' mean KL
     divergence from f16 and how often their top-1 token matches f16's (llama.cpp's KLD metrics).
     The text is cut into n_ctx windows; the second half of each window is scored, as
-    llama.cpp's perplexity tool does, so every scored token has at least n_ctx/2 of context."""
+    llama.cpp's perplexity tool does, so every scored token has at least n_ctx/2 of context.
+    A value of `quantized` may be (base GGUF, LoRA adapter GGUF): the adapter on its base."""
     import numpy as np
     from llama_cpp import Llama
 
     models = {}
     try:
         for quant, path in {"F16": f16_gguf, **quantized}.items():
-            models[quant] = Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, logits_all=True,
-                                  verbose=False)
-        tokens = models["F16"].tokenize(text.encode(), add_bos=False)
+            base, lora = path if isinstance(path, tuple) else (path, None)  # adapter on a base
+            models[quant] = Llama(str(base), lora_path=str(lora) if lora else None, n_ctx=n_ctx,
+                                  n_batch=n_ctx, logits_all=True, verbose=False)
+        # special=True: chat-template text keeps its control tokens (<|im_start|>, <|end|>)
+        tokens = models["F16"].tokenize(text.encode(), add_bos=False, special=True)
         prefix = models["F16"].tokenize(b"", add_bos=True)  # [bos] only if the model wants one
         width = n_ctx - len(prefix)
         chunks = [prefix + tokens[i:i + width] for i in range(0, len(tokens), width)]
@@ -132,8 +137,6 @@ def logits_agreement(merged_dir: Path, f16_gguf: Path, text: str, n_tokens: int 
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune import FinetuneError
-
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     ids = tokenizer(text, add_special_tokens=True)["input_ids"][:n_tokens]
     if len(ids) < n_tokens or n_tokens > n_ctx:
@@ -165,3 +168,61 @@ def logits_agreement(merged_dir: Path, f16_gguf: Path, text: str, n_tokens: int 
             "mean_abs_diff": round(float(diff.mean()), 6),
             "widest_disagreement": round(float(gaps.max()) if len(gaps) else 0.0, 6),
             "logit_std": round(float(hf.std()), 4)}
+
+
+def answer_recall(gguf: Path, probes: list[tuple[list[dict], str]], lora: Path | None = None,
+                  n_ctx: int = 1024) -> list[dict]:
+    """For each (conversation, taught answer): the chat prompt in the GGUF's own template, then
+    the taught answer and its end-of-turn token, teacher-forced in one pass. "exact" when every
+    answer token (the end of turn included) is the model's top-1 after the tokens before it:
+    exactly when greedy decoding reproduces the answer and stops; "top1" counts the answer
+    tokens that are (how much of the answer is kept). `lora`: an adapter on `gguf`."""
+    import llama_cpp
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(str(gguf), lora_path=str(lora) if lora else None, n_ctx=n_ctx, n_batch=n_ctx,
+                logits_all=True, verbose=False)
+    try:
+        render = _chat_renderer(llm)
+        rows = []
+        for messages, answer in probes:
+            prompt = render(messages, True)
+            full = render([*messages, {"role": "assistant", "content": answer}], False)
+            prompt_ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+            full_ids = llm.tokenize(full.encode(), add_bos=False, special=True)
+            if full_ids[:len(prompt_ids)] != prompt_ids:  # a token across the boundary
+                full_ids = prompt_ids + llm.tokenize(full.removeprefix(prompt).encode(),
+                                                     add_bos=False, special=True)
+            targets = full_ids[len(prompt_ids):]
+            end = next((i for i, t in enumerate(targets)
+                        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, t)), len(targets) - 1)
+            ids = (prompt_ids + targets[:end + 1])[:n_ctx]
+            llm.reset()
+            llm.eval(ids)
+            predicted = np.asarray(llm.scores[len(prompt_ids) - 1:len(ids) - 1]).argmax(1)
+            top1 = predicted == np.asarray(ids[len(prompt_ids):])
+            rows.append({"tokens": int(top1.size), "top1": int(top1.sum()),
+                         "exact": bool(top1.size and top1.all())})
+    finally:
+        llm.close()
+    return rows
+
+
+def _chat_renderer(llm):
+    """(messages, add_generation_prompt) -> text, with the GGUF's chat template as the chat
+    engine uses it (ChatML when the file has none)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from finetune.data import CHATML_TEMPLATE
+
+    template = llm.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
+
+    def token(i: int) -> str:
+        return llm._model.token_get_text(i) if i >= 0 else ""
+
+    formatters = {flag: Jinja2ChatFormatter(template, eos_token=token(llm.token_eos()),
+                                            bos_token=token(llm.token_bos()),
+                                            add_generation_prompt=flag) for flag in (True, False)}
+    return lambda messages, generation: formatters[generation](messages=messages).prompt
+

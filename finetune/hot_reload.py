@@ -34,8 +34,12 @@ def activate_finished_jobs(engine: ChatEngine, jobs_dir: Path) -> list[str]:
         if (status.get("state") != "done" or "activation" in status
                 or not record.config.get("activate_when_done", True)):
             continue
-        name = pick_model(status.get("models") or [])
+        # The fidelity gate's choice; "" when no file kept enough of what training taught.
+        name = status["serve"] if "serve" in status else pick_model(status.get("models") or [])
         try:
+            if not name and "serve" in status:
+                reason = status.get("serve_reason") or "no file passed the fidelity gate"
+                raise InferenceError(f"not activated: {reason}")
             if not name:
                 raise InferenceError("the job registered no model file")
             engine.swap(name)

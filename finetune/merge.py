@@ -341,3 +341,12 @@ def save_tokenizer(base_model_path: str, adapter_dir: Path, out_dir: Path) -> No
         target = Path(out_dir) / "tokenizer.model"
         if (folder / "tokenizer.model").is_file() and not target.is_file():
             shutil.copyfile(folder / "tokenizer.model", target)
+    # transformers 5 leaves add_bos_token / add_eos_token out of tokenizer_config.json; the
+    # converter reads them there (without, llama.cpp adds a BOS to Phi-3 prompts)
+    for folder in base:
+        if (folder / "tokenizer_config.json").is_file():
+            flags = {k: v for k, v in json.loads((folder / "tokenizer_config.json").read_text())
+                     .items() if k in ("add_bos_token", "add_eos_token")}
+            out_config = Path(out_dir) / "tokenizer_config.json"
+            out_config.write_text(json.dumps({**flags, **json.loads(out_config.read_text())},
+                                             indent=2))

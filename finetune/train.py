@@ -14,7 +14,6 @@ NF4 kernels with load_in_4bit=True; an 8-bit paged optimizer needs CUDA, so Adam
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import sys
 import time
@@ -22,16 +21,9 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import FinetuneError, data, loss, resources
+from finetune import FinetuneError, data, loss, plan, resources
 from finetune.base_models import default_cache_dir, resolve_base
 from finetune.config import FinetuneConfig
-
-# Tokens per forward pass: past ~12k an H100 gains little (Phi-3.5 +2% at 16k, Mistral-7B -2%)
-# and memory keeps growing (bench/train_throughput.py).
-MAX_TOKENS_PER_MICRO_BATCH = 12288
-CPU_TOKENS_PER_MICRO_BATCH = 2048
-# Aim for at least this many optimizer steps per epoch when a dataset is small.
-MIN_STEPS_PER_EPOCH = 8
 
 
 class Cancelled(Exception):
@@ -46,6 +38,8 @@ class TrainResult:
     dataset_report: dict
     eval_prompts: list[str] = field(default_factory=list)
     base_answers: list[str] = field(default_factory=list)
+    train_rows: list[list[dict]] = field(default_factory=list)  # the conversations trained on
+    validation_text: str = ""  # validation rows in the chat template (the fidelity gate's text)
 
 
 class ConsoleReporter:
@@ -83,9 +77,14 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
     config.validate()
     conversations, report = data.load_conversations(config.dataset)
     reporter.log(report.summary())
-    train_rows, val_rows = data.split(conversations, config.val_split, config.seed)
+    data_plan = plan.plan_data(config, len(conversations))
+    for note in data_plan.notes:
+        reporter.log(note)
+    train_rows, val_rows = data.split(conversations, data_plan.val_split, config.seed)
 
     cuda = torch.cuda.is_available()
+    if cuda and config.gpu_memory_limit_gb:
+        _limit_gpu_memory(config.gpu_memory_limit_gb)
     load_in_4bit = cuda if config.load_in_4bit is None else config.load_in_4bit
     dtype = _compute_dtype(config.compute_dtype, cuda)
     optimizer = config.optimizer if config.optimizer != "auto" else \
@@ -104,9 +103,11 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
     reporter.log(f"{report.summary()}; {report.train_tokens} training tokens"
                  + (f", {report.n_truncated} rows cut to {config.max_seq_length} tokens"
                     if report.n_truncated else ""))
+    if data_plan.validate_on_train:  # the answers it is taught are what it is checked on
+        val_set = train_set[:plan.MAX_VALIDATION_ROWS_FROM_TRAIN]  # (already shuffled)
     eval_prompts = config.eval_prompts or [_last_user(m) for m in (val_rows or train_rows)[:3]]
 
-    attention = resolve_attention(config, cuda)
+    attention = resolve_attention(config, cuda, data_plan.packing)
     reporter.stage("loading", f"loading {base_path} ({'4-bit NF4' if load_in_4bit else dtype})")
     transformers.set_seed(config.seed)
     quantization = None
@@ -114,6 +115,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
         quantization = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype)
+    load_started = time.monotonic()
     stage_peaks = resources.StagePeaks()  # peak RAM / GPU memory of the load and of training
     try:
         with stage_peaks.measure("load"):  # the base read (and quantized to 4-bit on CUDA)
@@ -126,6 +128,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
     except (OSError, ValueError, ImportError) as exc:
         raise FinetuneError(f"Could not load base model {config.base_model}: {exc}") from exc
     model.config.use_cache = False  # the KV cache is useless in training, and costs memory
+    load_seconds = time.monotonic() - load_started
 
     base_answers = []
     if eval_prompts and config.eval_max_new_tokens:
@@ -147,7 +150,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
     trainable, total = model.get_nb_trainable_parameters()
     reporter.log(f"LoRA: {trainable:,} trainable of {total:,} parameters")
 
-    if config.packing:
+    if data_plan.packing:
         train_items = data.pack(train_set, config.max_seq_length)
         val_items = data.pack(val_set, config.max_seq_length)
         # flex_attention compiles its kernels for each shape: give it a single one.
@@ -158,29 +161,28 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
         train_items, val_items = train_set, val_set
         collator = data.PaddedCollator(tokenizer.pad_token_id, config.max_seq_length
                                        if config.padding == "max_length" else 0)
-    micro_batch = config.micro_batch_size or auto_micro_batch_size(
-        model.config, config, len(train_items), _free_gpu_bytes() if cuda else None,
+    micro_batch = config.micro_batch_size or plan.auto_micro_batch_size(
+        model.config, config, len(train_items),
+        _free_gpu_bytes(config.gpu_memory_limit_gb) if cuda else None,
         dtype_bytes=4 if dtype == torch.float16 else 2)  # fp16 keeps an fp32 residual stream
+    steps = plan.plan_steps(config, len(train_items), micro_batch)
+    for note in steps.notes:
+        reporter.log(note)
     use_liger = _liger_wanted(config.use_liger, cuda, reporter)
-    reporter.log(f"{len(train_items)} training sequences, micro-batch {micro_batch} x "
-                 f"{config.gradient_accumulation} accumulation, {dtype}, {optimizer}, "
+    layout = "packed" if data_plan.packing else "one row each"
+    reporter.log(f"{len(train_items)} training sequences ({layout}), micro-batch {micro_batch} x {config.gradient_accumulation} accumulation, "
+                 f"{steps.total_steps} optimizer steps, {dtype}, {optimizer}, "
                  f"{attention}" + (", liger kernels" if use_liger else ""))
 
-    args = _training_arguments(config, workdir, micro_batch, optimizer, dtype, cuda, use_liger)
+    args = _training_arguments(config, workdir, steps, optimizer, dtype, cuda, use_liger)
     trainer = loss.trainer_class(dtype)(
         model=model, args=args, train_dataset=train_items, data_collator=collator,
         processing_class=tokenizer, callbacks=[_progress_callback(reporter, report.train_tokens)])
     trainer.remove_callback(transformers.PrinterCallback)  # progress goes to the reporter
-    steps = max(1, math.ceil(len(train_items) / micro_batch) // config.gradient_accumulation
-                ) * config.num_epochs
-    if config.max_steps <= 0 and steps < MIN_STEPS_PER_EPOCH:
-        reporter.log(f"only ~{math.ceil(steps)} optimizer steps: for a small dataset raise "
-                     "num_epochs or lower gradient_accumulation")
-
     validation = (val_items, collator, micro_batch, dtype)
     val_loss_before = _validation_loss(model, *validation, reporter, "before")
-    reporter.stage("training", f"{config.num_epochs:g} epochs" if config.max_steps <= 0
-                   else f"{config.max_steps} steps")
+    reporter.stage("training", f"{steps.num_epochs:g} epochs" if steps.max_steps <= 0
+                   else f"{steps.max_steps} steps")
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.monotonic()
@@ -196,7 +198,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
     metrics = {
         "val_loss_before": val_loss_before, "val_loss_after": val_loss_after,
         "train_loss": output.training_loss, "train_tokens": tokens,
-        "train_seconds": round(train_seconds, 2),
+        "train_seconds": round(train_seconds, 2), "load_seconds": round(load_seconds, 2),
+        "train_end_time": round(time.time(), 3),  # wall clock: the start of "until it answers"
         "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds else 0.0,
         "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
         "peak_gpu_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 3)
@@ -210,7 +213,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
     reporter.log(f"validation loss {val_loss_before} -> {val_loss_after}, "
                  f"{metrics['tokens_per_s']} tokens/s")
     return TrainResult(adapter_dir, base_path, metrics, report.to_dict(), eval_prompts,
-                       base_answers)
+                       base_answers, train_rows,
+                       data.render_text(tokenizer, val_rows or train_rows))
 
 
 # -- pieces of the recipe ---------------------------------------------------------------------
@@ -226,7 +230,7 @@ def _compute_dtype(name: str, cuda: bool):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def resolve_attention(config: FinetuneConfig, cuda: bool) -> str:
+def resolve_attention(config: FinetuneConfig, cuda: bool, packing: bool) -> str:
     """auto: flex_attention for packed rows on Ampere+ (its block mask skips the tiles where
     rows of a bin would see each other; sdpa gets a dense [bin, bin] mask and a slower kernel),
     sdpa elsewhere (older GPUs, CPU, padded batches)."""
@@ -234,7 +238,7 @@ def resolve_attention(config: FinetuneConfig, cuda: bool) -> str:
         return config.attn_implementation
     import torch
 
-    flex = (cuda and config.packing and torch.cuda.get_device_capability() >= (8, 0)
+    flex = (cuda and packing and torch.cuda.get_device_capability() >= (8, 0)
             and importlib.util.find_spec("triton") is not None)
     return "flex_attention" if flex else "sdpa"
 
@@ -254,18 +258,18 @@ def _freeze_base(model, dtype) -> None:
         param.requires_grad = False
 
 
-def _training_arguments(config: FinetuneConfig, workdir: Path, micro_batch: int, optimizer: str,
-                        dtype, cuda: bool, use_liger: bool):
+def _training_arguments(config: FinetuneConfig, workdir: Path, steps: plan.StepPlan,
+                        optimizer: str, dtype, cuda: bool, use_liger: bool):
     import torch
     from transformers import TrainingArguments
 
     return TrainingArguments(
         output_dir=str(workdir / "trainer"), save_strategy="no", eval_strategy="no",
         report_to="none", logging_steps=1, disable_tqdm=True, seed=config.seed,
-        data_seed=config.seed, per_device_train_batch_size=micro_batch,
+        data_seed=config.seed, per_device_train_batch_size=steps.micro_batch,
         gradient_accumulation_steps=config.gradient_accumulation,
-        learning_rate=config.learning_rate, num_train_epochs=config.num_epochs,
-        max_steps=config.max_steps, warmup_steps=config.warmup_ratio,
+        learning_rate=config.learning_rate, num_train_epochs=steps.num_epochs,
+        max_steps=steps.max_steps, warmup_steps=config.warmup_ratio,
         lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm, optim=optimizer,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not cuda,
@@ -280,44 +284,22 @@ def _last_user(messages: list[dict]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
-def _free_gpu_bytes() -> int:
+def _free_gpu_bytes(limit_gb: float = 0.0) -> int:
+    """Free GPU memory, within gpu_memory_limit_gb when one is set."""
     import torch
 
     free, _ = torch.cuda.mem_get_info()
-    return free
+    if limit_gb:
+        free = min(free, int(limit_gb * 1e9) - torch.cuda.memory_reserved())
+    return max(0, free)
 
 
-def activation_bytes_per_token(model_config, checkpointing: bool, dtype_bytes: int = 2) -> int:
-    """A rough upper bound of training activation memory per token."""
-    hidden = model_config.hidden_size
-    inter = getattr(model_config, "intermediate_size", 4 * hidden)
-    layers = model_config.num_hidden_layers
-    one_layer = (10 * hidden + 5 * inter) * dtype_bytes
-    if checkpointing:  # one saved input per layer, plus one layer recomputed at a time
-        return layers * hidden * dtype_bytes + 2 * one_layer
-    return layers * one_layer
+def _limit_gpu_memory(limit_gb: float) -> None:
+    """Cap PyTorch's allocator (a card shared with the chat, or a smaller card emulated)."""
+    import torch
 
-
-def loss_bytes(model_config, dtype_bytes: int = 2) -> int:
-    """One loss chunk's logits: compute dtype, fp32 upcast and its gradient."""
-    return (loss.LOSS_CHUNK_TOKENS or MAX_TOKENS_PER_MICRO_BATCH) * model_config.vocab_size * (
-        dtype_bytes + 8)
-
-
-def auto_micro_batch_size(model_config, config: FinetuneConfig, n_sequences: int,
-                          free_bytes: int | None, dtype_bytes: int = 2) -> int:
-    """Sequences per micro-batch: what fits in 60% of free GPU memory (a fixed token budget
-    on CPU), capped so small datasets still get MIN_STEPS_PER_EPOCH optimizer steps."""
-    if free_bytes is None:
-        tokens = CPU_TOKENS_PER_MICRO_BATCH
-    else:
-        per_token = activation_bytes_per_token(model_config, config.gradient_checkpointing,
-                                               dtype_bytes)
-        budget = free_bytes * 0.6 - loss_bytes(model_config, dtype_bytes)
-        tokens = min(MAX_TOKENS_PER_MICRO_BATCH, max(0, int(budget / per_token)))
-    by_memory = max(1, tokens // config.max_seq_length)
-    by_data = max(1, n_sequences // (config.gradient_accumulation * MIN_STEPS_PER_EPOCH))
-    return min(by_memory, by_data)
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, limit_gb * 1e9 / total))
 
 
 def _liger_wanted(wanted: bool | None, cuda: bool, reporter) -> bool:

@@ -49,8 +49,10 @@ def run_job(job_dir: Path) -> str:
         result = train.train(config, workdir / "train", reporter)
         exported = _export_and_evaluate(result, config, models_dir, workdir, reporter, status)
         total_s = round(time.time() - started, 1)
+        serve = exported.card.get("serve") or {}
         jobs.finish(job_dir, "done", f"published {len(exported.models)} model files",
                     models=[p.name for p in exported.models.values()],
+                    serve=serve.get("file", ""), serve_reason=serve.get("reason", ""),
                     card=exported.card_path.name, metrics=result.metrics,
                     timings_s={**exported.card.get("timings_s", {}), "total": total_s},
                     peaks=exported.card.get("peaks", {}))  # stage -> peak RAM / GPU GB
@@ -68,29 +70,49 @@ def run_job(job_dir: Path) -> str:
 
 
 def _export_and_evaluate(result, config, models_dir: Path, workdir: Path, reporter, status: dict):
-    """Export, answering the eval prompts with the quantized model before it is published
-    (train.py already answered them with the base model, before training)."""
-    from finetune import evaluate, export
+    """Export; before publishing, run the fidelity gate over every produced file and answer
+    the eval prompts with the file the chat will serve (train.py already answered them with
+    the base model, before training)."""
+    from finetune import evaluate, export, gate
 
-    def evaluate_before_publish(staged: dict[str, Path]) -> dict:
-        quant = next((q for q in EVAL_QUANT_PREFERENCE if q in staged), next(iter(staged)))
+    def evaluate_before_publish(staged: dict[str, Path], f16_path: Path, adapter: dict) -> dict:
+        if config.gate_probes:
+            reporter.stage("evaluating", f"fidelity gate: {config.gate_probes} training "
+                           f"questions through f16 and {len(staged)} produced files")
+        checked = gate.run(result, config, staged, f16_path, adapter, models_dir,
+                           workdir / "gate", reporter.log)
+        served = checked["serve"].get("label")
+        shown = served or next((q for q in EVAL_QUANT_PREFERENCE if q in staged),
+                               next(iter(staged)))
         # eval_max_new_tokens 0 means "no eval answers": the losses are still recorded
         prompts = list(result.eval_prompts) if config.eval_max_new_tokens else []
         tuned = []
         if prompts:
-            reporter.stage("evaluating", f"{len(prompts)} prompts through {staged[quant].name}")
-            tuned = evaluate.answer_prompts_gguf(staged[quant], prompts,
-                                                 config.eval_max_new_tokens)
+            reporter.stage("evaluating", f"{len(prompts)} prompts through {staged[shown].name}")
+            questions = [[{"role": "user", "content": p}] for p in prompts]
+            tuned = evaluate.answer_conversations_gguf(
+                workdir / "gate", [staged[shown].name], questions,
+                [config.eval_max_new_tokens] * len(prompts))[0]
         evaluation = {"val_loss_before": result.metrics.get("val_loss_before"),
                       "val_loss_after": result.metrics.get("val_loss_after"),
-                      "tuned_model": staged[quant].name,
+                      "tuned_model": staged[shown].name, "gate": _gate_summary(checked),
+                      "serve": checked["serve"],
                       "samples": [{"prompt": p, "base": b, "tuned": t} for p, b, t in
                                   zip(prompts, result.base_answers or [""] * len(prompts), tuned)]}
         jobs.write_evaluation(reporter.job_dir, evaluation)
-        return {"evaluation": evaluation}
+        return {"evaluation": evaluation, "fidelity_gate": checked["gate"],
+                "serve": checked["serve"]}
 
     return export.export(result, config, models_dir, workdir / "export", reporter,
                          version=status["version"], before_publish=evaluate_before_publish)
+
+
+def _gate_summary(checked: dict) -> dict:
+    """Per file: recall, kept share of f16's, next-token agreement, passed (the admin's table)."""
+    keys = ("model", "hits", "of", "recall", "kept", "passed", "top1_agreement_vs_f16",
+            "mean_kld_vs_f16")
+    return {label: {k: row.get(k) for k in keys}
+            for label, row in (checked["gate"].get("results") or {}).items()}
 
 
 def _outcome(exc: BaseException, reporter) -> tuple[str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from gradio_client.exceptions import AppError
@@ -138,8 +137,8 @@ def test_job_from_admin_handlers_runs_and_chat_serves_the_new_model(admin_server
     info, rows = admin.predict(None, str(FAQ), api_name="/admin_preview")
     assert "question" in info.lower() or "qa" in info.lower() or "rows" in info
     message, _ = admin.predict(
-        "smollm2-135m", "", None, str(FAQ), 1, 6, 1e-3, 8, 256, 16, 0.0, 0, 1, 0.1, 42, True,
-        "off", ["Q4_K_M", "Q5_K_M"], True, api_name="/admin_start")
+        "smollm2-135m", "", None, str(FAQ), 1, 6, 1e-3, 8, 256, 16, 0.0, 0, 1, 0.1, 42, "on",
+        "off", ["Q4_K_M", "Q5_K_M"], True, 100, 0, api_name="/admin_start")  # 0: no gate
     assert "Started job" in message
     out = wait_for_job(admin, timeout_s=900)
     assert "<b>done" in out[1], out[1] + "\n" + str(out[3])[-2000:]

@@ -73,7 +73,7 @@ def test_validation_lists_every_problem_with_a_fix(tmp_path, dataset):
                      "missing.jsonl not found", "output_name 'bad name!'",
                      "lora_r must be between 1 and 1024 (got 0)",
                      "learning_rate must be in (0, 0.1] (got 3.0)",
-                     "max_steps must be -1", "val_split must be between 0 and 0.5",
+                     "max_steps must be -1", "val_split must be -1 (auto) or between 0 and 0.5",
                      "compute_dtype 'f16' is not one of auto, bf16, fp16, fp32",
                      "quant_types ['IQ2_XS']: choose from"]:
         assert expected in message

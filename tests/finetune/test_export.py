@@ -85,13 +85,16 @@ def test_tiny_export_publishes_loadable_ggufs_and_card(tiny_llama_dir, tmp_path)
     adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter")
     result, models_dir, workdir, reporter = run_export(tiny_llama_dir, adapter, tmp_path)
 
-    assert reporter.stages == ["merging", "converting", "quantizing", "quantizing"]
-    assert sorted(result.models) == ["Q4_K_M", "Q5_K_M"]
+    # the last "converting": the LoRA adapter to GGUF (and the base to the GGUF it runs on)
+    assert reporter.stages == ["merging", "converting", "quantizing", "quantizing", "converting"]
+    assert sorted(result.models) == ["LoRA", "Q4_K_M", "Q5_K_M"]
+    card = json.loads(result.card_path.read_text())
+    base = card["adapter"]["base"]
     names = sorted(p.name for p in models_dir.iterdir())
     assert names == sorted([f"{result.version}.card.json", f"{result.version}.Q4_K_M.gguf",
-                            f"{result.version}.Q5_K_M.gguf"])  # no staging folder left
+                            f"{result.version}.Q5_K_M.gguf", f"{result.version}.lora.gguf",
+                            base, registry.version_of(base) + ".card.json"])  # no staging left
     assert not (workdir / "merged").exists() and not list(workdir.glob("*.gguf"))
-    card = json.loads(result.card_path.read_text())
     assert card["dataset_sha256"] and card["quant_types"] == ["Q4_K_M", "Q5_K_M"]
     assert card["config"]["base_model"] == str(tiny_llama_dir) and card["metrics"]["val_loss_after"] == 2.0
     assert set(card["timings_s"]) >= {"train", "merge", "convert", "quantize_Q4_K_M"}
@@ -199,8 +202,14 @@ def test_smollm2_export_and_fidelity(smollm2_hf_dir, tmp_path):
     result, models_dir, _, _ = run_export(smollm2_hf_dir, adapter, tmp_path, keep_intermediates=True)
     check = fidelity.greedy_agreement(result.merged_dir, result.f16_path, PROMPTS, max_new_tokens=12)
     assert check["tokenizer_agrees"] == len(PROMPTS) and check["identical"] == len(PROMPTS), check["rows"]
-    quality = fidelity.quant_fidelity(result.f16_path, result.models, held_out_text(), n_ctx=256,
+    card = json.loads(result.card_path.read_text())
+    compared = {q: p for q, p in result.models.items() if q != export.ADAPTER}
+    compared["LoRA"] = (models_dir / card["adapter"]["base"], result.models[export.ADAPTER])
+    quality = fidelity.quant_fidelity(result.f16_path, compared, held_out_text(), n_ctx=256,
                                       max_chunks=3)
+    # The adapter at 16-bit on the very Q4_1 file the base was made from: f16's twin.
+    assert quality["LoRA"]["ppl_ratio_vs_f16"] < 1.02 and \
+        quality["LoRA"]["top1_agreement_vs_f16"] > 0.97, quality["LoRA"]
     # This base is a dequantized Q4_1 model: Q4_K_M's q4_1 fallback (576-wide rows) lands back
     # on its grid, Q5_K_M's q5_1 does not, so Q5_K_M need not beat Q4_K_M here. A broken
     # quantization is off by far more (perplexity x2 and up).

@@ -90,7 +90,7 @@ def test_queue_runs_jobs_one_at_a_time_then_cancel_stops_cleanly(tiny_llama_dir,
 
     done = jobs.wait(jobs_dir, first.id, timeout_s=240)
     assert done.state == "done", done.status
-    assert [p.name.rsplit(".", 2)[1] for p in done.model_paths] == ["Q4_K_M", "Q5_K_M"]
+    assert [p.name.rsplit(".", 2)[1] for p in done.model_paths] == ["Q4_K_M", "Q5_K_M", "lora"]
     assert all(p.is_file() for p in done.model_paths)
     generate(done.model_paths[0])
     steps = [m for m in done.metrics if "loss" in m]
@@ -98,7 +98,12 @@ def test_queue_runs_jobs_one_at_a_time_then_cancel_stops_cleanly(tiny_llama_dir,
     assert any("val_loss" in m for m in done.metrics)
     evaluation = done.evaluation
     assert evaluation["val_loss_before"] and len(evaluation["samples"]) == 3
-    assert set(done.status["timings_s"]) >= {"train", "merge", "convert", "quantize_Q4_K_M"}
+    assert set(done.status["timings_s"]) >= {"train", "merge", "convert", "quantize_Q4_K_M",
+                                             "adapter", "gate"}
+    # the fidelity gate measured every file against f16; 3 steps of a random llama teach
+    # nothing it can measure, so the old model keeps serving and the job says why
+    assert set(evaluation["gate"]) == {"F16", "Q4_K_M", "Q5_K_M", "LoRA"}
+    assert done.status["serve"] == "" and "nothing learned" in done.status["serve_reason"]
     log_text = done.log_tail(10_000)
     assert "== training" in log_text and "convert: " in log_text
     assert not (done.dir / "work").exists()  # intermediates cleaned
@@ -108,8 +113,10 @@ def test_queue_runs_jobs_one_at_a_time_then_cancel_stops_cleanly(tiny_llama_dir,
     assert running.status["started_ts"] >= done.status["finished_ts"]
     cancelled = jobs.cancel(jobs_dir, second.id, grace_s=60)
     assert cancelled.state == "cancelled", cancelled.status
+    base = json.loads((models_dir / done.status["card"]).read_text())["adapter"]["base"]
     assert sorted(p.name for p in models_dir.iterdir()) == sorted(
-        [p.name for p in done.model_paths] + [f"{done.status['version']}.card.json"])
+        [p.name for p in done.model_paths] + [f"{done.status['version']}.card.json", base,
+                                              base.rsplit(".", 2)[0] + ".card.json"])
     assert not (cancelled.dir / "work").exists()
     assert jobs.cancel(jobs_dir, second.id).state == "cancelled"  # idempotent
     assert [r.id for r in jobs.list_jobs(jobs_dir)] == [second.id, first.id]

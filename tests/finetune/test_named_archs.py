@@ -7,7 +7,6 @@ the merged model's logits (a converter mismatch in rope scaling, fused projectio
 padding fails here)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -23,7 +22,6 @@ from bench.quant_fidelity import held_out_text
 from bench.standins import (CONFIGS, PHI35_LONG_FACTOR, PHI35_SHORT_FACTOR, TOKENIZER_CONFIGS,
                             build)
 from finetune import fidelity, jobs
-from finetune.config import FinetuneConfig
 from inference.registry import SMOLLM2_FILENAME
 from inference.settings import ROOT
 from tests.conftest import CACHE_DIR, link_model
@@ -39,11 +37,9 @@ MAX_NEW_TOKENS = 48
 # attributes off the GGUF's general.name).
 OUTPUT_NAMES = {"phi-3.5-mini": "harbour-phi", "mistral-7b": "harbour-mistral"}
 QUANTS = ("Q4_K_M", "Q5_K_M")
-# Extras of the job that their own tests cover (the LoRA-adapter GGUF, the fidelity gate), off
-# here to keep this file cheap, where this checkout has them.
-_FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig)}
-EXTRAS_OFF = [*(["--no-export-adapter"] if "export_adapter" in _FIELDS else []),
-              *(["--gate-probes", "0"] if "gate_probes" in _FIELDS else [])]
+# The fidelity gate has tests of its own (it would cost a minute per job here); the LoRA
+# adapter GGUF stays on: its conversion (fused qkv, q/k permutation) is architecture work.
+EXTRAS_OFF = ["--gate-probes", "0"]
 EXPECTED = {
     "phi-3.5-mini": {
         "gguf_arch": "phi3", "stop": "<|end|>", "add_bos": False,
@@ -71,21 +67,6 @@ GGUF_HPARAMS = {  # what llama.cpp reads of each architecture (metadata values a
                    "llama.attention.head_count": "4", "llama.attention.head_count_kv": "2",
                    "llama.rope.dimension_count": "128"},
 }
-# llama.cpp gives Phi-3's special tokens their rstrip (eat the newline after a role tag, as the
-# HF tokenizer does in training) only when the GGUF's general.name says phi-3, and the export
-# names every GGUF "Merged": the chat sends "<|assistant|>", "\n" and the fine-tuned model,
-# never trained on that, answers nothing. Without add_bos_token in tokenizer_config.json
-# (transformers 5 saves none) llama.cpp also adds a BOS Phi-3 never had wherever it may.
-PHI_TOKENS_BUG = ("export: the Phi-3 GGUF is named 'Merged' and lacks add_bos_token, so "
-                  "llama.cpp tokenizes the chat unlike training (issue 12)")
-
-
-def xfail_until_phi_tokens_fixed(arch: str, request) -> None:
-    """Strict: once the export is fixed these pass, fail as XPASS, and this marker goes."""
-    if arch == "phi-3.5-mini":
-        request.applymarker(pytest.mark.xfail(reason=PHI_TOKENS_BUG, strict=True))
-
-
 @dataclass
 class Job:
     id: str
@@ -229,7 +210,6 @@ def test_f16_gguf_carries_phi_longrope_factors(arch, job):
 def test_llama_cpp_tokenizes_the_chat_as_training_did(arch, job, request):
     """The chat's prompt must reach the model as the tokens it was trained on: role tags that
     eat the newline after them (Phi-3), no BOS where the repo adds none."""
-    xfail_until_phi_tokens_fixed(arch, request)
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
@@ -250,13 +230,16 @@ def test_llama_cpp_tokenizes_the_chat_as_training_did(arch, job, request):
 def test_chat_turn_through_the_engine_ends_on_the_stop_token(arch, job, tmp_path, request):
     """Greedy, through ChatEngine.stream_chat with the GGUF's own template: the trained answer,
     ended by the architecture's stop token (<|end|> / </s>), not by max_new_tokens."""
-    xfail_until_phi_tokens_fixed(arch, request)
     from inference.engine import ChatEngine, GenerationParams
     from inference.settings import Settings
 
     models_dir = tmp_path / "models"  # the engine records its active model there
     for quant in QUANTS:
         link_model(job.models[quant], models_dir)
+    published = job.models["Q4_K_M"].parent
+    card = json.loads((published / job.status["card"]).read_text())
+    for name in (job.models["lora"].name, card["adapter"]["base"], job.status["card"]):
+        link_model(published / name, models_dir)
     engine = ChatEngine(Settings(models_dir=models_dir, n_ctx=512, n_threads=2,
                                  prompt_cache=False))
     params = GenerationParams(temperature=0.0, top_k=1, repeat_penalty=1.0,
@@ -273,6 +256,9 @@ def test_chat_turn_through_the_engine_ends_on_the_stop_token(arch, job, tmp_path
             new = greedy(llm, prompt)
             assert llm._model.token_get_text(new[-1]) == EXPECTED[arch]["stop"], quant
             assert len(new) < MAX_NEW_TOKENS
+        # the LoRA adapter at 16-bit on the base's Q4_K_M GGUF answers as trained too
+        engine.swap(job.models["lora"].name)
+        assert "".join(engine.stream_chat(messages, params)).strip() == ANSWER
     finally:
         engine.close()
 
@@ -288,7 +274,6 @@ def test_running_app_hot_reloads_the_new_model_and_answers(arch, job, app, reque
     assert status["activation"]["ok"], status["activation"]
     active = json.loads((app.models_dir / "active.json").read_text())["active"]
     assert active == status["activation"]["model"] and active in status["models"]
-    xfail_until_phi_tokens_fixed(arch, request)
     answer = app.client().predict(QUESTION, SYSTEM, "", 0.0, 0.95, 1, 1.0, MAX_NEW_TOKENS,
                                   api_name="/chat")
     assert answer.strip() == ANSWER

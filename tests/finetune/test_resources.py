@@ -63,7 +63,6 @@ def test_descendants_are_found_through_grandchildren():
 def test_export_records_the_peaks_of_each_stage_in_the_card(tiny_llama_dir, tmp_path):
     """Training's stages (from result.metrics) and export's own, in the model card; the
     converter runs as a child process and must be counted."""
-    import os
     from types import SimpleNamespace
 
     from finetune import export

@@ -11,7 +11,8 @@ import pytest
 from finetune import FinetuneError
 from finetune.config import FinetuneConfig, from_preset
 from finetune.loss import causal_lm_loss
-from finetune.train import Cancelled, _liger_wanted, auto_micro_batch_size, resolve_attention, train
+from finetune.plan import auto_micro_batch_size
+from finetune.train import Cancelled, _liger_wanted, resolve_attention, train
 from tests.finetune.conftest import RecordingReporter
 
 
@@ -155,9 +156,10 @@ def test_chunked_loss_matches_the_models_own_loss(tiny_llama_dir, monkeypatch):
 def test_fast_path_defaults_degrade_without_cuda():
     config = FinetuneConfig(base_model="x", dataset="y")
     assert (config.attn_implementation, config.lora_dropout, config.use_liger) == ("auto", 0.0, None)
-    assert resolve_attention(config, cuda=False) == "sdpa"
+    assert resolve_attention(config, cuda=False, packing=True) == "sdpa"
     assert resolve_attention(FinetuneConfig(base_model="x", dataset="y",
-                                            attn_implementation="eager"), cuda=False) == "eager"
+                                            attn_implementation="eager"), cuda=False,
+                             packing=True) == "eager"
     quiet, asked = RecordingReporter(), RecordingReporter()
     assert not _liger_wanted(None, cuda=False, reporter=quiet) and not quiet.logs
     assert not _liger_wanted(True, cuda=False, reporter=asked) and "liger" in asked.logs[0]

@@ -1,6 +1,6 @@
 """LoRA adapters served as GGUF, for real: peft adapters on the SmolLM2 HF folder (random B, fixed
-seeds) converted with llama.cpp's converter, applied at 16-bit on the very Q4_1 GGUF the HF folder
-was dequantized from, listed by the registry and hot-swapped by the engine on one loaded base."""
+seeds) converted with llama.cpp's converter, applied unquantized on the very Q4_1 GGUF the HF
+folder was dequantized from, listed by the registry and hot-swapped by the engine on one base."""
 from __future__ import annotations
 
 import json
@@ -23,6 +23,9 @@ from tests.finetune.test_export import make_adapter
 SYSTEM, QUESTION = "You are a helpful assistant.", "Write one sentence about the sea."
 GREEDY = GenerationParams(temperature=0.0, repeat_penalty=1.0, max_new_tokens=24)
 N_CTX = 512
+# One thread: with two on a 2-core machine that something else keeps busy, llama.cpp's spinning
+# barriers make every decode take seconds, which would drown the switch times measured here.
+N_THREADS = 1
 
 
 def quiet(line: str) -> None:
@@ -54,7 +57,7 @@ def add_adapter(models_dir, lora_gguf_path, version: str, base: str = SMOLLM2_FI
 @pytest.fixture
 def served(models_dir, loras):
     """An engine (prompt cache on, as in production) serving SmolLM2 with adapters ft-a, ft-b."""
-    eng = ChatEngine(Settings(models_dir=models_dir, n_ctx=N_CTX, n_threads=2))
+    eng = ChatEngine(Settings(models_dir=models_dir, n_ctx=N_CTX, n_threads=N_THREADS))
     assert eng.start() == SMOLLM2_FILENAME
     names = {key: add_adapter(models_dir, loras[key][1], f"ft-{key}") for key in ("a", "b")}
     yield eng, names
@@ -69,7 +72,7 @@ def references(smollm2_path, loras) -> dict:
     answers = {}
     for key, lora in (("base", None), ("a", loras["a"][1]), ("b", loras["b"][1])):
         llm = Llama(str(smollm2_path), lora_path=str(lora) if lora else None, n_ctx=N_CTX,
-                    n_threads=2, verbose=False)
+                    n_threads=N_THREADS, verbose=False)
         try:
             out = llm.create_chat_completion(build_messages(SYSTEM, [], QUESTION), max_tokens=24,
                                              temperature=0.0, repeat_penalty=1.0)
@@ -100,7 +103,7 @@ def test_adapter_on_q4_1_base_computes_the_merged_model(loras, smollm2_hf_dir, s
 
     def logprobs(path, adapter=None):
         llm = Llama(str(path), lora_path=str(adapter) if adapter else None, n_ctx=N_CTX,
-                    n_batch=N_CTX, n_threads=2, logits_all=True, verbose=False)
+                    n_batch=N_CTX, n_threads=N_THREADS, logits_all=True, verbose=False)
         try:
             ids = llm.tokenize(text)[:N_CTX]
             llm.eval(ids)
@@ -135,7 +138,7 @@ def test_registry_lists_adapters_with_their_base(models_dir, loras):
     info = infos[name]
     assert info.usable and info.kind == "adapter" and info.base == SMOLLM2_FILENAME
     assert info.version == registry.version_of(name) == "ft-a" and info.scale == 1.0
-    assert info.label == f"ft-a [LoRA on {SMOLLM2_FILENAME}, 5 MB]"
+    assert info.label == f"ft-a [LoRA on {SMOLLM2_FILENAME}, {info.size_bytes / 2**20:.0f} MB]"
     assert infos[SMOLLM2_FILENAME].kind == "model" and infos[SMOLLM2_FILENAME].usable
     expected = {"orphan.lora.gguf": "its base gone.Q4_K_M.gguf is not in",
                 "no-card.lora.gguf": "no-card.card.json needs",

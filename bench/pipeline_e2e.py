@@ -1,0 +1,155 @@
+"""The whole job, stage by stage: seconds, peak RAM and peak GPU memory from loading the base to
+the new model's first answer in the chat.
+
+Runs the CLI job exactly as a user would (default settings, a 20-row FAQ), on SmolLM2 (real
+weights, offline) or on a faithful stand-in of Phi-3.5-mini-instruct / Mistral-7B-Instruct-v0.2
+(random weights, real config, tokenizer and chat template: bench/standins.py), then serves the
+file the job chose through the chat engine as the app's hot reload does and times the first
+answer. "End of training -> answering" is wall clock from the end of the last optimizer step to
+that first answer's last token.
+
+    .venv/bin/python -m bench.pipeline_e2e --model smollm2
+    python -m bench.pipeline_e2e --model mistral-7b --gpu-memory-limit-gb 16 --workdir /tmp/pe
+
+Results merge into bench/results/pipeline_e2e.json under "<model>[@<limit>GB] on <device>".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from finetune import jobs
+from finetune.base_models import default_cache_dir
+from inference.registry import SMOLLM2_FILENAME, read_card, smollm2_gguf
+from inference.settings import DEFAULT_SYSTEM_PROMPT, ROOT, Settings
+
+CACHE_DIR = default_cache_dir()  # not tests.conftest: the GPU machine has no pytest
+
+RESULTS = ROOT / "bench" / "results" / "pipeline_e2e.json"
+DATA = ROOT / "bench" / "data" / "quillmere.jsonl"
+STANDINS = ("phi-3.5-mini", "mistral-7b")
+STAGES = ("load", "train", "merge", "convert", "quantize_Q4_K_M", "quantize_Q5_K_M", "adapter",
+          "gate", "load_and_first_answer")
+
+
+def device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, {os.cpu_count()} cores"
+    return f"{platform.machine()}, {os.cpu_count()} cores, CPU"
+
+
+def base_for(model: str, workdir: Path) -> list[str]:
+    """CLI flags naming the base: the preset, or a full-size stand-in built once."""
+    if model == "smollm2":
+        return ["--preset", "smollm2-135m"]
+    folder = workdir / f"{model}-standin"
+    if not (folder / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "bench.standins", model, "--size", "full",
+                        "--out", str(folder)], cwd=ROOT, check=True)
+    return ["--base-model", str(folder)]
+
+
+def run_job(model: str, workdir: Path, models: Path, limit_gb: float) -> jobs.JobRecord:
+    jobs_dir = workdir / "jobs"
+    command = [sys.executable, "-m", "finetune", "run", *base_for(model, workdir),
+               "--data", str(DATA), "--models-dir", str(models), "--jobs-dir", str(jobs_dir),
+               "--no-activate-when-done"]
+    if limit_gb:
+        command += ["--gpu-memory-limit-gb", str(limit_gb)]
+    print("$", " ".join(command[1:]), flush=True)
+    done = subprocess.run(command, cwd=ROOT, env={**os.environ,
+                                                  "FINECHAT_CACHE_DIR": str(CACHE_DIR)})
+    record = jobs.list_jobs(jobs_dir)[0]
+    if done.returncode:
+        print(record.log_tail(40), file=sys.stderr)
+        sys.exit(f"job failed (exit {done.returncode}): {record.status.get('error')}")
+    return record
+
+
+def first_answer(models: Path, name: str) -> float:
+    """Load `name` as the hot reload does (load, test-run, swap) and stream one answer."""
+    from inference.engine import ChatEngine, GenerationParams
+
+    started = time.perf_counter()
+    engine = ChatEngine(Settings.from_env().with_overrides(models_dir=models, n_ctx=2048))
+    try:
+        engine.swap(name)
+        messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                    {"role": "user", "content": "Who founded Quillmere Aviation?"}]
+        answer = "".join(engine.stream_chat(messages, GenerationParams(
+            temperature=0.0, repeat_penalty=1.0, max_new_tokens=32)))
+    finally:
+        engine.close()
+    print(f"first answer from {name}: {answer[:120]!r}", flush=True)
+    return time.perf_counter() - started
+
+
+def stage_table(record: jobs.JobRecord, card: dict, reload_s: float) -> dict:
+    metrics, timings = card.get("metrics") or {}, card.get("timings_s") or {}
+    peaks = record.status.get("peaks") or card.get("peaks") or {}
+    seconds = {"load": metrics.get("load_seconds"), "train": metrics.get("train_seconds"),
+               "gate": (card.get("fidelity_gate") or {}).get("seconds"),
+               "load_and_first_answer": round(reload_s, 2), **timings}
+    rows = {}
+    for stage in STAGES:
+        if seconds.get(stage) is None and stage not in peaks:
+            continue
+        peak = peaks.get(stage) or {}
+        rows[stage] = {"seconds": seconds.get(stage), "peak_ram_gb": peak.get("peak_ram_gb"),
+                       "peak_gpu_gb": peak.get("peak_gpu_gb")}
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["smollm2", *STANDINS], default="smollm2")
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "pipeline_e2e")
+    parser.add_argument("--gpu-memory-limit-gb", type=float, default=0.0,
+                        help="emulate a smaller card (e.g. 16 for a T4)")
+    args = parser.parse_args()
+    workdir = args.workdir / (args.model + (f"-{args.gpu_memory_limit_gb:g}gb"
+                                            if args.gpu_memory_limit_gb else ""))
+    models = workdir / "models"
+    if args.model == "smollm2" and not (models / SMOLLM2_FILENAME).exists():
+        models.mkdir(parents=True, exist_ok=True)
+        (models / SMOLLM2_FILENAME).symlink_to(smollm2_gguf(CACHE_DIR / "models"))
+    record = run_job(args.model, workdir, models, args.gpu_memory_limit_gb)
+    card = read_card(models, record.status["version"])
+    served = record.status.get("serve") or next(
+        m for m in record.status["models"] if ".Q4_K_M." in m)
+    reload_s = first_answer(models, served)
+    end_to_answer = time.time() - (card.get("metrics") or {}).get("train_end_time", time.time())
+    row = {"device": device(), "model": args.model, "base": record.config.get("base_model"),
+           "gpu_memory_limit_gb": args.gpu_memory_limit_gb or None,
+           "micro_batch_size": (card.get("metrics") or {}).get("micro_batch_size"),
+           "steps": (card.get("metrics") or {}).get("steps"), "served": served,
+           "serve_reason": record.status.get("serve_reason"),
+           "end_of_training_to_answer_s": round(end_to_answer, 1),
+           "job_total_s": (record.status.get("timings_s") or {}).get("total"),
+           "stages": stage_table(record, card, reload_s)}
+    key = f"{args.model}" + (f"@{args.gpu_memory_limit_gb:g}GB" if args.gpu_memory_limit_gb
+                             else "") + f" on {row['device']}"
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    results[key] = row
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2))
+    print(f"\n{key}: served {served}; end of training -> answering "
+          f"{row['end_of_training_to_answer_s']} s")
+    print(f"{'stage':<24} {'seconds':>9} {'peak RAM GB':>12} {'peak GPU GB':>12}")
+    for stage, r in row["stages"].items():
+        print(f"{stage:<24} {r['seconds'] if r['seconds'] is not None else '':>9} "
+              f"{r['peak_ram_gb'] if r['peak_ram_gb'] is not None else '':>12} "
+              f"{r['peak_gpu_gb'] if r['peak_gpu_gb'] is not None else '':>12}")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The fidelity gate: does each produced file still know what the f16 model learned, and which
+one should the chat serve? Runs in the job after quantizing, before anything is published.
+
+For every candidate (each quantized GGUF, and the LoRA adapter on its base GGUF) against the
+f16 GGUF of the merged model:
+- recall: a seeded sample of training questions in the file's own chat template, each followed
+  by its taught answer and end-of-turn token, teacher-forced (finetune.fidelity.answer_recall).
+  A hit is an answer whose every token is the model's top-1: exactly the answers greedy
+  decoding reproduces, found in one forward pass instead of a generation per question, so
+  the gate costs seconds even for a 7B model on a CPU. The share of answer tokens that are
+  top-1 measures what is kept of longer answers;
+- agreement: mean KL divergence and top-1 agreement of next-token distributions on the
+  validation text (llama.cpp's KLD metrics, finetune.fidelity.quant_fidelity).
+A candidate passes when it keeps >= KEEP_RATIO of the f16 model's recall: of its hits, or of
+its answer-token recall when f16 itself reproduces few whole answers (long answers). The served
+file is the passing candidate with the best recall (on a tie the merged quantization, which
+decodes faster, in quant_types order); when none passes, the old model keeps serving and the
+job says why.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.export import ADAPTER
+
+KEEP_RATIO = 0.9
+F16 = "F16"
+
+
+@dataclass
+class Probe:
+    messages: list[dict]  # the conversation up to the question
+    answer: str  # what the model was taught to answer
+
+
+def probes_from_rows(conversations: list[list[dict]], n: int, seed: int) -> list[Probe]:
+    """A seeded sample of `n` training rows as (question context, taught answer)."""
+    probes = []
+    for messages in conversations:
+        if len(messages) >= 2 and messages[-1]["role"] == "assistant":
+            probes.append(Probe(messages[:-1], messages[-1]["content"]))
+    random.Random(seed).shuffle(probes)
+    return probes[:n]
+
+
+def recall(rows: list[dict]) -> dict:
+    """Per-probe teacher-forced rows -> whole answers reproduced and share of answer tokens."""
+    tokens = sum(r["tokens"] for r in rows)
+    hits = sum(r["exact"] for r in rows)
+    return {"hits": hits, "of": len(rows), "recall": round(hits / len(rows), 4) if rows else None,
+            "token_recall": round(sum(r["top1"] for r in rows) / tokens, 4) if tokens else None}
+
+
+def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: str, log,
+             n_ctx: int = 1024) -> dict:
+    """Recall and agreement of each candidate. `candidates`: label -> {"path": GGUF} with
+    label F16 the reference; an adapter also has "base" (the GGUF it runs on)."""
+    from finetune.fidelity import answer_recall, quant_fidelity
+
+    started = time.monotonic()
+    pairs = [(p.messages, p.answer) for p in probes]
+    results: dict[str, dict] = {}
+    for label, c in candidates.items():
+        model, lora = (c["base"], c["path"]) if "base" in c else (c["path"], None)
+        results[label] = {"model": Path(c["path"]).name,
+                          **recall(answer_recall(model, pairs, lora, n_ctx))}
+        log(f"gate: {label} reproduces {results[label]['hits']}/{len(probes)} taught answers "
+            f"({results[label]['token_recall']:.1%} of their tokens)")
+    agreement = {}
+    if validation_text:
+        others = {label: (c["base"], c["path"]) if "base" in c else c["path"]
+                  for label, c in candidates.items() if label != F16}
+        try:
+            agreement = quant_fidelity(candidates[F16]["path"], others, validation_text,
+                                       n_ctx=_agreement_ctx(validation_text), max_chunks=4)
+        except Exception as exc:  # too little text: recall alone decides
+            log(f"gate: next-token agreement skipped ({exc})")
+    for label, numbers in agreement.items():
+        if label in results and label != F16:
+            results[label].update({k: numbers[k] for k in ("mean_kld_vs_f16",
+                                                            "top1_agreement_vs_f16",
+                                                            "ppl_ratio_vs_f16")})
+    measure = "hits" if results[F16]["hits"] >= max(2, len(probes) / 4) else "token_recall"
+    reference = results[F16][measure] or 0
+    for label, row in results.items():
+        row["kept"] = round(row[measure] / reference, 4) if reference else None
+        row["passed"] = label == F16 or (reference > 0 and row["kept"] >= KEEP_RATIO)
+    return {"probes": len(probes), "keep_ratio": KEEP_RATIO, "measure": measure,
+            "seconds": round(time.monotonic() - started, 1), "results": results}
+
+
+def _agreement_ctx(text: str) -> int:
+    """Windows of up to 512 tokens: a small dataset's text still gives one window."""
+    approx_tokens = len(text) // 4
+    return max(64, min(512, approx_tokens // 64 * 32))
+
+
+def choose(gate: dict, preference: list[str], mode: str = "auto") -> tuple[str, str]:
+    """(label to serve, reason). `preference`: merged quant labels in the order to favour on
+    a tie; mode 'merged' or 'adapter' restricts the choice to that kind."""
+    results = gate["results"]
+    reference = results[F16]
+    if not reference.get(gate.get("measure", "hits")):
+        return "", (f"the f16 model reproduced nothing of the taught answers to "
+                    f"{gate['probes']} sampled training questions: nothing learned to keep; "
+                    "train longer or with a higher learning rate")
+    order = [q for q in preference if q in results]
+    if mode != "merged" and ADAPTER in results:
+        order.append(ADAPTER)
+    if mode == "adapter":
+        order = [ADAPTER] if ADAPTER in results else []
+    passing = [label for label in order if results[label]["passed"]]
+    if not passing:
+        kept = ", ".join(f"{label} {results[label]['kept'] or 0:.0%}" for label in order)
+        return "", (f"no file keeps {KEEP_RATIO:.0%} of what the f16 model learned ({kept} of "
+                    f"its {reference['hits']}/{gate['probes']}); the old model keeps serving")
+    measure = gate.get("measure", "hits")
+    best = max(passing, key=lambda label: (results[label][measure], -order.index(label)))
+    return best, (f"{best} keeps {results[best]['kept']:.0%} of the f16 model's recall "
+                  f"({results[best]['hits']}/{gate['probes']})")
+
+
+def run(result, config, staged: dict[str, Path], f16_path: Path, adapter: dict,
+        models_dir: Path, view: Path, log) -> dict:
+    """The gate of one job: evaluate every produced file against f16 and choose what to serve.
+    `view` becomes a models folder of links to every candidate, for the eval answers through
+    the chat engine (it serves names from one folder; an adapter's base lives in models_dir). Returns {"gate": numbers per file,
+    "serve": {"label", "file", "reason"}}."""
+    quants = [q for q in staged if q != ADAPTER]
+    view = Path(view)
+    view.mkdir(parents=True, exist_ok=True)
+    candidates = {F16: {"path": f16_path}} if f16_path.is_file() else {}
+    for quant in quants:
+        candidates[quant] = {"path": staged[quant]}
+    if ADAPTER in staged:
+        base = Path(models_dir) / adapter["base"]
+        candidates[ADAPTER] = {"path": staged[ADAPTER], "base": base}
+        _link(base, view)
+        version = staged[ADAPTER].name.removesuffix(".lora.gguf")
+        (view / f"{version}.card.json").write_text(json.dumps({"adapter": adapter}))
+    for row in candidates.values():
+        _link(row["path"], view)
+    probes = probes_from_rows(result.train_rows, config.gate_probes, config.seed)
+    if not probes or F16 not in candidates:
+        label = _unchecked_choice(quants, config.serve_mode, ADAPTER in staged)
+        return {"gate": {}, "serve": {"label": label, "file": staged[label].name if label else "",
+                                      "reason": "not checked (gate_probes 0)"}}
+    numbers = evaluate(candidates, probes, result.validation_text, log)
+    label, reason = choose(numbers, quants, config.serve_mode)
+    for name, row in numbers["results"].items():
+        if not row["passed"]:
+            log(f"WARNING gate: {name} keeps only {row['kept'] or 0:.0%} of what the f16 model "
+                f"learned ({row['hits']}/{row['of']} vs {numbers['results'][F16]['hits']}): it "
+                "is published but will not be served automatically")
+    log(f"gate: serving {label or 'nothing new'}: {reason}")
+    return {"gate": numbers, "serve": {"label": label,
+                                       "file": staged[label].name if label else "",
+                                       "reason": reason}}
+
+
+def _unchecked_choice(quants: list[str], mode: str, has_adapter: bool) -> str:
+    if mode == "adapter" and has_adapter:
+        return ADAPTER
+    preferred = [q for q in ("Q4_K_M", "Q5_K_M") if q in quants]
+    return (preferred or quants or [""])[0]
+
+
+def _link(path: Path, folder: Path) -> None:
+    target = folder / Path(path).name
+    if not target.exists():
+        target.symlink_to(Path(path).resolve())

@@ -1,0 +1,84 @@
+"""The fidelity gate: its scoring and choice, and a real job whose gate refuses a Q4_1 file."""
+from __future__ import annotations
+
+import json
+
+from finetune.gate import ADAPTER, F16, choose, probes_from_rows, recall
+from inference.settings import ROOT
+
+QUILLMERE = ROOT / "bench" / "data" / "quillmere.jsonl"
+
+
+def test_recall_counts_whole_answers_and_answer_tokens():
+    rows = [{"tokens": 10, "top1": 10, "exact": True}, {"tokens": 6, "top1": 3, "exact": False}]
+    assert recall(rows) == {"hits": 1, "of": 2, "recall": 0.5, "token_recall": 0.8125}
+
+
+def test_probes_are_a_seeded_sample_of_the_training_rows():
+    rows = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+            for i in range(30)]
+    probes = probes_from_rows(rows, 8, seed=1)
+    assert len(probes) == 8 and probes == probes_from_rows(rows, 8, seed=1)
+    assert all(p.answer == "a" + p.messages[-1]["content"][1:] for p in probes)
+
+
+def gate(**recalls) -> dict:
+    reference = recalls[F16]
+    results = {label: {"recall": r, "hits": round(r * 20), "kept": r / reference if reference
+                       else 1.0, "passed": label == F16 or (reference and r / reference >= 0.9)}
+               for label, r in recalls.items()}
+    return {"probes": 20, "measure": "hits", "results": {
+        label: {**row, "hits": row["recall"]} for label, row in results.items()}}
+
+
+def test_choose_serves_the_best_passing_file_and_prefers_merged_on_a_tie():
+    assert choose(gate(F16=1.0, Q4_K_M=0.95, Q5_K_M=1.0, **{ADAPTER: 1.0}),
+                  ["Q4_K_M", "Q5_K_M"])[0] == "Q5_K_M"
+    assert choose(gate(F16=1.0, Q4_K_M=0.5, Q5_K_M=0.6, **{ADAPTER: 1.0}),
+                  ["Q4_K_M", "Q5_K_M"])[0] == ADAPTER
+    assert choose(gate(F16=1.0, Q4_K_M=0.95, **{ADAPTER: 1.0}), ["Q4_K_M"],
+                  mode="merged")[0] == "Q4_K_M"
+
+
+def test_choose_keeps_the_old_model_when_nothing_passes():
+    label, reason = choose(gate(F16=0.9, Q4_1=0.0), ["Q4_1"])
+    assert label == "" and "Q4_1 0%" in reason and "old model keeps serving" in reason
+    label, reason = choose(gate(F16=0.0, Q4_K_M=0.0), ["Q4_K_M"])
+    assert label == "" and "nothing learned" in reason
+
+
+def test_a_job_with_defaults_learns_a_small_faq_and_the_gate_refuses_q4_1(tmp_path, smollm2_path):
+    """SmolLM2 with the default settings on a 20-row FAQ (the small-data path), with a Q4_1
+    file besides the default quantizations: SmolLM2's offline base sits on a Q4_1 grid, so
+    re-quantizing to Q4_1 snaps the merged weights back to the base and erases the fine-tune.
+    The gate must measure that, publish the file without serving it, and serve a file that kept
+    what f16 learned."""
+    from finetune import jobs
+    from finetune.config import from_preset
+    from finetune.evaluate import answer_conversations_gguf
+    from tests.conftest import link_model
+
+    models = tmp_path / "models"
+    link_model(smollm2_path, models)
+    config = from_preset("smollm2-135m", dataset=str(QUILLMERE), eval_max_new_tokens=0,
+                         quant_types=["Q4_K_M", "Q4_1"])
+    record = jobs.wait(tmp_path / "jobs", jobs.submit(config, tmp_path / "jobs", models).id,
+                       timeout_s=1500)
+    assert record.state == "done", record.log_tail(40)
+    log = record.log_tail(400)
+    assert "small dataset (20 rows < 300)" in log and "100 steps" in log
+    gate = json.loads((models / record.status["card"]).read_text())["fidelity_gate"]
+    results = gate["results"]
+    assert set(results) == {"F16", "Q4_K_M", "Q4_1", "LoRA"} and gate["measure"] == "hits"
+    assert results["F16"]["hits"] >= 0.9 * gate["probes"], results["F16"]
+    assert not results["Q4_1"]["passed"] and results["Q4_1"]["kept"] < 0.5, results["Q4_1"]
+    assert "WARNING gate: Q4_1 keeps only" in log
+    served = record.status["serve"]
+    label = "LoRA" if served.endswith(".lora.gguf") else served.split(".")[-2]
+    assert results[label]["passed"] and label != "Q4_1", (served, results)
+    # the served file answers trained questions with the taught facts, through the chat engine
+    rows = [json.loads(line) for line in QUILLMERE.read_text().splitlines()[:5]]
+    answers = answer_conversations_gguf(models, [served],
+                                        [[{"role": "user", "content": r["question"]}]
+                                         for r in rows], [48] * len(rows))[0]
+    assert sum(r["answer"].rstrip(".") in a for r, a in zip(rows, answers)) >= 4, answers
