@@ -20,13 +20,13 @@ BASE_MARKER = "finechat-base.json"  # written by base_models.hf_folder_from_gguf
 
 
 def convert_adapter(adapter_dir: Path, base_hf_path: str, out_path: Path,
-                    log: Callable[[str], None], outtype: str = "f32") -> Path:
+                    log: Callable[[str], None], outtype: str = "f16") -> Path:
     """A peft adapter folder -> llama.cpp's LoRA GGUF, with llama.cpp's own converter.
 
     The converter reuses convert_hf_to_gguf's model classes, so the adapter's tensors get the
-    same renaming, q/k permutation and fusing as the base's weights got. f32 by default: exact,
-    and on CPU faster than f16 (no conversion of the activations for each small LoRA matmul:
-    SmolLM2 decoded 39 vs 34 tokens per CPU-second); twice the size, still a few MB."""
+    same renaming, q/k permutation and fusing as the base's weights got. f16: half the size of
+    f32, the same decode speed on SmolLM2 (measured), and f16 base + adapter matches the merged
+    f16 model to KL 6e-6."""
     adapter_dir, out_path = Path(adapter_dir), Path(out_path)
     _check_adapter(adapter_dir)
     base_dir = _local_model_dir(base_hf_path)
