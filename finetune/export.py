@@ -87,7 +87,8 @@ def _version_taken(models_dir: Path, version: str) -> bool:
 
 def export(result, config, models_dir: Path, workdir: Path, reporter, *,
            version: str | None = None,
-           before_publish: Callable[[dict[str, Path]], dict] | None = None) -> ExportResult:
+           before_publish: Callable[[dict[str, Path]], dict] | None = None,
+           adapter_base=None) -> ExportResult:
     """Turn `result` (a train.TrainResult) into `<version>.<QUANT>.gguf` files + a model card.
 
     `before_publish(staged, f16_path, adapter)` runs once the quantized files (and the LoRA
@@ -137,7 +138,7 @@ def export(result, config, models_dir: Path, workdir: Path, reporter, *,
             reporter.stage("converting", "the LoRA adapter to GGUF (served on the base at 16-bit)")
             with _measured("adapter", timings, peaks):
                 adapter = export_adapter(result, config, staging / f"{version}.lora.gguf",
-                                         models_dir, reporter.log)
+                                         models_dir, reporter.log, adapter_base)
             staged[ADAPTER] = staging / adapter["file"]
 
         extra = {}
@@ -163,13 +164,21 @@ def export(result, config, models_dir: Path, workdir: Path, reporter, *,
                         merged_dir if keep else None, f16_path if keep else None, card)
 
 
-def export_adapter(result, config, out_path: Path, models_dir: Path, log) -> dict:
+def export_adapter(result, config, out_path: Path, models_dir: Path, log,
+                   base_future=None) -> dict:
     """The trained adapter as a llama.cpp LoRA GGUF, and the base GGUF it is served on (made
-    once per base and kept in models_dir). Returns the card's "adapter" entry."""
+    once per base and kept in models_dir, maybe already during training: `base_future`).
+    Returns the card's "adapter" entry."""
     from finetune import lora_gguf
 
-    base = lora_gguf.base_gguf_for(result.base_model_path, models_dir, log,
-                                   quant=config.adapter_base_quant)
+    base = None
+    if base_future is not None:
+        try:
+            base = base_future.result()
+        except Exception as exc:  # e.g. a Hub base not yet in the cache then: make it now
+            log(f"the base GGUF made during training failed ({exc}); making it now")
+    base = base or lora_gguf.base_gguf_for(result.base_model_path, models_dir, log,
+                                           quant=config.adapter_base_quant)
     lora_gguf.convert_adapter(result.adapter_dir, result.base_model_path, out_path, log)
     log(f"{out_path.name}: {out_path.stat().st_size / 2**20:.1f} MiB, served on {base.name}")
     return {"file": out_path.name, "base": base.name, "scale": 1.0}

@@ -65,63 +65,74 @@ def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
 
 
 def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path | tuple[Path, Path]], text: str,
-                   n_ctx: int = 512, max_chunks: int = 8) -> dict:
+                   n_ctx: int = 512, max_chunks: int = 8,
+                   probes: list[tuple[list[dict], str]] | None = None) -> dict:
     """Perplexity of f16 and each quantized GGUF on `text`, plus the quantized models' mean KL
     divergence from f16 and how often their top-1 token matches f16's (llama.cpp's KLD metrics).
     The text is cut into n_ctx windows; the second half of each window is scored, as
     llama.cpp's perplexity tool does, so every scored token has at least n_ctx/2 of context.
-    A value of `quantized` may be (base GGUF, LoRA adapter GGUF): the adapter on its base."""
+    A value of `quantized` may be (base GGUF, LoRA adapter GGUF): the adapter on its base.
+    With `probes`, each file's answer_rows (recall of taught answers) come in the same load.
+    One file is loaded at a time (f16's log-probabilities are kept): RAM of the largest file."""
     import numpy as np
     from llama_cpp import Llama
 
-    models = {}
-    try:
-        for quant, path in {"F16": f16_gguf, **quantized}.items():
-            base, lora = path if isinstance(path, tuple) else (path, None)  # adapter on a base
-            models[quant] = Llama(str(base), lora_path=str(lora) if lora else None, n_ctx=n_ctx,
-                                  n_batch=n_ctx, logits_all=True, verbose=False)
-        # special=True: chat-template text keeps its control tokens (<|im_start|>, <|end|>)
-        tokens = models["F16"].tokenize(text.encode(), add_bos=False, special=True)
-        prefix = models["F16"].tokenize(b"", add_bos=True)  # [bos] only if the model wants one
-        width = n_ctx - len(prefix)
-        chunks = [prefix + tokens[i:i + width] for i in range(0, len(tokens), width)]
-        chunks = [c for c in chunks if len(c) == n_ctx][:max_chunks]
-        if not chunks:
-            raise FinetuneError(f"Held-out text too short: need at least {n_ctx} tokens.")
-        nll = {q: 0.0 for q in models}
-        kld = {q: 0.0 for q in models if q != "F16"}
-        top1 = {q: 0 for q in kld}
-        scored = 0
-        for ids in chunks:
-            first = len(ids) // 2
-            logp = {}
-            for quant, llm in models.items():
-                llm.reset()
-                llm.eval(ids)
-                logits = np.asarray(llm.scores[first - 1:len(ids) - 1], dtype=np.float64)
-                logits -= logits.max(axis=1, keepdims=True)
-                logp[quant] = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-            targets = np.asarray(ids[first:])
-            rows = np.arange(len(targets))
-            for quant, lp in logp.items():
-                nll[quant] -= float(lp[rows, targets].sum())
-            p_ref = np.exp(logp["F16"])
-            for quant in kld:
-                kld[quant] += float((p_ref * (logp["F16"] - logp[quant])).sum())
-                top1[quant] += int((logp[quant].argmax(1) == logp["F16"].argmax(1)).sum())
-            scored += len(targets)
-    finally:
-        for llm in models.values():
+    result: dict = {"n_ctx": n_ctx}
+    reference, chunks, scored = None, [], 0
+    for quant, path in {"F16": f16_gguf, **quantized}.items():
+        base, lora = path if isinstance(path, tuple) else (path, None)
+        llm = Llama(str(base), lora_path=str(lora) if lora else None,
+                    n_ctx=max(n_ctx, PROBE_CTX if probes else 0), n_batch=n_ctx,
+                    logits_all=True, verbose=False)
+        try:
+            if not chunks:
+                chunks = _windows(llm, text, n_ctx, max_chunks) if text else []
+            row = {"answer_rows": answer_rows(llm, probes)} if probes else {}
+            logps = [_log_probs(llm, ids) for ids in chunks]
+        finally:
             llm.close()
-    ppl = {q: math.exp(v / scored) for q, v in nll.items()}
-    result = {"tokens_scored": scored, "n_ctx": n_ctx, "chunks": len(chunks),
-              "F16": {"perplexity": round(ppl["F16"], 4)}}
-    for quant in kld:
-        result[quant] = {"perplexity": round(ppl[quant], 4),
-                         "ppl_ratio_vs_f16": round(ppl[quant] / ppl["F16"], 5),
-                         "mean_kld_vs_f16": round(kld[quant] / scored, 6),
-                         "top1_agreement_vs_f16": round(top1[quant] / scored, 5)}
+        if chunks:
+            targets = [np.asarray(ids[len(ids) // 2:]) for ids in chunks]
+            scored = sum(len(t) for t in targets)
+            nll = -sum(float(lp[np.arange(len(t)), t].sum()) for lp, t in zip(logps, targets))
+            row["perplexity"] = round(math.exp(nll / scored), 4)
+            if reference is None:
+                reference = logps
+            else:
+                row["ppl_ratio_vs_f16"] = round(row["perplexity"] / result["F16"]["perplexity"],
+                                                5)
+                row["mean_kld_vs_f16"] = round(sum(float((np.exp(r) * (r - lp)).sum()) for r, lp
+                                                   in zip(reference, logps)) / scored, 6)
+                row["top1_agreement_vs_f16"] = round(sum(int((lp.argmax(1) == r.argmax(1)).sum())
+                                                         for r, lp in zip(reference, logps))
+                                                     / scored, 5)
+        result[quant] = row
+    result.update(tokens_scored=scored, chunks=len(chunks))
     return result
+
+
+def _windows(llm, text: str, n_ctx: int, max_chunks: int) -> list[list[int]]:
+    # special=True: chat-template text keeps its control tokens (<|im_start|>, <|end|>)
+    tokens = llm.tokenize(text.encode(), add_bos=False, special=True)
+    prefix = llm.tokenize(b"", add_bos=True)  # [bos] only if the model wants one
+    width = n_ctx - len(prefix)
+    chunks = [prefix + tokens[i:i + width] for i in range(0, len(tokens), width)]
+    chunks = [c for c in chunks if len(c) == n_ctx][:max_chunks]
+    if not chunks:
+        raise FinetuneError(f"Held-out text too short: need at least {n_ctx} tokens.")
+    return chunks
+
+
+def _log_probs(llm, ids: list[int]):
+    """Log-softmax of the next-token logits over the second half of the window (float32)."""
+    import numpy as np
+
+    first = len(ids) // 2
+    llm.reset()
+    llm.eval(ids)
+    logits = np.asarray(llm.scores[first - 1:len(ids) - 1], dtype=np.float64)
+    logits -= logits.max(axis=1, keepdims=True)
+    return (logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))).astype(np.float32)
 
 
 def logits_agreement(merged_dir: Path, f16_gguf: Path, text: str, n_tokens: int = 400,
@@ -170,42 +181,38 @@ def logits_agreement(merged_dir: Path, f16_gguf: Path, text: str, n_tokens: int 
             "logit_std": round(float(hf.std()), 4)}
 
 
-def answer_recall(gguf: Path, probes: list[tuple[list[dict], str]], lora: Path | None = None,
-                  n_ctx: int = 1024) -> list[dict]:
+PROBE_CTX = 1024  # room for a question and its answer
+
+
+def answer_rows(llm, probes: list[tuple[list[dict], str]]) -> list[dict]:
     """For each (conversation, taught answer): the chat prompt in the GGUF's own template, then
     the taught answer and its end-of-turn token, teacher-forced in one pass. "exact" when every
     answer token (the end of turn included) is the model's top-1 after the tokens before it:
     exactly when greedy decoding reproduces the answer and stops; "top1" counts the answer
-    tokens that are (how much of the answer is kept). `lora`: an adapter on `gguf`."""
+    tokens that are (how much of the answer is kept). `llm`: a Llama with logits_all."""
     import llama_cpp
     import numpy as np
-    from llama_cpp import Llama
 
-    llm = Llama(str(gguf), lora_path=str(lora) if lora else None, n_ctx=n_ctx, n_batch=n_ctx,
-                logits_all=True, verbose=False)
-    try:
-        render = _chat_renderer(llm)
-        rows = []
-        for messages, answer in probes:
-            prompt = render(messages, True)
-            full = render([*messages, {"role": "assistant", "content": answer}], False)
-            prompt_ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
-            full_ids = llm.tokenize(full.encode(), add_bos=False, special=True)
-            if full_ids[:len(prompt_ids)] != prompt_ids:  # a token across the boundary
-                full_ids = prompt_ids + llm.tokenize(full.removeprefix(prompt).encode(),
-                                                     add_bos=False, special=True)
-            targets = full_ids[len(prompt_ids):]
-            end = next((i for i, t in enumerate(targets)
-                        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, t)), len(targets) - 1)
-            ids = (prompt_ids + targets[:end + 1])[:n_ctx]
-            llm.reset()
-            llm.eval(ids)
-            predicted = np.asarray(llm.scores[len(prompt_ids) - 1:len(ids) - 1]).argmax(1)
-            top1 = predicted == np.asarray(ids[len(prompt_ids):])
-            rows.append({"tokens": int(top1.size), "top1": int(top1.sum()),
-                         "exact": bool(top1.size and top1.all())})
-    finally:
-        llm.close()
+    render = _chat_renderer(llm)
+    rows = []
+    for messages, answer in probes:
+        prompt = render(messages, True)
+        full = render([*messages, {"role": "assistant", "content": answer}], False)
+        prompt_ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
+        full_ids = llm.tokenize(full.encode(), add_bos=False, special=True)
+        if full_ids[:len(prompt_ids)] != prompt_ids:  # a token across the boundary
+            full_ids = prompt_ids + llm.tokenize(full.removeprefix(prompt).encode(),
+                                                 add_bos=False, special=True)
+        targets = full_ids[len(prompt_ids):]
+        end = next((i for i, t in enumerate(targets)
+                    if llama_cpp.llama_vocab_is_eog(llm._model.vocab, t)), len(targets) - 1)
+        ids = (prompt_ids + targets[:end + 1])[:llm.n_ctx()]
+        llm.reset()
+        llm.eval(ids)
+        predicted = np.asarray(llm.scores[len(prompt_ids) - 1:len(ids) - 1]).argmax(1)
+        top1 = predicted == np.asarray(ids[len(prompt_ids):])
+        rows.append({"tokens": int(top1.size), "top1": int(top1.sum()),
+                     "exact": bool(top1.size and top1.all())})
     return rows
 
 

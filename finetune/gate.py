@@ -4,7 +4,7 @@ one should the chat serve? Runs in the job after quantizing, before anything is 
 For every candidate (each quantized GGUF, and the LoRA adapter on its base GGUF) against the
 f16 GGUF of the merged model:
 - recall: a seeded sample of training questions in the file's own chat template, each followed
-  by its taught answer and end-of-turn token, teacher-forced (finetune.fidelity.answer_recall).
+  by its taught answer and end-of-turn token, teacher-forced (finetune.fidelity.answer_rows).
   A hit is an answer whose every token is the model's top-1: exactly the answers greedy
   decoding reproduces, found in one forward pass instead of a generation per question, so
   the gate costs seconds even for a 7B model on a CPU. The share of answer tokens that are
@@ -55,40 +55,36 @@ def recall(rows: list[dict]) -> dict:
             "token_recall": round(sum(r["top1"] for r in rows) / tokens, 4) if tokens else None}
 
 
-def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: str, log,
-             n_ctx: int = 1024) -> dict:
-    """Recall and agreement of each candidate. `candidates`: label -> {"path": GGUF} with
-    label F16 the reference; an adapter also has "base" (the GGUF it runs on)."""
-    from finetune.fidelity import answer_recall, quant_fidelity
+def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: str, log) -> dict:
+    """Recall and agreement of each candidate, one file loaded at a time. `candidates`: label ->
+    {"path": GGUF} with label F16 the reference; an adapter also has "base" (its GGUF)."""
+    from finetune import FinetuneError
+    from finetune.fidelity import quant_fidelity
 
     started = time.monotonic()
+    files = {label: (c["base"], c["path"]) if "base" in c else c["path"]
+             for label, c in candidates.items()}
     pairs = [(p.messages, p.answer) for p in probes]
+    reference = files.pop(F16)
+    try:
+        scores = quant_fidelity(reference, files, validation_text, max_chunks=4,
+                                n_ctx=_agreement_ctx(validation_text), probes=pairs)
+    except FinetuneError as exc:  # too little text: recall alone decides
+        log(f"gate: next-token agreement skipped ({exc})")
+        scores = quant_fidelity(reference, files, "", probes=pairs)
     results: dict[str, dict] = {}
     for label, c in candidates.items():
-        model, lora = (c["base"], c["path"]) if "base" in c else (c["path"], None)
-        results[label] = {"model": Path(c["path"]).name,
-                          **recall(answer_recall(model, pairs, lora, n_ctx))}
+        numbers = scores[label]
+        results[label] = {"model": Path(c["path"]).name, **recall(numbers["answer_rows"]),
+                          **{k: numbers[k] for k in ("mean_kld_vs_f16", "top1_agreement_vs_f16",
+                                                     "ppl_ratio_vs_f16") if k in numbers}}
         log(f"gate: {label} reproduces {results[label]['hits']}/{len(probes)} taught answers "
             f"({results[label]['token_recall']:.1%} of their tokens)")
-    agreement = {}
-    if validation_text:
-        others = {label: (c["base"], c["path"]) if "base" in c else c["path"]
-                  for label, c in candidates.items() if label != F16}
-        try:
-            agreement = quant_fidelity(candidates[F16]["path"], others, validation_text,
-                                       n_ctx=_agreement_ctx(validation_text), max_chunks=4)
-        except Exception as exc:  # too little text: recall alone decides
-            log(f"gate: next-token agreement skipped ({exc})")
-    for label, numbers in agreement.items():
-        if label in results and label != F16:
-            results[label].update({k: numbers[k] for k in ("mean_kld_vs_f16",
-                                                            "top1_agreement_vs_f16",
-                                                            "ppl_ratio_vs_f16")})
     measure = "hits" if results[F16]["hits"] >= max(2, len(probes) / 4) else "token_recall"
-    reference = results[F16][measure] or 0
+    reference_recall = results[F16][measure] or 0
     for label, row in results.items():
-        row["kept"] = round(row[measure] / reference, 4) if reference else None
-        row["passed"] = label == F16 or (reference > 0 and row["kept"] >= KEEP_RATIO)
+        row["kept"] = round(row[measure] / reference_recall, 4) if reference_recall else None
+        row["passed"] = label == F16 or (reference_recall > 0 and row["kept"] >= KEEP_RATIO)
     return {"probes": len(probes), "keep_ratio": KEEP_RATIO, "measure": measure,
             "seconds": round(time.monotonic() - started, 1), "results": results}
 
@@ -116,8 +112,10 @@ def choose(gate: dict, preference: list[str], mode: str = "auto") -> tuple[str, 
     passing = [label for label in order if results[label]["passed"]]
     if not passing:
         kept = ", ".join(f"{label} {results[label]['kept'] or 0:.0%}" for label in order)
+        learned = (f"{reference['hits']}/{gate['probes']} answers" if gate.get("measure") ==
+                   "hits" else f"{reference.get('token_recall', 0):.0%} of the answer tokens")
         return "", (f"no file keeps {KEEP_RATIO:.0%} of what the f16 model learned ({kept} of "
-                    f"its {reference['hits']}/{gate['probes']}); the old model keeps serving")
+                    f"its {learned}); the old model keeps serving")
     measure = gate.get("measure", "hits")
     best = max(passing, key=lambda label: (results[label][measure], -order.index(label)))
     return best, (f"{best} keeps {results[best]['kept']:.0%} of the f16 model's recall "
@@ -153,9 +151,10 @@ def run(result, config, staged: dict[str, Path], f16_path: Path, adapter: dict,
     label, reason = choose(numbers, quants, config.serve_mode)
     for name, row in numbers["results"].items():
         if not row["passed"]:
+            measure, f16 = numbers["measure"], numbers["results"][F16]
             log(f"WARNING gate: {name} keeps only {row['kept'] or 0:.0%} of what the f16 model "
-                f"learned ({row['hits']}/{row['of']} vs {numbers['results'][F16]['hits']}): it "
-                "is published but will not be served automatically")
+                f"learned ({measure} {row[measure]} vs {f16[measure]}): it is published but "
+                "will not be served automatically")
     log(f"gate: serving {label or 'nothing new'}: {reason}")
     return {"gate": numbers, "serve": {"label": label,
                                        "file": staged[label].name if label else "",

@@ -12,6 +12,7 @@ import logging
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -46,8 +47,10 @@ def run_job(job_dir: Path) -> str:
         reporter.stage("loading", f"base model {config.base_model}")
         from finetune import train
 
+        adapter_base = _prepare_adapter_base(config, models_dir, reporter)
         result = train.train(config, workdir / "train", reporter)
-        exported = _export_and_evaluate(result, config, models_dir, workdir, reporter, status)
+        exported = _export_and_evaluate(result, config, models_dir, workdir, reporter, status,
+                                        adapter_base)
         total_s = round(time.time() - started, 1)
         serve = exported.card.get("serve") or {}
         jobs.finish(job_dir, "done", f"published {len(exported.models)} model files",
@@ -69,7 +72,36 @@ def run_job(job_dir: Path) -> str:
             gpu_lock.close()
 
 
-def _export_and_evaluate(result, config, models_dir: Path, workdir: Path, reporter, status: dict):
+def _prepare_adapter_base(config, models_dir: Path, reporter):
+    """On a GPU the CPUs idle while training runs: convert and quantize the base GGUF that the
+    adapter will be served on meanwhile (once per base), instead of after the merge. A Future,
+    or None (CPU training: the conversion would slow it down; export makes it then)."""
+    import torch
+
+    if not (config.export_adapter and torch.cuda.is_available()):
+        return None
+    from concurrent.futures import Future
+
+    from finetune import lora_gguf
+    from finetune.base_models import default_cache_dir, resolve_base
+
+    future: Future = Future()
+
+    def prepare():
+        try:
+            base = resolve_base(config.base_model, default_cache_dir())
+            future.set_result(lora_gguf.base_gguf_for(base, models_dir, reporter.log,
+                                                      quant=config.adapter_base_quant))
+        except BaseException as exc:  # export retries it, and says why
+            future.set_exception(exc)
+
+    # a daemon: a cancelled or failed job must not wait for it to exit
+    threading.Thread(target=prepare, name="adapter-base", daemon=True).start()
+    return future
+
+
+def _export_and_evaluate(result, config, models_dir: Path, workdir: Path, reporter, status: dict,
+                         adapter_base=None):
     """Export; before publishing, run the fidelity gate over every produced file and answer
     the eval prompts with the file the chat will serve (train.py already answered them with
     the base model, before training)."""
@@ -104,7 +136,8 @@ def _export_and_evaluate(result, config, models_dir: Path, workdir: Path, report
                 "serve": checked["serve"]}
 
     return export.export(result, config, models_dir, workdir / "export", reporter,
-                         version=status["version"], before_publish=evaluate_before_publish)
+                         version=status["version"], before_publish=evaluate_before_publish,
+                         adapter_base=adapter_base)
 
 
 def _gate_summary(checked: dict) -> dict:
