@@ -107,7 +107,7 @@ class FinetuneConfig:
                              "and the f16 model; 0 skips the gate (the Q4_K_M file is served "
                              "unchecked).", default=16)
     serve_mode: str = _help("What the chat serves after the job: auto = the file that keeps "
-                            "the most of what training taught (by the gate; merged on a tie), "
+                            "the most of what training taught (by the gate; then the closest to f16), "
                             "merged = the best quantized merged GGUF, adapter = the LoRA "
                             "adapter on its base.", SERVE_MODES, default="auto")
     eval_prompts: list[str] = _help("Prompts answered by the base and tuned models "

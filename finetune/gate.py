@@ -13,9 +13,10 @@ f16 GGUF of the merged model:
   validation text (llama.cpp's KLD metrics, finetune.fidelity.quant_fidelity).
 A candidate passes when it keeps >= KEEP_RATIO of the f16 model's recall: of its hits, or of
 its answer-token recall when f16 itself reproduces few whole answers (long answers). The served
-file is the passing candidate with the best recall (on a tie the merged quantization, which
-decodes faster, in quant_types order); when none passes, the old model keeps serving and the
-job says why.
+file is the passing candidate with the best recall, then the closest to f16 (answer-token
+recall, next-token agreement; the adapter, at 16-bit on its base, usually is), then the merged
+quantization, which decodes faster; when none passes, the old model keeps serving and the job
+says why.
 """
 from __future__ import annotations
 
@@ -117,9 +118,19 @@ def choose(gate: dict, preference: list[str], mode: str = "auto") -> tuple[str, 
         return "", (f"no file keeps {KEEP_RATIO:.0%} of what the f16 model learned ({kept} of "
                     f"its {learned}); the old model keeps serving")
     measure = gate.get("measure", "hits")
-    best = max(passing, key=lambda label: (results[label][measure], -order.index(label)))
+
+    def fidelity(label: str) -> tuple:
+        """Recall first; on a tie the share of answer tokens, then next-token agreement with
+        f16; then the order (merged quantizations before the adapter, which decodes slower)."""
+        row = results[label]
+        return (row[measure], row.get("token_recall") or 0,
+                row.get("top1_agreement_vs_f16") or 0, -order.index(label))
+
+    best = max(passing, key=fidelity)
+    top1 = results[best].get("top1_agreement_vs_f16")
     return best, (f"{best} keeps {results[best]['kept']:.0%} of the f16 model's recall "
-                  f"({results[best]['hits']}/{gate['probes']})")
+                  f"({results[best]['hits']}/{gate['probes']} answers"
+                  + (f", next-token top-1 agreement {top1:.1%}" if top1 else "") + ")")
 
 
 def run(result, config, staged: dict[str, Path], f16_path: Path, adapter: dict,

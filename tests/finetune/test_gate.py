@@ -31,9 +31,13 @@ def gate(**recalls) -> dict:
         label: {**row, "hits": row["recall"]} for label, row in results.items()}}
 
 
-def test_choose_serves_the_best_passing_file_and_prefers_merged_on_a_tie():
+def test_choose_serves_the_best_passing_file_then_the_closest_to_f16():
     assert choose(gate(F16=1.0, Q4_K_M=0.95, Q5_K_M=1.0, **{ADAPTER: 1.0}),
-                  ["Q4_K_M", "Q5_K_M"])[0] == "Q5_K_M"
+                  ["Q4_K_M", "Q5_K_M"])[0] == "Q5_K_M"  # a full tie: the merged file
+    close = gate(F16=1.0, Q4_K_M=1.0, **{ADAPTER: 1.0})
+    close["results"]["Q4_K_M"]["top1_agreement_vs_f16"] = 0.91
+    close["results"][ADAPTER]["top1_agreement_vs_f16"] = 0.98
+    assert choose(close, ["Q4_K_M"])[0] == ADAPTER
     assert choose(gate(F16=1.0, Q4_K_M=0.5, Q5_K_M=0.6, **{ADAPTER: 1.0}),
                   ["Q4_K_M", "Q5_K_M"])[0] == ADAPTER
     assert choose(gate(F16=1.0, Q4_K_M=0.95, **{ADAPTER: 1.0}), ["Q4_K_M"],
