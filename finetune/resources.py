@@ -6,7 +6,8 @@
     peaks == {"merge": {"peak_ram_gb": 0.9, "peak_gpu_gb": None}}
 
 RAM is resident memory (RSS), from the kernel's own high-water mark of this process
-(VmHWM, reset at the start of the block), its children's (`getrusage(RUSAGE_CHILDREN)`, for
+(VmHWM, reset at the start of the block; where a sandbox does not reset it, only the samples
+below count), its children's (`getrusage(RUSAGE_CHILDREN)`, for
 the converter subprocess) and a sampler thread that adds up this process and its live
 descendants every 50 ms (they run at the same time). GPU memory is torch's peak allocation,
 measured only where torch is already imported and CUDA is available (llama.cpp's own CUDA
@@ -55,8 +56,8 @@ class PeakMeter:
 
     def start(self) -> None:
         self._children_before = _children_maxrss_bytes()
-        _reset_high_water_mark()
         self._self_min_bytes = rss_bytes(os.getpid()) or 0
+        self._hwm_is_reset = _reset_high_water_mark(self._self_min_bytes)
         self._sample()
         self._torch = _cuda_torch()
         if self._torch is not None:
@@ -71,7 +72,10 @@ class PeakMeter:
         # it ran beside this process, which never went below its smallest sample.
         children = _children_maxrss_bytes()
         child_peak = children if children > self._children_before else 0
-        peak = max(self._sampled_bytes, _high_water_mark_bytes(),
+        # where the kernel did not reset its high-water mark (some sandboxes), it is the whole
+        # life's peak and says nothing of this block: the 50 ms samples are all there is
+        own_peak = _high_water_mark_bytes() if self._hwm_is_reset else 0
+        peak = max(self._sampled_bytes, own_peak,
                    self._self_min_bytes + child_peak if child_peak else 0)
         self.ram_gb = round(peak / GB, 3) if peak else None
         if self._torch is not None:
@@ -117,11 +121,13 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
-def _reset_high_water_mark() -> None:
-    try:  # "5" resets VmHWM to the current RSS (Linux 4.0+)
+def _reset_high_water_mark(rss_now: int) -> bool:
+    """Reset VmHWM to the current RSS (Linux 4.0+); False where the kernel refuses or ignores it."""
+    try:
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
-        pass
+        return False
+    return 0 < _high_water_mark_bytes() <= rss_now + 64 * 2**20
 
 
 def _high_water_mark_bytes() -> int:
