@@ -27,6 +27,7 @@ from inference.settings import Settings
 
 log = logging.getLogger("finechat.engine")
 MAX_ADAPTERS_PER_BASE = 8  # a few MB to ~100 MB each; least recently used ones are freed
+MAX_STOP_STRINGS = 4  # as OpenAI's API
 
 
 @dataclass(frozen=True)
@@ -36,9 +37,15 @@ class GenerationParams:
     top_k: int = 40
     repeat_penalty: float = 1.1
     max_new_tokens: int = 512
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+    seed: int | None = None  # None: a fresh random seed per answer
 
     def validated(self) -> "GenerationParams":
         checks = [
+            (len(self.stop) <= MAX_STOP_STRINGS and all(isinstance(s, str) and 0 < len(s) <= 200
+                                                         for s in self.stop),
+             f"stop takes at most {MAX_STOP_STRINGS} non-empty strings of up to 200 characters"),
+            (self.seed is None or 0 <= self.seed < 2**32, "seed must be between 0 and 2**32 - 1"),
             (0.0 <= self.temperature <= 2.0, "temperature must be between 0 and 2"),
             (0.0 < self.top_p <= 1.0, "top-p must be in (0, 1]"),
             (0 <= self.top_k <= 1000, "top-k must be between 0 and 1000"),
@@ -328,39 +335,89 @@ class ChatEngine:
         return previous
 
     # -- generation ---------------------------------------------------------------------
-    def stream_chat(self, messages: list[dict], params: GenerationParams,
-                    model_name: str = "") -> Iterator[str]:
-        """Yield the answer's text pieces. Closing the iterator stops generation."""
+    def generate(self, messages: list[dict], params: GenerationParams,
+                 model_name: str = "") -> "Generation":
+        """Start an answer: the model is resolved and the prompt fitted now (errors raise here,
+        before anything streams); iterate the result for text pieces."""
         params = params.validated()
         name = model_name or self.active_name
         if not name:
             raise InferenceError("No model is loaded: put a .gguf file in models/ "
-                                 "or pick one in the model list.")
+                                 "or pick one in the model list.", "model_not_found")
         model, adapter = self._get(name)
         try:
-            with model.lock:
-                self._sweep(model)
-                model.use_adapter(adapter)
-                if not self.settings.prompt_cache:
-                    model.llama.reset()  # evaluate the whole prompt afresh: reproducible
-                fitted, max_tokens = fit_to_context(messages, model.count_tokens,
-                                                    model.n_ctx, params.max_new_tokens)
-                stream = model.llama.create_chat_completion(
-                    messages=fitted, stream=True, max_tokens=max_tokens,
-                    temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                    repeat_penalty=params.repeat_penalty)
-                try:
-                    for chunk in stream:
-                        piece = chunk["choices"][0]["delta"].get("content")
-                        if piece:
-                            yield piece
-                finally:
-                    stream.close()  # stops decoding when the user presses Stop
-        finally:
+            fitted, max_tokens = fit_to_context(messages, model.count_tokens,
+                                                model.n_ctx, params.max_new_tokens)
+            prompt_tokens = model.count_tokens(fitted)
+        except BaseException:
             self._release(model, adapter)
+            raise
+        return Generation(self, name, model, adapter, fitted, params, max_tokens, prompt_tokens)
+
+    def stream_chat(self, messages: list[dict], params: GenerationParams,
+                    model_name: str = "") -> Iterator[str]:
+        """Yield the answer's text pieces. Closing the iterator stops generation."""
+        generation = self.generate(messages, params, model_name)
+        try:
+            yield from generation
+        finally:
+            generation.close()
 
     def close(self) -> None:
         with self._lock:
             models, self._loaded = list(self._loaded.values()), OrderedDict()
             for model in models:
                 self._retire(model)
+
+
+class Generation:
+    """One answer: iterate it for text pieces; `prompt_tokens`, `completion_tokens` and
+    `finish_reason` ("stop" or "length") are set as it goes. close() stops it early."""
+
+    def __init__(self, engine: ChatEngine, name: str, model: LoadedModel,
+                 adapter: LoadedAdapter | None, messages: list[dict], params: GenerationParams,
+                 max_tokens: int, prompt_tokens: int):
+        self.model = name
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, 0
+        self.finish_reason: str | None = None
+        self._engine, self._loaded, self._adapter = engine, model, adapter
+        self._messages, self._params, self._max_tokens = messages, params, max_tokens
+        self._started = False
+        self._pieces = self._run()
+
+    def __iter__(self) -> Iterator[str]:
+        return self._pieces
+
+    def close(self) -> None:
+        self._pieces.close()
+        if not self._started:  # never iterated: the model reference is still held
+            self._started = True
+            self._engine._release(self._loaded, self._adapter)
+
+    def _run(self) -> Iterator[str]:
+        model, params = self._loaded, self._params
+        self._started = True
+        try:
+            with model.lock:
+                self._engine._sweep(model)
+                model.use_adapter(self._adapter)
+                if not self._engine.settings.prompt_cache:
+                    model.llama.reset()  # evaluate the whole prompt afresh: reproducible
+                stream = model.llama.create_chat_completion(
+                    messages=self._messages, stream=True, max_tokens=self._max_tokens,
+                    temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
+                    repeat_penalty=params.repeat_penalty, stop=list(params.stop) or None,
+                    seed=params.seed)
+                try:
+                    for chunk in stream:
+                        choice = chunk["choices"][0]
+                        piece = choice["delta"].get("content")
+                        if piece:
+                            self.completion_tokens += 1
+                            yield piece
+                        if choice.get("finish_reason"):
+                            self.finish_reason = choice["finish_reason"]
+                finally:
+                    stream.close()  # stops decoding when the user presses Stop
+        finally:
+            self._engine._release(model, self._adapter)

@@ -51,5 +51,6 @@ def fit_to_context(messages: list[Message], count_tokens: Callable[[list[Message
     if used + 16 > n_ctx:
         raise InferenceError(
             f"Your message is too long for this model: the prompt needs {used} tokens and the "
-            f"context holds {n_ctx}. Shorten the message or the system prompt.")
+            f"context holds {n_ctx}. Shorten the message or the system prompt.",
+            "context_length_exceeded")
     return candidate, max(1, min(max_new_tokens, n_ctx - used))

@@ -30,7 +30,15 @@ ADAPTER_SUFFIX = ".lora.gguf"
 
 
 class InferenceError(Exception):
-    """A model problem a user can act on (unknown name, unusable file, failed download)."""
+    """A problem a user can act on (unknown name, unusable file, prompt too long, busy).
+
+    `kind` says which, for callers that map it to a status code (the OpenAI routes):
+    "invalid_request" (default), "model_not_found", "context_length_exceeded", "busy",
+    "server_error" (a model that fails to load or run)."""
+
+    def __init__(self, message: str, kind: str = "invalid_request"):
+        super().__init__(message)
+        self.kind = kind
 
 
 @dataclass
@@ -178,13 +186,14 @@ def resolve(models_dir: Path, name: str) -> ModelInfo:
     """The usable model called `name`. Only bare file names listed by scan() are accepted."""
     name = (name or "").strip()
     if not name or name != os.path.basename(name) or name in {".", ".."} or "\\" in name:
-        raise InferenceError(f"Unknown model {name!r}: give a file name from the model list.")
+        raise InferenceError(f"Unknown model {name!r}: give a file name from the model list.",
+                             "model_not_found")
     for info in scan(models_dir):
         if info.name == name:
             if not info.usable:
-                raise InferenceError(f"Model {name} is unusable: {info.error}.")
+                raise InferenceError(f"Model {name} is unusable: {info.error}.", "model_not_found")
             return info
-    raise InferenceError(f"Unknown model {name!r}: it is not in {models_dir}.")
+    raise InferenceError(f"Unknown model {name!r}: it is not in {models_dir}.", "model_not_found")
 
 
 # -- the active model and its history (for rollback) --------------------------------------
