@@ -23,6 +23,9 @@ def model_choices(engine: ChatEngine) -> list[tuple[str, str]]:
 def model_status(engine: ChatEngine) -> str:
     infos = engine.models()
     lines = [f"**Serving:** `{engine.active_name or 'no model'}`"]
+    if info := engine.serving_info():
+        lines[0] += (f" — {info['slots']} answers at once, {info['n_ctx']} tokens of context "
+                     f"each (now {info['busy']} busy, {info['waiting']} waiting)")
     bad = [f"`{i.name}` ({i.error})" for i in infos if not i.usable]
     if bad:
         lines.append("**Unusable files in models/:** " + ", ".join(bad))

@@ -1,12 +1,13 @@
-"""The one owner of loaded llama.cpp models: lock, generate, swap.
+"""The one owner of loaded llama.cpp models: load, generate, swap.
 
-A llama.cpp context is not thread-safe, so every call into one holds that model's lock.
-Swapping loads (and test-runs) the new model before it becomes active; the old one is
-closed only once the requests streaming from it have finished.
+Each loaded model answers through its BatchScheduler (inference/batching.py): one context with
+N sequence slots, every running answer decoded in the same llama_decode. Swapping loads (and
+test-runs) the new model before it becomes active; the old one is closed only once the
+requests streaming from it have finished.
 
 A LoRA adapter (`<version>.lora.gguf`) is served on its base: the base is loaded once and shared
-by the base itself and all its adapters; before each generation the context's adapter set is
-made exactly the requested one (applied at 16-bit on the quantized weights), so switching
+by the base itself and all its adapters; the scheduler makes the context's adapter set exactly
+the one its next requests ask for (applied at 16-bit on the quantized weights), so switching
 between fine-tunes of one base costs milliseconds, not a reload (plus evaluating the prompt
 afresh: a KV cache computed with other weights is dropped).
 """
@@ -20,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
-from inference import registry
+from inference import batching, registry
 from inference.prompt import fit_to_context
 from inference.registry import InferenceError
 from inference.settings import Settings
@@ -28,6 +29,9 @@ from inference.settings import Settings
 log = logging.getLogger("finechat.engine")
 MAX_ADAPTERS_PER_BASE = 8  # a few MB to ~100 MB each; least recently used ones are freed
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+MAX_AUTO_SLOTS = 8  # answers decoded together when FINECHAT_PARALLEL is not set
+OWN_CONTEXT_TOKENS = 64
+TEST_RUN_TIMEOUT_S = 300  # a model must produce one token within this after loading
 
 
 @dataclass(frozen=True)
@@ -58,26 +62,6 @@ class GenerationParams:
         return self
 
 
-class FairLock:
-    """A lock granted in arrival order, so a waiting chat is never overtaken by a newer one."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._next_ticket = 0
-        self._serving = 0
-
-    def __enter__(self):
-        with self._cond:
-            ticket = self._next_ticket
-            self._next_ticket += 1
-            self._cond.wait_for(lambda: self._serving == ticket)
-
-    def __exit__(self, *exc):
-        with self._cond:
-            self._serving += 1
-            self._cond.notify_all()
-
-
 class LoadedAdapter:
     """A LoRA adapter loaded onto its base's llama_model (freed with it, or when evicted)."""
 
@@ -87,18 +71,16 @@ class LoadedAdapter:
 
 
 class LoadedModel:
-    """A llama_cpp.Llama plus what the engine needs to share it safely."""
+    """A llama_cpp.Llama (weights, vocabulary, chat template) and the scheduler answering on it."""
 
-    def __init__(self, name: str, llama, load_s: float):
+    def __init__(self, name: str, llama, load_s: float, settings: Settings):
         self.name, self.llama, self.load_s = name, llama, load_s
-        self.lock = FairLock()  # one generation at a time on this context
         self.users = 0  # requests holding a reference (guarded by the engine's lock)
         self.retired = False
         # Adapters loaded on this model, least recently used first, and evicted ones waiting
         # for their last request before they are freed (both guarded by the engine's lock).
         self.adapters: "OrderedDict[str, LoadedAdapter]" = OrderedDict()
         self.retired_adapters: list[LoadedAdapter] = []
-        self.applied: LoadedAdapter | None = None  # set on the context (guarded by self.lock)
         template = llama.metadata.get("tokenizer.chat_template")
         if template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -109,57 +91,59 @@ class LoadedModel:
         else:  # no template in the GGUF: ChatML is the most widely trained fallback
             from llama_cpp.llama_chat_format import format_chatml
 
-            llama.chat_format, llama.chat_handler = "chatml", None
             self._formatter = lambda messages: format_chatml(messages=messages)
         self.chat_template = "gguf" if template else "chatml (fallback)"
+        self.kv_bytes_per_token = batching.kv_bytes_per_token(llama.model)
+        n_slots = settings.parallel or auto_slots(self.kv_bytes_per_token, settings)
+        self.scheduler = batching.BatchScheduler(
+            llama.model, name, n_slots, settings.n_ctx, llama.n_threads, llama.n_threads_batch,
+            max_queue=settings.max_queue, prompt_cache=settings.prompt_cache,
+            flash_attn=settings.flash_attn)
 
     @property
     def n_ctx(self) -> int:
-        return self.llama.n_ctx()
+        """Context of one answer (one slot)."""
+        return self.scheduler.n_ctx_slot
+
+    def prompt(self, messages: list[dict]) -> tuple[list[int], tuple[str, ...]]:
+        """The messages in the model's chat template, as tokens, and the template's stop
+        strings (tokenized as llama-cpp-python's chat handler does)."""
+        result = self._formatter(messages=messages)
+        tokens = self.llama.tokenize(result.prompt.encode("utf-8"),
+                                     add_bos=not result.added_special, special=True)
+        stop = result.stop or ()
+        return tokens, (stop,) if isinstance(stop, str) else tuple(s for s in stop if s)
 
     def count_tokens(self, messages: list[dict]) -> int:
-        prompt = self._formatter(messages=messages).prompt
-        return len(self.llama.tokenize(prompt.encode("utf-8"), add_bos=False, special=True))
-
-    def use_adapter(self, adapter: LoadedAdapter | None) -> None:
-        """Make the context's adapters exactly `adapter` (None: the plain base). Hold self.lock."""
-        if adapter is self.applied:
-            return
-        import llama_cpp
-
-        if adapter is None:
-            rc = llama_cpp.llama_set_adapters_lora(self.llama.ctx, None, 0, None)
-        else:
-            handles = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter.handle)
-            scales = (ctypes.c_float * 1)(adapter.scale)
-            rc = llama_cpp.llama_set_adapters_lora(self.llama.ctx, handles, 1, scales)
-        if rc != 0:
-            raise InferenceError(f"llama.cpp could not apply {adapter.name if adapter else 'no'} "
-                                 f"adapter on {self.name} (code {rc}).")
-        self.applied = adapter
-        # The KV cache and the reused prompt prefix were computed with other weights: drop them.
-        self.llama.reset()
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self.llama.ctx), True)
+        return len(self.prompt(messages)[0])
 
     def free_adapter(self, adapter: LoadedAdapter) -> None:
-        """Hold self.lock: the context must not point at a freed adapter."""
+        """Hold scheduler.paused(): the context must not point at a freed adapter."""
         import llama_cpp
 
-        if self.applied is adapter:
-            self.use_adapter(None)
+        self.scheduler.forget_adapter(adapter)
         if adapter.handle is not None:
             llama_cpp.llama_adapter_lora_free(adapter.handle)
             adapter.handle = None
 
     def close(self) -> None:
-        try:
-            if self.applied is not None:
-                self.use_adapter(None)
-            self.llama.close()  # frees the llama_model, and with it every adapter still on it
-        except Exception:  # already freed: nothing left to release
-            pass
-        for adapter in [*self.adapters.values(), *self.retired_adapters]:
-            adapter.handle = None
+        """The scheduler stops (its last requests have ended), frees its context, then the
+        model (and with it every adapter still on it)."""
+        def free_model():
+            try:
+                self.llama.close()
+            except Exception:  # already freed: nothing left to release
+                pass
+            for adapter in [*self.adapters.values(), *self.retired_adapters]:
+                adapter.handle = None
+
+        self.scheduler.close(then=free_model)
+
+
+def auto_slots(kv_bytes_per_token: int, settings: Settings) -> int:
+    """As many slots (up to MAX_AUTO_SLOTS) as fit the KV-cache budget at n_ctx each."""
+    per_slot = max(1, kv_bytes_per_token * settings.n_ctx)
+    return max(1, min(MAX_AUTO_SLOTS, int(settings.kv_cache_gb * 1e9 // per_slot)))
 
 
 class ChatEngine:
@@ -190,18 +174,25 @@ class ChatEngine:
 
         started = time.monotonic()
         try:
-            llama = Llama(model_path=str(info.path), n_ctx=self.settings.n_ctx,
-                          n_threads=self.settings.n_threads or None,
+            # The Llama object's own context is not used to answer (the scheduler has its
+            # own): keep it small.
+            llama = Llama(model_path=str(info.path), n_ctx=OWN_CONTEXT_TOKENS,
+                          n_batch=OWN_CONTEXT_TOKENS, n_threads=self.settings.n_threads or None,
                           n_gpu_layers=self.settings.n_gpu_layers, verbose=False)
         except Exception as exc:
-            raise InferenceError(f"Model {info.name} failed to load: {exc}") from exc
-        return LoadedModel(info.name, llama, time.monotonic() - started)
+            raise InferenceError(f"Model {info.name} failed to load: {exc}", "server_error") \
+                from exc
+        try:
+            return LoadedModel(info.name, llama, time.monotonic() - started, self.settings)
+        except BaseException:
+            llama.close()
+            raise
 
     def _load_adapter(self, base: LoadedModel, info: registry.ModelInfo) -> LoadedAdapter:
         import llama_cpp
 
         started = time.monotonic()
-        with base.lock:  # the adapter joins the base's llama_model: not during a generation
+        with base.scheduler.paused():  # the adapter joins the base's llama_model: not mid-step
             handle = llama_cpp.llama_adapter_lora_init(base.llama.model, str(info.path).encode())
         if not handle:
             raise InferenceError(f"Adapter {info.name} failed to load on {info.base}: llama.cpp "
@@ -297,22 +288,26 @@ class ChatEngine:
         base.retired_adapters.append(adapter)
 
     def _sweep(self, model: LoadedModel) -> None:
-        """Under model.lock: free the evicted adapters no request holds any more."""
+        """Free the evicted adapters no request holds any more."""
         with self._lock:
             done = [a for a in model.retired_adapters if a.users == 0]
             model.retired_adapters = [a for a in model.retired_adapters if a.users > 0]
-        for adapter in done:
-            model.free_adapter(adapter)
+        if done:
+            with model.scheduler.paused():
+                for adapter in done:
+                    model.free_adapter(adapter)
 
     def swap(self, name: str) -> LoadedModel:
         """Make `name` the served model: load and test it first, then switch atomically."""
         model, adapter = self._get(name)
-        try:
-            with model.lock:  # a model that cannot produce one token is refused
-                self._sweep(model)
-                model.use_adapter(adapter)
-                model.llama.create_completion("Hello", max_tokens=1, temperature=0.0)
-                model.llama.reset()
+        try:  # a model that cannot produce one token is refused
+            self._sweep(model)
+            tokens, _ = model.prompt([{"role": "user", "content": "Hello"}])
+            request = batching.Request(tokens, batching.Sampling(0.0, 1.0, 0, 1.0), max_tokens=1,
+                                       adapter=adapter)
+            model.scheduler.submit(request)
+            for _ in batching.read_stream(request, timeout_s=TEST_RUN_TIMEOUT_S):
+                pass
         except Exception as exc:
             with self._lock:
                 if adapter is not None:  # the base may be serving others: drop only the adapter
@@ -346,13 +341,33 @@ class ChatEngine:
                                  "or pick one in the model list.", "model_not_found")
         model, adapter = self._get(name)
         try:
+            self._sweep(model)
             fitted, max_tokens = fit_to_context(messages, model.count_tokens,
                                                 model.n_ctx, params.max_new_tokens)
-            prompt_tokens = model.count_tokens(fitted)
+            tokens, template_stops = model.prompt(fitted)
+            request = batching.Request(
+                tokens, batching.Sampling(params.temperature, params.top_p, params.top_k,
+                                          params.repeat_penalty, params.seed),
+                max_tokens=max_tokens, stop=params.stop + template_stops, adapter=adapter,
+                on_done=lambda: self._release(model, adapter))
+            model.scheduler.submit(request)
         except BaseException:
             self._release(model, adapter)
             raise
-        return Generation(self, name, model, adapter, fitted, params, max_tokens, prompt_tokens)
+        return Generation(name, request)
+
+    def serving_info(self) -> dict:
+        """The active model's slots: how many answers at once, the context of each."""
+        with self._lock:
+            adapter = self._adapters.get(self.active_name)
+            model = adapter.base if adapter else self._loaded.get(self.active_name)
+            if model is None:
+                return {}
+            sched = model.scheduler
+            return {"slots": sched.n_slots, "n_ctx": sched.n_ctx_slot, "busy": sched.busy_slots(),
+                    "waiting": sched.waiting(),
+                    "kv_cache_gb": round(model.kv_bytes_per_token * sched.n_ctx_slot
+                                         * sched.n_slots / 1e9, 2)}
 
     def stream_chat(self, messages: list[dict], params: GenerationParams,
                     model_name: str = "") -> Iterator[str]:
@@ -372,52 +387,32 @@ class ChatEngine:
 
 class Generation:
     """One answer: iterate it for text pieces; `prompt_tokens`, `completion_tokens` and
-    `finish_reason` ("stop" or "length") are set as it goes. close() stops it early."""
+    `finish_reason` ("stop" or "length") are set as it goes. close() stops it early and frees
+    its slot (so does leaving the iteration early)."""
 
-    def __init__(self, engine: ChatEngine, name: str, model: LoadedModel,
-                 adapter: LoadedAdapter | None, messages: list[dict], params: GenerationParams,
-                 max_tokens: int, prompt_tokens: int):
-        self.model = name
-        self.prompt_tokens, self.completion_tokens = prompt_tokens, 0
-        self.finish_reason: str | None = None
-        self._engine, self._loaded, self._adapter = engine, model, adapter
-        self._messages, self._params, self._max_tokens = messages, params, max_tokens
-        self._started = False
-        self._pieces = self._run()
+    def __init__(self, name: str, request: batching.Request):
+        self.model, self._request = name, request
+        self.prompt_tokens = len(request.tokens)
+
+    @property
+    def completion_tokens(self) -> int:
+        return self._request.completion_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens whose KV cells were reused from the slot's earlier conversation."""
+        return self._request.cached_tokens
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._request.finish_reason
 
     def __iter__(self) -> Iterator[str]:
-        return self._pieces
+        try:
+            yield from batching.read_stream(self._request)
+        finally:
+            self._request.cancel()  # a no-op once it has ended
 
     def close(self) -> None:
-        self._pieces.close()
-        if not self._started:  # never iterated: the model reference is still held
-            self._started = True
-            self._engine._release(self._loaded, self._adapter)
-
-    def _run(self) -> Iterator[str]:
-        model, params = self._loaded, self._params
-        self._started = True
-        try:
-            with model.lock:
-                self._engine._sweep(model)
-                model.use_adapter(self._adapter)
-                if not self._engine.settings.prompt_cache:
-                    model.llama.reset()  # evaluate the whole prompt afresh: reproducible
-                stream = model.llama.create_chat_completion(
-                    messages=self._messages, stream=True, max_tokens=self._max_tokens,
-                    temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,
-                    repeat_penalty=params.repeat_penalty, stop=list(params.stop) or None,
-                    seed=params.seed)
-                try:
-                    for chunk in stream:
-                        choice = chunk["choices"][0]
-                        piece = choice["delta"].get("content")
-                        if piece:
-                            self.completion_tokens += 1
-                            yield piece
-                        if choice.get("finish_reason"):
-                            self.finish_reason = choice["finish_reason"]
-                finally:
-                    stream.close()  # stops decoding when the user presses Stop
-        finally:
-            self._engine._release(model, self._adapter)
+        """Stop; returns once the slot is free and the model released."""
+        batching.wait_ended(self._request)

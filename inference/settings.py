@@ -19,6 +19,21 @@ def _int(name: str, default: int) -> int:
         raise SystemExit(f"{name} must be a whole number, got {raw!r}") from None
 
 
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+
+
+def _flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    return default if not raw else raw not in {"0", "false", "no", "off"}
+
+
 @dataclass(frozen=True)
 class Settings:
     models_dir: Path = ROOT / "models"
@@ -29,10 +44,18 @@ class Settings:
     n_threads: int = 0  # 0: llama.cpp picks (physical cores)
     n_gpu_layers: int = 0  # -1 offloads every layer when built with CUDA
     max_loaded_models: int = 2
-    chat_concurrency: int = 1  # generations at once; more users queue fairly (FIFO)
-    # Reuse the KV cache of a shared prompt prefix (as llama.cpp's server does). Faster
-    # multi-turn chats, but batch-size-dependent rounding makes temperature 0 not bit-exact
-    # across requests; set FINECHAT_PROMPT_CACHE=0 for reproducible answers.
+    # Answers decoded together in one llama.cpp batch per model (slots of n_ctx tokens each).
+    # 0: as many as fit kv_cache_gb, at most 8. More requests wait in arrival order.
+    parallel: int = 0
+    kv_cache_gb: float = 2.0
+    # llama.cpp's flash attention: off by default as in llama-cpp-python (on a CPU it changes
+    # the rounding); worth turning on with a CUDA build and long contexts.
+    flash_attn: bool = False
+    max_queue: int = 64  # requests waiting for a slot beyond this are told the server is busy
+    chat_concurrency: int = 16  # Chat-tab requests handed to the engine at once (Gradio queue)
+    # A freed slot keeps its KV cells, so the same conversation's next turn skips evaluating
+    # the shared prefix (as llama.cpp's server does). Batch-size-dependent rounding then makes
+    # temperature 0 not bit-exact across requests; FINECHAT_PROMPT_CACHE=0 for reproducible.
     prompt_cache: bool = True
     # Streamed answers go to the browser at most once per this many ms (the first piece at
     # once): each update costs the server a diff + SSE message, which on a small CPU competes
@@ -53,9 +76,13 @@ class Settings:
             n_threads=_int("FINECHAT_N_THREADS", 0),
             n_gpu_layers=_int("FINECHAT_N_GPU_LAYERS", 0),
             max_loaded_models=max(1, _int("FINECHAT_MAX_LOADED_MODELS", 2)),
-            chat_concurrency=max(1, _int("FINECHAT_CHAT_CONCURRENCY", 1)),
+            parallel=max(0, _int("FINECHAT_PARALLEL", 0)),
+            kv_cache_gb=_float("FINECHAT_KV_CACHE_GB", 2.0),
+            max_queue=max(1, _int("FINECHAT_MAX_QUEUE", 64)),
+            flash_attn=_flag("FINECHAT_FLASH_ATTN", False),
+            chat_concurrency=max(1, _int("FINECHAT_CHAT_CONCURRENCY", 16)),
             stream_interval_ms=max(0, _int("FINECHAT_STREAM_INTERVAL_MS", 50)),
-            prompt_cache=env("FINECHAT_PROMPT_CACHE", "1").strip().lower() not in {"0", "false", "no"},
+            prompt_cache=_flag("FINECHAT_PROMPT_CACHE", True),
             admin_password=env("ADMIN_PASSWORD", ""),
             host=env("FINECHAT_HOST", env("GRADIO_SERVER_NAME", "0.0.0.0")),
             port=_int("FINECHAT_PORT", _int("GRADIO_SERVER_PORT", 7860)),

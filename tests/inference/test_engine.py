@@ -114,8 +114,8 @@ def test_parallel_requests_get_their_own_answers(engine):
     for t in threads:
         t.join()
     assert not errors
-    for q, answers in results.items():
-        assert len(set(answers)) == 1 and questions[q] in answers[0]
+    for q, answers in results.items():  # (bit-identical answers: tests/inference/test_batching)
+        assert len(answers) == 3 and all(questions[q] in a for a in answers)
 
 
 def test_unknown_model_name_is_refused(engine):

@@ -1,0 +1,447 @@
+"""Continuous batching: one llama.cpp context with N sequence slots per loaded model, and the
+thread that decodes every running answer's next token and new prompts' chunks in one batch.
+
+Each request gets a slot (its own KV cells, `n_ctx` tokens), its own sampler chain (sampled in
+llama.cpp, no per-token logits copy), and a queue its caller reads text from. Requests beyond the
+slots wait in arrival order. A freed slot keeps its tokens, so the same conversation's next turn
+(whose prompt starts with them) skips re-evaluating that prefix. All slots share the context's
+LoRA adapter set: a request for another adapter waits until the running ones have finished.
+"""
+from __future__ import annotations
+
+import codecs
+import collections
+import contextlib
+import ctypes
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from inference.registry import InferenceError
+
+log = logging.getLogger("finechat.batching")
+
+PENALTY_LAST_N = 64  # tokens the repetition penalty looks back over (llama-cpp-python's default)
+MIN_P = 0.05  # llama-cpp-python's create_chat_completion default
+PREFILL_CHUNK_WHILE_DECODING = 128  # prompt tokens per step while other answers stream
+_DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: a random seed
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    top_k: int
+    repeat_penalty: float
+    seed: int | None = None
+
+
+@dataclass(eq=False)
+class Request:
+    """One answer: prompt tokens in, text pieces out through `out`.
+
+    `out` receives str pieces, then one final item: None when the answer ended
+    (`finish_reason` set) or an InferenceError."""
+    tokens: list[int]
+    sampling: Sampling
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    adapter: object = None  # the engine's LoadedAdapter (or None: the plain base)
+    on_done: object = None  # called once, from the scheduler, when the slot is freed
+    out: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the slot's earlier conversation
+    finish_reason: str | None = None
+    cancelled: bool = False
+    ended: threading.Event = field(default_factory=threading.Event)  # slot freed, caller told
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _Slot:
+    def __init__(self, seq_id: int):
+        self.seq_id = seq_id
+        self.cached: list[int] = []  # tokens whose KV cells this sequence holds, in order
+        self.request: Request | None = None
+        self.pending: list[int] = []  # prompt tokens not evaluated yet
+        self.chain = None  # the request's llama_sampler chain
+        self.last = -1  # the sampled token not yet in the KV cache
+        self.batch_index = -1  # where this slot's logits are in the current batch
+        self.decoder = None
+        self.held = ""  # text held back: it may be the start of a stop string
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def split_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, str, bool]:
+    """(text safe to send, text to hold back, stopped). A stop string ends the answer before
+    it; a tail that could begin a stop string is held until the next piece decides."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    if cut >= 0:
+        return text[:cut], "", True
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:n]):
+                hold = n
+                break
+    return text[:len(text) - hold], text[len(text) - hold:], False
+
+
+class BatchScheduler:
+    """Owns one llama.cpp context of `n_slots` sequences on a loaded llama_model."""
+
+    def __init__(self, model, name: str, n_slots: int, n_ctx_slot: int, n_threads: int,
+                 n_threads_batch: int, n_batch: int = 512, max_queue: int = 64,
+                 prompt_cache: bool = True, flash_attn: bool = False):
+        import llama_cpp
+
+        self._ll = llama_cpp
+        self.name, self.n_slots, self.n_ctx_slot = name, n_slots, n_ctx_slot
+        self.n_batch, self.max_queue, self.prompt_cache = n_batch, max_queue, prompt_cache
+        self._model = model
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_slots * n_ctx_slot
+        params.n_seq_max = n_slots
+        params.n_batch = params.n_ubatch = n_batch
+        params.n_threads, params.n_threads_batch = n_threads, n_threads_batch
+        params.kv_unified = False  # each slot its own cells: n_ctx_slot tokens, no sharing
+        params.no_perf = True
+        # off unless asked, as llama-cpp-python's Llama: on a CPU it changes the rounding
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        self._ctx = llama_cpp.llama_init_from_model(model, params)
+        if not self._ctx:
+            raise InferenceError(f"llama.cpp could not create a {n_slots}-slot context for "
+                                 f"{name} ({n_slots} x {n_ctx_slot} tokens): out of memory?",
+                                 "server_error")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._slots = [_Slot(i) for i in range(n_slots)]
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._cond = threading.Condition()
+        self._step_lock = threading.Lock()  # held while llama.cpp runs a step
+        self._closing = False
+        self._on_closed = None
+        self.applied = None  # the adapter set on the context (the engine's LoadedAdapter)
+        self._thread = threading.Thread(target=self._loop, name=f"batch-{name}", daemon=True)
+        self._thread.start()
+
+    # -- callers ------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            if self._closing:
+                raise InferenceError(f"{self.name} is being unloaded: send the request again.",
+                                     "busy")
+            if len(self._waiting) >= self.max_queue:
+                raise InferenceError(f"The server is busy ({len(self._waiting)} requests waiting "
+                                     f"for {self.n_slots} slots): try again shortly.", "busy")
+            self._waiting.append(request)
+            self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Between two steps: llama.cpp is not decoding (to load or free adapters)."""
+        with self._step_lock:
+            yield
+
+    def busy_slots(self) -> int:
+        return sum(1 for s in self._slots if s.request is not None)
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def forget_adapter(self, adapter) -> None:
+        """The adapter is about to be freed: hold paused(). The context must not point at it."""
+        if self.applied is adapter:
+            self._set_adapter(None)
+
+    def close(self, then=None) -> None:
+        """Stop; the loop thread frees the context, then calls `then` (freeing the model).
+        Returns once that is done, unless called from the loop itself (a request's on_done)."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing, self._on_closed = True, then
+            alive = self._thread.is_alive()
+            self._cond.notify_all()
+        if not alive:
+            self._free()
+        elif threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # -- the loop -----------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closing and not self._waiting and not self._running():
+                        self._cond.wait()
+                    if self._closing:
+                        break
+                with self._step_lock:
+                    self._drop_cancelled()
+                    self._admit()
+                    if self._running():
+                        self._step()
+        except Exception as exc:  # a bug here must not leave callers waiting forever
+            log.exception("batch loop of %s stopped", self.name)
+            self._fail_all(InferenceError(f"{self.name} stopped serving: {exc}", "server_error"))
+        finally:
+            self._fail_all(InferenceError(f"{self.name} was unloaded: send the request again.",
+                                          "busy"))
+            self._free()
+
+    def _running(self) -> bool:
+        return any(s.request is not None for s in self._slots)
+
+    def _drop_cancelled(self) -> None:
+        for slot in self._slots:
+            if slot.request is not None and slot.request.cancelled:
+                self._finish(slot, "cancelled")
+        with self._cond:
+            kept = [r for r in self._waiting if not r.cancelled]
+            dropped = [r for r in self._waiting if r.cancelled]
+            self._waiting = collections.deque(kept)
+        for request in dropped:
+            request.finish_reason = "cancelled"
+            self._done(request, None)
+
+    def _admit(self) -> None:
+        """Waiting requests into free slots, in arrival order; a request for another adapter
+        than the context's waits (and holds those behind it) until no slot is running."""
+        while True:
+            with self._cond:
+                if not self._waiting:
+                    return
+                request = self._waiting[0]
+                free = [s for s in self._slots if s.request is None]
+                if not free:
+                    return
+                if request.adapter is not self.applied and self._running():
+                    return
+                self._waiting.popleft()
+            if request.adapter is not self.applied:
+                try:
+                    self._set_adapter(request.adapter)
+                except InferenceError as exc:
+                    self._done(request, exc)
+                    continue
+            self._place(request, free)
+
+    def _place(self, request: Request, free: list[_Slot]) -> None:
+        ll = self._ll
+        prompt = request.tokens
+        if self.prompt_cache:
+            slot = max(free, key=lambda s: common_prefix(s.cached, prompt))
+            keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
+        else:
+            slot, keep = free[0], 0
+        if not ll.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
+            ll.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)  # cannot cut here: all
+            keep = 0
+        slot.cached = prompt[:keep]
+        slot.pending = prompt[keep:]
+        slot.request, slot.last, slot.held = request, -1, ""
+        request.cached_tokens = keep
+        # the repetition penalty looks back over the answer's own tokens (llama_sampler_sample
+        # accepts each), not the prompt: as llama-cpp-python's create_chat_completion
+        slot.chain = self._sampler_chain(request.sampling)
+        slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _sampler_chain(self, s: Sampling):
+        ll = self._ll
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if s.repeat_penalty != 1.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
+                self._n_vocab, PENALTY_LAST_N, s.repeat_penalty, 0.0, 0.0))
+        if s.temperature <= 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+            return chain
+        if s.top_k > 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(s.top_k))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(s.top_p, 1))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(MIN_P, 1))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(s.temperature))
+        seed = _DEFAULT_SEED if s.seed is None else s.seed
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
+        return chain
+
+    def _step(self) -> None:
+        """One llama_decode: every streaming slot's last token, then prompt chunks."""
+        ll, batch = self._ll, self._batch
+        n = 0
+        decoding = [s for s in self._slots if s.request is not None and not s.pending]
+        for slot in decoding:
+            self._put(n, slot.last, len(slot.cached), slot.seq_id, True)
+            slot.cached.append(slot.last)
+            slot.batch_index = n
+            n += 1
+        room = self.n_batch - n
+        if decoding:
+            room = min(room, PREFILL_CHUNK_WHILE_DECODING)
+        for slot in self._slots:
+            if slot.request is None or not slot.pending or room <= 0:
+                continue
+            chunk, slot.pending = slot.pending[:room], slot.pending[room:]
+            for i, token in enumerate(chunk):
+                last = not slot.pending and i == len(chunk) - 1
+                self._put(n, token, len(slot.cached), slot.seq_id, last)
+                slot.cached.append(token)
+                if last:
+                    slot.batch_index = n
+                n += 1
+            room -= len(chunk)
+        batch.n_tokens = n
+        rc = ll.llama_decode(self._ctx, batch)
+        if rc != 0:
+            self._decode_failed(rc)
+            return
+        for slot in self._slots:
+            if slot.request is None or slot.batch_index < 0:
+                continue
+            index, slot.batch_index = slot.batch_index, -1
+            token = ll.llama_sampler_sample(slot.chain, self._ctx, index)
+            self._emit(slot, token)
+
+    def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
+        batch = self._batch
+        batch.token[i] = token
+        batch.pos[i] = pos
+        batch.n_seq_id[i] = 1
+        batch.seq_id[i][0] = seq_id
+        batch.logits[i] = logits
+
+    def _emit(self, slot: _Slot, token: int) -> None:
+        request = slot.request
+        if self._ll.llama_vocab_is_eog(self._vocab, token):
+            self._flush(slot, final=True)
+            self._finish(slot, "stop")
+            return
+        request.completion_tokens += 1
+        slot.last = token
+        n = self._ll.llama_token_to_piece(self._vocab, token, self._piece_buf,
+                                          len(self._piece_buf), 0, False)
+        text = slot.held + slot.decoder.decode(self._piece_buf.raw[:max(n, 0)])
+        send, slot.held, stopped = split_at_stop(text, request.stop) if request.stop \
+            else (text, "", False)
+        if send:
+            request.out.put(send)
+        if stopped:
+            self._finish(slot, "stop")
+        elif request.completion_tokens >= request.max_tokens \
+                or len(slot.cached) >= self.n_ctx_slot:  # no cell left for the next token
+            self._flush(slot, final=True)
+            self._finish(slot, "length")
+
+    def _flush(self, slot: _Slot, final: bool) -> None:
+        text = slot.held + (slot.decoder.decode(b"", final=True) if final else "")
+        slot.held = ""
+        if text:
+            slot.request.out.put(text)
+
+    def _finish(self, slot: _Slot, reason: str, error: InferenceError | None = None) -> None:
+        request = slot.request
+        request.finish_reason = reason
+        self._ll.llama_sampler_free(slot.chain)
+        slot.chain, slot.request, slot.pending, slot.batch_index = None, None, [], -1
+        if not self.prompt_cache or error is not None:
+            self._ll.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+            slot.cached = []
+        self._done(request, error)
+
+    def _done(self, request: Request, error: InferenceError | None) -> None:
+        callback, request.on_done = request.on_done, None
+        if callback is not None:  # before the caller hears of the end: it may count on it
+            try:
+                callback()
+            except Exception:
+                log.exception("releasing a finished request")
+        request.out.put(error)
+        request.ended.set()
+
+    def _decode_failed(self, rc: int) -> None:
+        error = InferenceError(f"llama.cpp could not decode on {self.name} (code {rc}).",
+                               "server_error")
+        for slot in self._slots:
+            if slot.request is not None:
+                self._finish(slot, "error", error)
+
+    def _set_adapter(self, adapter) -> None:
+        """No slot is running. Make the context's adapters exactly `adapter` (None: none)."""
+        ll = self._ll
+        if adapter is None:
+            rc = ll.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            handles = (ll.llama_adapter_lora_p_ctypes * 1)(adapter.handle)
+            scales = (ctypes.c_float * 1)(adapter.scale)
+            rc = ll.llama_set_adapters_lora(self._ctx, handles, 1, scales)
+        if rc != 0:
+            raise InferenceError(f"llama.cpp could not apply the adapter on {self.name} "
+                                 f"(code {rc}).", "server_error")
+        self.applied = adapter
+        # every slot's cells were computed with other weights
+        ll.llama_memory_clear(self._mem, True)
+        for slot in self._slots:
+            slot.cached = []
+
+    def _fail_all(self, error: InferenceError) -> None:
+        for slot in self._slots:
+            if slot.request is not None:
+                request = slot.request
+                slot.request = None
+                if slot.chain is not None:
+                    self._ll.llama_sampler_free(slot.chain)
+                    slot.chain = None
+                self._done(request, error)
+        with self._cond:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for request in waiting:
+            self._done(request, error)
+
+    def _free(self) -> None:
+        with self._step_lock:
+            if self._ctx is not None:
+                self._ll.llama_batch_free(self._batch)
+                self._ll.llama_free(self._ctx)
+                self._ctx = None
+        then, self._on_closed = self._on_closed, None
+        if then is not None:
+            then()
+
+
+def wait_ended(request: Request, timeout_s: float = 30.0) -> bool:
+    """Cancel and wait until the scheduler has freed the request's slot (one step at most)."""
+    request.cancel()
+    return request.ended.wait(timeout_s)
+
+
+def read_stream(request: Request, timeout_s: float | None = None):
+    """The request's text pieces as they come; raises its InferenceError, if any."""
+    while True:
+        item = request.out.get(timeout=timeout_s) if timeout_s else request.out.get()
+        if item is None:
+            return
+        if isinstance(item, InferenceError):
+            raise item
+        yield item
+
+
+def kv_bytes_per_token(model) -> int:
+    """f16 K and V cells of one token across all layers (GQA-aware)."""
+    import llama_cpp as ll
+
+    n_head = max(1, ll.llama_model_n_head(model))
+    per_layer = ll.llama_model_n_embd(model) * ll.llama_model_n_head_kv(model) // n_head
+    return ll.llama_model_n_layer(model) * 2 * per_layer * 2
