@@ -1,19 +1,24 @@
 """finechat: chat with a local GGUF model, fine-tune it from the Admin tab.
 
-Thin on purpose: read settings, start the engine, compose the tabs, launch.
+Thin on purpose: read settings, start the engine, compose the tabs, serve them and the
+OpenAI-compatible API (/v1) on one port.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 import gradio as gr
+import uvicorn
+from fastapi import FastAPI
 
 from finetune.admin_tab import build_admin_tab
 from finetune.auth import AdminAuth
 from finetune.hot_reload import start_watcher
 from inference.chat_tab import build_chat_tab
 from inference.engine import ChatEngine
+from inference.openai_api import build_openai_router
 from inference.settings import Settings
 
 log = logging.getLogger("finechat")
@@ -44,6 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 QUEUE_POLL_S = 0.01
+SHUTDOWN_GRACE_S = 2  # open streams (browsers' SSE, gradio_client) would otherwise hold a stop
 
 
 def main(argv=None) -> None:
@@ -69,7 +75,16 @@ def main(argv=None) -> None:
     # most 10 ms of waiting. (A private attribute of Gradio 6.31's queue: ignored if renamed.)
     if hasattr(demo._queue, "sleep_when_free"):
         demo._queue.sleep_when_free = QUEUE_POLL_S
-    demo.launch(server_name=settings.host, server_port=settings.port, show_error=True)
+    # TODO(settings): FINECHAT_API_KEY belongs in Settings; read here until it moves there.
+    api_key = os.environ.get("FINECHAT_API_KEY", "")
+    server = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # "/" is Gradio's
+    server.include_router(build_openai_router(engine, api_key))
+    server = gr.mount_gradio_app(server, demo, path="/", server_name=settings.host,
+                                 server_port=settings.port, show_error=True)
+    log.info("serving on http://%s:%d, OpenAI-compatible API at /v1 (%s)", settings.host,
+             settings.port, "API key required" if api_key else "no API key")
+    uvicorn.run(server, host=settings.host, port=settings.port, log_level="warning",
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,368 @@
+"""The OpenAI-compatible routes (/v1/models, /v1/chat/completions) over the engine."""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
+
+from inference.engine import GenerationParams
+from inference.registry import InferenceError
+
+if TYPE_CHECKING:
+    from inference.engine import ChatEngine, Generation
+
+log = logging.getLogger("finechat.openai_api")
+
+MAX_BODY_BYTES = 1_000_000
+MAX_MESSAGES = 256
+# Requests generating or waiting for their model; more are told to retry (429). Each holds at
+# most one worker thread, from this module's own pool, so Gradio's threads are never used up.
+# Set above the engine's own queue bound: when the engine is full it says "busy" first.
+MAX_IN_FLIGHT = 96
+ACTIVE_MODEL_ALIASES = ("", "default")  # `model` values meaning "the served model"
+BUSY = 429  # with Retry-After: OpenAI's clients wait and retry
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_DEFAULTS = GenerationParams()
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.body = status, {"error": {"message": message, "type": type_,
+                                                    "param": param, "code": code}}
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status == BUSY else None
+        return JSONResponse(self.body, status_code=self.status, headers=headers)
+
+
+# InferenceError.kind -> (HTTP status, error type, param, code)
+_KINDS = {
+    "model_not_found": (404, "invalid_request_error", "model", "model_not_found"),
+    "context_length_exceeded": (400, "invalid_request_error", "messages",
+                                "context_length_exceeded"),
+    "invalid_request": (400, "invalid_request_error", None, None),
+    "busy": (BUSY, "rate_limit_error", None, "server_busy"),
+    "server_error": (500, "server_error", None, None),
+}
+
+
+def api_error(exc: InferenceError) -> APIError:
+    status, type_, param, code = _KINDS.get(exc.kind, _KINDS["server_error"])
+    return APIError(status, str(exc), type_, param, code)
+
+
+def _server_error() -> APIError:
+    return APIError(500, "The server failed while answering; see its log.", "server_error")
+
+
+class OpenAIRoute(APIRoute):
+    """Answers APIError (from a handler or the key check) and unexpected failures as JSON."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request):
+            try:
+                return await handler(request)
+            except APIError as exc:
+                return exc.response()
+            except Exception:
+                log.exception("%s %s failed", request.method, request.url.path)
+                return _server_error().response()
+        return route
+
+
+# -- the request body ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str  # a file name in models/; "" = the served model
+    messages: list[dict]
+    params: GenerationParams
+    stream: bool
+    include_usage: bool
+
+
+def _invalid(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param)
+
+
+def _field(body: dict, key: str, types: tuple, what: str, default=None):
+    """body[key] if it has one of `types` (null or absent: `default`); bools are not numbers."""
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise _invalid(key, f"{key} must be {what}, got {json.dumps(value)[:80]}.")
+    return value
+
+
+def _number(body: dict, key: str, default):
+    value = _field(body, key, (int, float), "a number", default)
+    return value if value is None else float(value)
+
+
+def _whole(body: dict, key: str, default):
+    return _field(body, key, (int,), "a whole number", default)
+
+
+def _text(content, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "\n".join(p["text"] for p in content)
+    raise _invalid(param, f"{param} must be a string or a list of text parts "
+                          '({"type": "text", "text": ...}); images and other parts are not '
+                          "supported.")
+
+
+def parse_messages(raw) -> list[dict]:
+    if not isinstance(raw, list) or not raw:
+        raise _invalid("messages", "messages must be a non-empty list of {role, content} objects.")
+    if len(raw) > MAX_MESSAGES:
+        raise _invalid("messages", f"messages holds {len(raw)} entries; at most {MAX_MESSAGES}.")
+    messages = []
+    for i, message in enumerate(raw):
+        if not isinstance(message, dict):
+            raise _invalid(f"messages[{i}]",
+                           f"messages[{i}] must be an object with role and content.")
+        role = message.get("role")
+        if role not in ROLES:
+            raise _invalid(f"messages[{i}].role",
+                           f"messages[{i}].role {json.dumps(role)[:40]} is not supported: "
+                           "use system, user or assistant.")
+        messages.append({"role": ROLES[role],
+                         "content": _text(message.get("content"), f"messages[{i}].content")})
+    return messages
+
+
+def parse_chat_request(body: dict) -> ChatRequest:
+    """Check the body's fields and types; value ranges are checked by the engine."""
+    model = _field(body, "model", (str,), "a model file name from /v1/models", "")
+    if _whole(body, "n", 1) != 1:
+        raise _invalid("n", "n must be 1: this server gives one answer per request.")
+    if body.get("tools") or body.get("functions"):
+        raise _invalid("tools", "Tool calls are not supported by this server.")
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise _invalid("stop", "stop must be a string or a list of strings.")
+    max_tokens = _whole(body, "max_completion_tokens", None)
+    if max_tokens is None:
+        max_tokens = _whole(body, "max_tokens", _DEFAULTS.max_new_tokens)
+    params = GenerationParams(
+        temperature=_number(body, "temperature", _DEFAULTS.temperature),
+        top_p=_number(body, "top_p", _DEFAULTS.top_p),
+        top_k=_whole(body, "top_k", _DEFAULTS.top_k),
+        repeat_penalty=_number(body, "repeat_penalty", _DEFAULTS.repeat_penalty),
+        max_new_tokens=max_tokens, stop=tuple(stop or ()), seed=_whole(body, "seed", None))
+    stream = _field(body, "stream", (bool,), "true or false", False)
+    options = _field(body, "stream_options", (dict,), "an object", {})
+    include_usage = _field(options, "include_usage", (bool,), "true or false", False)
+    return ChatRequest("" if model in ACTIVE_MODEL_ALIASES else model,
+                       parse_messages(body.get("messages")), params, stream, include_usage)
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+async def read_json(request: Request) -> dict:
+    """The body as a JSON object, read at most MAX_BODY_BYTES far."""
+    too_large = APIError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise too_large
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        raise APIError(400, "The request body is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "The request body must be a JSON object.")
+    return data
+
+
+# -- the answer ---------------------------------------------------------------------------
+
+def _usage(gen: Generation) -> dict:
+    return {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+            "total_tokens": gen.prompt_tokens + gen.completion_tokens}
+
+
+def _sse(payload) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False,
+                                                               separators=(",", ":"))
+    return f"data: {data}\n\n"
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events whose generation is closed however the response ends: answered,
+    failed, or the client gone (Starlette then cancels the stream)."""
+
+    def __init__(self, events: AsyncIterator[str], on_close):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+class OpenAIAPI:
+    """The handlers behind the routes, and the count of requests in flight."""
+
+    def __init__(self, engine: ChatEngine, api_key: str = ""):
+        self._engine, self._key = engine, api_key.encode()
+        self._limiter = anyio.CapacityLimiter(MAX_IN_FLIGHT)
+        self._in_flight = 0  # only touched on the event loop
+
+    async def check_key(self, request: Request) -> None:
+        if not self._key:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._key):
+            raise APIError(401, "Missing or wrong API key: send the header 'Authorization: "
+                                "Bearer <FINECHAT_API_KEY>'.", code="invalid_api_key")
+
+    async def list_models(self):
+        infos = await anyio.to_thread.run_sync(self._engine.models, limiter=self._limiter)
+        active = self._engine.active_name
+        data = []
+        for info in infos:
+            if not info.usable:
+                continue
+            try:
+                created = int(info.path.stat().st_mtime)
+            except OSError:  # deleted since the scan
+                continue
+            entry = {"id": info.name, "object": "model", "created": created,
+                     "owned_by": "finechat", "active": info.name == active}
+            if info.kind == "adapter":
+                entry["parent"] = info.base
+            data.append(entry)
+        return JSONResponse({"object": "list", "data": data})
+
+    async def chat_completions(self, request: Request):
+        chat = parse_chat_request(await read_json(request))
+        model = chat.model or self._engine.active_name  # named now, so the answer says which
+        if self._in_flight >= MAX_IN_FLIGHT:
+            raise APIError(BUSY, f"The server is busy ({MAX_IN_FLIGHT} requests in progress); "
+                                 "retry in a moment.", "rate_limit_error", code="server_busy")
+        self._in_flight += 1
+        try:
+            gen = await anyio.to_thread.run_sync(self._engine.generate, chat.messages,
+                                                 chat.params, model, limiter=self._limiter)
+        except BaseException as exc:
+            self._in_flight -= 1
+            if isinstance(exc, InferenceError):
+                raise api_error(exc) from None
+            raise
+        answer_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": answer_id, "object": "chat.completion", "created": created, "model": model}
+        if chat.stream:
+            return EventStream(self._events(head, gen, chat.include_usage),
+                               on_close=lambda: self._finish(gen))
+        try:
+            text = await self._collect(request, gen)
+        finally:
+            await self._finish(gen)
+        return JSONResponse({
+            **head,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": gen.finish_reason or "stop"}],
+            "usage": _usage(gen)})
+
+    async def not_found(self, request: Request):
+        raise APIError(404, f"Invalid URL ({request.method} {request.url.path}): this server "
+                            "offers GET /v1/models and POST /v1/chat/completions.")
+
+    async def _finish(self, gen: Generation) -> None:
+        """Close the generation (it may wait for the model to free its slot: in a thread), even
+        while the server shuts down."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(gen.close, limiter=self._limiter)
+        self._in_flight -= 1
+        if gen.finish_reason not in ("stop", "length"):
+            log.info("an API answer stopped after %d tokens, before its end (client gone or error)",
+                     gen.completion_tokens)
+
+    async def _pieces(self, gen: Generation) -> AsyncIterator[str]:
+        """The generation's text pieces, each waited for in a worker thread. A cancelled wait
+        (the client left, maybe while its request still queues for a slot) is not sat out:
+        close() may run beside a blocked next(), and ends it."""
+        pieces = iter(gen)
+        while (piece := await anyio.to_thread.run_sync(next, pieces, None, abandon_on_cancel=True,
+                                                       limiter=self._limiter)) is not None:
+            yield piece
+
+    async def _collect(self, request: Request, gen: Generation) -> str:
+        parts = []
+        try:
+            async for piece in self._pieces(gen):
+                parts.append(piece)
+                if await request.is_disconnected():  # nobody to answer: stop generating
+                    break
+        except InferenceError as exc:
+            raise api_error(exc) from None
+        return "".join(parts)
+
+    async def _events(self, head: dict, gen: Generation, include_usage: bool) -> AsyncIterator[str]:
+        head = {**head, "object": "chat.completion.chunk"}
+        usage = {"usage": None} if include_usage else {}
+
+        def chunk(delta: dict, finish_reason: str | None = None) -> str:
+            return _sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                              "finish_reason": finish_reason}], **usage})
+
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            async for piece in self._pieces(gen):
+                yield chunk({"content": piece})
+        except InferenceError as exc:
+            yield _sse(api_error(exc).body)
+            return
+        except Exception:
+            log.exception("a streamed API answer failed")
+            yield _sse(_server_error().body)
+            return
+        yield chunk({}, gen.finish_reason or "stop")
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(gen)})
+        yield _sse("[DONE]")
+
+
+def build_openai_router(engine: ChatEngine, api_key: str = "") -> APIRouter:
+    """The /v1 routes; with `api_key` set every call needs `Authorization: Bearer <key>`."""
+    api = OpenAIAPI(engine, api_key)
+    router = APIRouter(prefix="/v1", route_class=OpenAIRoute,
+                       dependencies=[Depends(api.check_key)])
+    router.add_api_route("/models", api.list_models, methods=["GET"])
+    router.add_api_route("/chat/completions", api.chat_completions, methods=["POST"])
+    router.add_api_route("/{path:path}", api.not_found,
+                         methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    return router

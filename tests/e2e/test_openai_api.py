@@ -1,0 +1,241 @@
+"""The OpenAI-compatible API end to end: `python app.py` in a subprocess, real SmolLM2, driven
+by the real `openai` package (and curl for the raw SSE framing).
+
+The shared `chat_server` has a 512-token context and no prompt cache, so greedy answers are
+bit-exact across requests and "too long" is cheap to hit.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from inference.openai_api import MAX_BODY_BYTES
+from inference.registry import SMOLLM2_FILENAME
+from tests.conftest import link_model
+from tests.e2e.conftest import CORRUPT_NAME, TRUNCATED_NAME, run_app
+
+QUESTION = [{"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": "What is the capital of Germany?"}]
+ANSWER = "The capital of Germany is Berlin."  # SmolLM2's greedy answer
+GREEDY = dict(temperature=0, seed=7, extra_body={"repeat_penalty": 1.0})
+STORY = [{"role": "user", "content": "Write a long story about a dragon."}]
+KEY = "test-key-0123456789"
+
+
+def make_client(server, api_key="unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=api_key, max_retries=0,
+                         timeout=120)
+
+
+@pytest.fixture(scope="module")
+def oai(chat_server) -> openai.OpenAI:
+    return make_client(chat_server)
+
+
+def post(server, path: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(server.url + path, data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            return resp.status, json.load(resp)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+# -- answers --------------------------------------------------------------------------------
+
+def test_models_lists_the_usable_ggufs_with_the_active_one_marked(oai):
+    models = {m.id: m for m in oai.models.list()}
+    assert SMOLLM2_FILENAME in models
+    assert not {CORRUPT_NAME, TRUNCATED_NAME} & set(models)
+    smol = models[SMOLLM2_FILENAME]
+    assert smol.object == "model" and smol.owned_by == "finechat" and smol.created > 0
+    assert smol.model_extra["active"] is True
+    assert sum(m.model_extra["active"] for m in models.values()) == 1
+
+
+def test_completion_with_usage(oai):
+    answer = oai.chat.completions.create(model=SMOLLM2_FILENAME, messages=QUESTION,
+                                         max_tokens=16, **GREEDY)
+    assert answer.object == "chat.completion" and answer.model == SMOLLM2_FILENAME
+    choice = answer.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == ANSWER
+    assert choice.finish_reason == "stop"
+    usage = answer.usage
+    assert usage.prompt_tokens > 10 and 5 <= usage.completion_tokens <= 16
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_temperature_zero_with_seed_repeats_on_the_default_model(oai):
+    """The same greedy request twice gives the same answer; "default" is the active model and
+    content given as text parts reads as the same string."""
+    story = dict(messages=STORY, max_tokens=24, **GREEDY)
+    first = oai.chat.completions.create(model=SMOLLM2_FILENAME, **story)
+    parts = [{"role": "user", "content": [{"type": "text", "text": STORY[0]["content"]}]}]
+    second = oai.chat.completions.create(model="default", **{**story, "messages": parts})
+    assert second.model == SMOLLM2_FILENAME
+    assert second.choices[0].message.content == first.choices[0].message.content
+    assert first.choices[0].finish_reason == "length" and first.usage.completion_tokens == 24
+
+
+def test_streamed_completion(oai):
+    chunks = list(oai.chat.completions.create(
+        model=SMOLLM2_FILENAME, messages=QUESTION, max_tokens=16, stream=True,
+        stream_options={"include_usage": True}, **GREEDY))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    *answer, last, usage = chunks
+    assert answer[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in answer) == ANSWER
+    assert len(answer) >= 5  # streamed in pieces, not at once
+    assert last.choices[0].finish_reason == "stop"
+    assert usage.choices == [] and usage.usage.completion_tokens >= len(answer) - 1
+    assert usage.usage.total_tokens == usage.usage.prompt_tokens + usage.usage.completion_tokens
+
+
+def test_stop_string_ends_the_answer(oai):
+    answer = oai.chat.completions.create(model=SMOLLM2_FILENAME, messages=QUESTION,
+                                         max_tokens=16, stop=[" Berlin"], **GREEDY)
+    assert answer.choices[0].message.content == ANSWER.split(" Berlin")[0]
+    assert answer.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="curl is not installed")
+def test_raw_sse_framing_with_curl(chat_server):
+    body = json.dumps({"messages": QUESTION, "max_tokens": 8, "temperature": 0, "stream": True})
+    out = subprocess.run(["curl", "-sN", "--max-time", "60", "-H", "Content-Type: application/json",
+                          "-d", body, chat_server.url + "/v1/chat/completions"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.endswith("data: [DONE]\n\n")
+    events = out.split("\n\n")[:-1]  # each event is one `data: ` line, a blank line after it
+    assert len(events) >= 4 and all(re.fullmatch(r"data: [^\n]+", e) for e in events), out
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_stops_the_generation(chat_server, oai, stream):
+    """A client that goes away mid-answer frees the model at once (the server logs how far the
+    answer got) and the next request is served."""
+    before = chat_server.log().count("stopped after")
+    body = dict(model=SMOLLM2_FILENAME, messages=STORY, max_tokens=400, **GREEDY)
+    if stream:
+        answer = oai.chat.completions.create(stream=True, **body)
+        for _, _ in zip(range(4), answer):
+            pass
+        answer.close()
+    else:  # a client that gives up waiting after 1 s
+        conn = http.client.HTTPConnection(chat_server.url.removeprefix("http://"), timeout=1)
+        raw = {k: v for k, v in body.items() if k != "extra_body"} | body["extra_body"]
+        conn.request("POST", "/v1/chat/completions", json.dumps(raw),
+                     {"Content-Type": "application/json"})
+        with pytest.raises(TimeoutError):
+            conn.getresponse()
+        conn.close()
+    deadline = time.monotonic() + 30
+    while chat_server.log().count("stopped after") == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stopped = re.findall(r"stopped after (\d+) tokens", chat_server.log())[before:]
+    assert stopped and int(stopped[0]) < 200, chat_server.log()[-2000:]
+    answer = oai.chat.completions.create(model=SMOLLM2_FILENAME, messages=QUESTION,
+                                         max_tokens=16, **GREEDY)
+    assert answer.choices[0].message.content == ANSWER
+
+
+# -- errors: OpenAI's shape and status codes ------------------------------------------------
+
+def test_unknown_model_is_not_found(oai):
+    with pytest.raises(openai.NotFoundError) as err:
+        oai.chat.completions.create(model="no-such-model.gguf", messages=QUESTION, max_tokens=4)
+    assert err.value.code == "model_not_found" and "no-such-model.gguf" in err.value.message
+
+
+def test_prompt_longer_than_the_context_is_refused(oai):
+    long = [{"role": "user", "content": "the quick brown fox jumps " * 200}]
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model=SMOLLM2_FILENAME, messages=long, max_tokens=4)
+    assert err.value.code == "context_length_exceeded" and "512" in err.value.message
+
+
+@pytest.mark.parametrize("change, param", [
+    (dict(temperature=5), None),
+    (dict(max_tokens=100_000), None),
+    (dict(max_tokens="ten"), "max_tokens"),
+    (dict(n=2), "n"),
+    (dict(stop=["a", "b", "c", "d", "e"]), None),
+    (dict(messages=[{"role": "tool", "content": "hi"}]), "messages[0].role"),
+    (dict(messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]), "messages[0].content"),
+])
+def test_bad_parameters_are_refused(oai, change, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(**{"model": SMOLLM2_FILENAME, "messages": QUESTION, **change})
+    assert err.value.type == "invalid_request_error" and err.value.param == param
+
+
+def test_malformed_or_oversized_bodies_are_refused(chat_server):
+    status, body = post(chat_server, "/v1/chat/completions", b"{not json")
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
+    # refused on the declared length, before any of it is sent (sending it would race the reply)
+    conn = http.client.HTTPConnection(chat_server.url.removeprefix("http://"), timeout=30)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Length", str(MAX_BODY_BYTES + 1))
+    conn.endheaders()
+    resp = conn.getresponse()
+    assert resp.status == 413 and "larger than" in json.load(resp)["error"]["message"]
+    conn.close()
+    status, body = post(chat_server, "/v1/embeddings", b"{}")
+    assert status == 404 and "Invalid URL" in body["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def small_server(tmp_path_factory, smollm2_path):
+    """An app with an API key, one slot and room for one waiting request."""
+    workdir = tmp_path_factory.mktemp("small_server")
+    link_model(smollm2_path, workdir / "models", SMOLLM2_FILENAME)
+    with run_app(workdir, workdir / "models", FINECHAT_API_KEY=KEY, FINECHAT_PARALLEL="1",
+                 FINECHAT_MAX_QUEUE="1") as server:
+        yield server
+
+
+def test_api_key_is_required_when_set(small_server):
+    status, body = post(small_server, "/v1/chat/completions", b"{}")  # no Authorization header
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        make_client(small_server, api_key="wrong").models.list()
+    keyed = make_client(small_server, api_key=KEY)
+    assert SMOLLM2_FILENAME in {m.id for m in keyed.models.list()}
+    answer = keyed.chat.completions.create(model="", messages=QUESTION, max_tokens=4)
+    assert answer.choices[0].message.content
+    assert KEY not in small_server.log()
+
+
+def test_full_queue_is_told_to_retry(small_server):
+    keyed = make_client(small_server, api_key=KEY)
+    story = dict(model="", messages=STORY, max_tokens=400, stream=True, **GREEDY)
+    running = keyed.chat.completions.create(**story)
+    waiting = keyed.chat.completions.create(**story)
+    try:
+        next(iter(running)), next(iter(running))  # the role chunk, then a token: in the slot
+        next(iter(waiting))  # the role chunk: submitted, queued behind it
+        with pytest.raises(openai.RateLimitError) as err:
+            keyed.chat.completions.create(model="", messages=QUESTION, max_tokens=4)
+        assert err.value.code == "server_busy"
+        assert err.value.response.headers["retry-after"] == "1"
+    finally:
+        running.close()
+        waiting.close()
+    # the two closed streams leave within moments; the client's own retries cover them
+    answer = keyed.with_options(max_retries=5).chat.completions.create(
+        model="", messages=QUESTION, max_tokens=16, **GREEDY)
+    assert "Berlin" in answer.choices[0].message.content
