@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 import gradio as gr
 import uvicorn
@@ -66,8 +65,8 @@ def main(argv=None) -> None:
     auth = AdminAuth(settings.admin_password)
     start_watcher(engine, settings.jobs_dir)
     demo = build_app(settings, engine, auth)
-    # Every generation holds its model's lock; extra workers only wait, so keep the pool
-    # modest and let Gradio's queue order users fairly.
+    # Chats beyond the engine's slots wait in its own queue (arrival order); Gradio's queue
+    # only hands them over.
     demo.queue(default_concurrency_limit=settings.chat_concurrency, max_size=256)
     # Gradio's queue loop polls every 1 ms while its workers are busy, i.e. during every
     # generation: on a small CPU that steals time from llama.cpp's decode threads (the app
@@ -75,8 +74,7 @@ def main(argv=None) -> None:
     # most 10 ms of waiting. (A private attribute of Gradio 6.31's queue: ignored if renamed.)
     if hasattr(demo._queue, "sleep_when_free"):
         demo._queue.sleep_when_free = QUEUE_POLL_S
-    # TODO(settings): FINECHAT_API_KEY belongs in Settings; read here until it moves there.
-    api_key = os.environ.get("FINECHAT_API_KEY", "")
+    api_key = settings.api_key
     server = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # "/" is Gradio's
     server.include_router(build_openai_router(engine, api_key))
     server = gr.mount_gradio_app(server, demo, path="/", server_name=settings.host,

@@ -55,9 +55,30 @@ class Request:
     finish_reason: str | None = None
     cancelled: bool = False
     ended: threading.Event = field(default_factory=threading.Event)  # slot freed, caller told
+    _sink: object = None  # set by redirect(): called with each item instead of out.put
+    _sink_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def emit(self, item) -> None:
+        with self._sink_lock:
+            if self._sink is None:
+                self.out.put(item)
+                return
+            sink = self._sink
+        sink(item)
+
+    def redirect(self, sink) -> None:
+        """From now on hand every item to `sink` (e.g. an event loop's queue); items already
+        queued go first, in order."""
+        with self._sink_lock:
+            while True:
+                try:
+                    sink(self.out.get_nowait())
+                except queue.Empty:
+                    break
+            self._sink = sink
 
 
 class _Slot:
@@ -337,7 +358,7 @@ class BatchScheduler:
         send, slot.held, stopped = split_at_stop(text, request.stop) if request.stop \
             else (text, "", False)
         if send:
-            request.out.put(send)
+            request.emit(send)
         if stopped:
             self._finish(slot, "stop")
         elif request.completion_tokens >= request.max_tokens \
@@ -349,7 +370,7 @@ class BatchScheduler:
         text = slot.held + (slot.decoder.decode(b"", final=True) if final else "")
         slot.held = ""
         if text:
-            slot.request.out.put(text)
+            slot.request.emit(text)
 
     def _finish(self, slot: _Slot, reason: str, error: InferenceError | None = None) -> None:
         request = slot.request
@@ -368,7 +389,7 @@ class BatchScheduler:
                 callback()
             except Exception:
                 log.exception("releasing a finished request")
-        request.out.put(error)
+        request.emit(error)
         request.ended.set()
 
     def _decode_failed(self, rc: int) -> None:
@@ -425,6 +446,28 @@ def wait_ended(request: Request, timeout_s: float = 30.0) -> bool:
     """Cancel and wait until the scheduler has freed the request's slot (one step at most)."""
     request.cancel()
     return request.ended.wait(timeout_s)
+
+
+async def read_stream_async(request: Request):
+    """The request's text as it comes, for an event loop: no thread waits on it, and what
+    arrived while the loop was busy comes as one piece. Raises its InferenceError, if any."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    arrived: asyncio.Queue = asyncio.Queue()
+    request.redirect(lambda item: loop.call_soon_threadsafe(arrived.put_nowait, item))
+    while True:
+        items = [await arrived.get()]
+        while not arrived.empty():
+            items.append(arrived.get_nowait())
+        text = "".join(i for i in items if isinstance(i, str))
+        if text:
+            yield text
+        end = next((i for i in items if not isinstance(i, str)), "")
+        if isinstance(end, InferenceError):
+            raise end
+        if end is None:
+            return
 
 
 def read_stream(request: Request, timeout_s: float | None = None):

@@ -13,7 +13,6 @@ afresh: a KV cache computed with other weights is dropped).
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import threading
 import time
@@ -387,8 +386,9 @@ class ChatEngine:
 
 class Generation:
     """One answer: iterate it for text pieces; `prompt_tokens`, `completion_tokens` and
-    `finish_reason` ("stop" or "length") are set as it goes. close() stops it early and frees
-    its slot (so does leaving the iteration early)."""
+    `finish_reason` ("stop", "length", or "cancelled" when closed early) are set as it goes.
+    close() stops it and frees its slot (so does leaving the iteration early); it may be called
+    from another thread while one is reading: it only cancels and waits."""
 
     def __init__(self, name: str, request: batching.Request):
         self.model, self._request = name, request
@@ -412,6 +412,15 @@ class Generation:
             yield from batching.read_stream(self._request)
         finally:
             self._request.cancel()  # a no-op once it has ended
+
+    async def aiter_text(self):
+        """For an event loop: the text as it comes, what arrived meanwhile joined into one
+        piece (no thread per answer, no hand-off per token). Leaving early cancels."""
+        try:
+            async for text in batching.read_stream_async(self._request):
+                yield text
+        finally:
+            self._request.cancel()
 
     def close(self) -> None:
         """Stop; returns once the slot is free and the model released."""

@@ -312,13 +312,10 @@ class OpenAIAPI:
                      gen.completion_tokens)
 
     async def _pieces(self, gen: Generation) -> AsyncIterator[str]:
-        """The generation's text pieces, each waited for in a worker thread. A cancelled wait
-        (the client left, maybe while its request still queues for a slot) is not sat out:
-        close() may run beside a blocked next(), and ends it."""
-        pieces = iter(gen)
-        while (piece := await anyio.to_thread.run_sync(next, pieces, None, abandon_on_cancel=True,
-                                                       limiter=self._limiter)) is not None:
-            yield piece
+        """The generation's text as it comes, straight from the scheduler into the event
+        loop; under load several tokens come as one piece (one SSE chunk, not one each)."""
+        async for text in gen.aiter_text():
+            yield text
 
     async def _collect(self, request: Request, gen: Generation) -> str:
         parts = []

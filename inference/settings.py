@@ -62,6 +62,7 @@ class Settings:
     # with llama.cpp's decode threads. 0 sends every token.
     stream_interval_ms: int = 50
     admin_password: str = ""
+    api_key: str = ""  # when set, every /v1 call needs "Authorization: Bearer <key>"
     host: str = "0.0.0.0"
     port: int = 7860
 
@@ -84,6 +85,7 @@ class Settings:
             stream_interval_ms=max(0, _int("FINECHAT_STREAM_INTERVAL_MS", 50)),
             prompt_cache=_flag("FINECHAT_PROMPT_CACHE", True),
             admin_password=env("ADMIN_PASSWORD", ""),
+            api_key=env("FINECHAT_API_KEY", ""),
             host=env("FINECHAT_HOST", env("GRADIO_SERVER_NAME", "0.0.0.0")),
             port=_int("FINECHAT_PORT", _int("GRADIO_SERVER_PORT", 7860)),
         )

@@ -1,0 +1,225 @@
+"""Many users at once: 1, 2, 4, 8 simultaneous chats through the app's OpenAI-compatible API,
+against the same requests served one at a time, and llama.cpp's own batch decode as ceiling.
+
+    python -m bench.concurrency [--runs 3] [--max-tokens 128] [--n-threads 2] [--model F.gguf]
+
+Each chat is a different greedy request (`/v1/chat/completions`, stream, 128 tokens,
+repetition penalty off) started at the same instant; time to first token (TTFT) is the first
+content chunk's arrival. Aggregate tokens/s = all completion tokens / the wall time from the
+start to the last token (prompts included); aggregate decode tokens/s = the tokens after each
+chat's first / the time from the first chat's first token to the last token (as llama.cpp's
+ceiling below, which times the decode steps alone).
+"Alone" serves the same requests one after another (same app, same settings). The ceiling is
+llama.cpp's batch decode of N sequences through the low-level API in this process (greedy
+sampler chains, no app, no HTTP), the app stopped meanwhile. Medians over --runs.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.chat_overhead import machine_info, paused  # noqa: E402
+from inference.registry import smollm2_gguf  # noqa: E402
+from inference.settings import DEFAULT_SYSTEM_PROMPT  # noqa: E402
+from tests.conftest import CACHE_DIR, link_model  # noqa: E402
+from tests.e2e.conftest import run_app  # noqa: E402
+
+LEVELS = (1, 2, 4, 8)
+TOPICS = ["a dragon", "a lighthouse keeper", "a robot gardener", "a lost city", "a pirate cat",
+          "a time-travelling baker", "a mountain village", "a young astronomer"]
+TARGET_AGGREGATE_8, TARGET_TTFT_8_S = 1.5, 1.0
+
+
+def chat_request(i: int, max_tokens: int) -> dict:
+    return {"model": "", "stream": True, "temperature": 0.0, "max_tokens": max_tokens,
+            "repeat_penalty": 1.0,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                         {"role": "user", "content": f"Write a long story about {TOPICS[i]}."}]}
+
+
+def stream_one(http, url: str, body: dict, t0: float) -> dict:
+    """One streamed chat: when its first and last content arrived, and its token count."""
+    first = last = None
+    tokens = 0
+    with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk.get("choices") and chunk["choices"][0]["delta"].get("content"):
+                last = time.monotonic()
+                first = first or last
+    return {"ttft_s": first - t0, "end_s": last - t0, "tokens": tokens, "first_s": first - t0}
+
+
+def at_once(http, url: str, n: int, max_tokens: int) -> dict:
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        t0 = time.monotonic()
+        chats = list(pool.map(lambda i: stream_one(http, url, chat_request(i, max_tokens), t0),
+                              range(n)))
+    decode_s = max(c["end_s"] for c in chats) - min(c["first_s"] for c in chats)
+    return summarize(chats, max(c["end_s"] for c in chats), decode_s)
+
+
+def one_at_a_time(http, url: str, n: int, max_tokens: int) -> dict:
+    chats, elapsed = [], 0.0
+    for i in range(n):
+        t0 = time.monotonic()
+        chat = stream_one(http, url, chat_request(i, max_tokens), t0)
+        chats.append({**chat, "ttft_s": chat["ttft_s"] + elapsed})  # as if all came at once
+        elapsed += chat["end_s"]
+    decode_s = sum(c["end_s"] - c["first_s"] for c in chats)
+    return summarize(chats, elapsed, decode_s)
+
+
+def summarize(chats: list[dict], wall_s: float, decode_s: float) -> dict:
+    ttfts = sorted(c["ttft_s"] for c in chats)
+    tokens = sum(c["tokens"] for c in chats)
+    return {"aggregate_tok_s": tokens / wall_s,
+            "aggregate_decode_tok_s": (tokens - len(chats)) / decode_s,
+            "ttft_median_s": statistics.median(ttfts), "ttft_worst_s": ttfts[-1],
+            "tokens": tokens, "wall_s": wall_s}
+
+
+def llama_cpp_ceiling(model: Path, n_seq: int, n_threads: int, n_tokens: int) -> float:
+    """Tokens/s of llama.cpp decoding n_seq sequences together (low-level API, greedy)."""
+    import llama_cpp as ll
+    from llama_cpp import Llama
+
+    llm = Llama(str(model), n_ctx=64, n_threads=n_threads, verbose=False)
+    params = ll.llama_context_default_params()
+    params.n_ctx, params.n_seq_max, params.kv_unified = n_seq * 512, n_seq, False
+    params.n_threads = params.n_threads_batch = n_threads
+    params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx = ll.llama_init_from_model(llm.model, params)
+    batch = ll.llama_batch_init(512, 0, 1)
+    chains = []
+    try:
+        prompts = [llm.tokenize(f"Write a long story about {TOPICS[i]}.".encode())
+                   for i in range(n_seq)]
+        n = 0
+        for seq, prompt in enumerate(prompts):
+            for pos, token in enumerate(prompt):
+                _put(batch, n, token, pos, seq, pos == len(prompt) - 1)
+                n += 1
+        batch.n_tokens = n
+        assert ll.llama_decode(ctx, batch) == 0
+        chains = [ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+                  for _ in range(n_seq)]
+        for chain in chains:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+        index = [sum(len(p) for p in prompts[:s + 1]) - 1 for s in range(n_seq)]
+        positions = [len(p) for p in prompts]
+        started = time.monotonic()
+        for _ in range(n_tokens):
+            tokens = [ll.llama_sampler_sample(chains[s], ctx, index[s]) for s in range(n_seq)]
+            for s, token in enumerate(tokens):
+                _put(batch, s, token, positions[s], s, True)
+                positions[s] += 1
+            batch.n_tokens, index = n_seq, list(range(n_seq))
+            assert ll.llama_decode(ctx, batch) == 0
+        return n_seq * n_tokens / (time.monotonic() - started)
+    finally:
+        for chain in chains:
+            ll.llama_sampler_free(chain)
+        ll.llama_batch_free(batch)
+        ll.llama_free(ctx)
+        llm.close()
+
+
+def _put(batch, i, token, pos, seq, logits):
+    batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
+    batch.seq_id[i][0], batch.logits[i] = seq, logits
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, help="GGUF file (default: SmolLM2-135M Q4_1)")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--n-threads", type=int, default=2)
+    p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "concurrency.json")
+    args = p.parse_args(argv)
+    import httpx
+
+    model = args.model or smollm2_gguf(CACHE_DIR / "models")
+    rows: dict[str, list] = {}
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        models_dir = Path(tmp) / "models"
+        link_model(model, models_dir)
+        env = {"FINECHAT_N_THREADS": str(args.n_threads), "FINECHAT_PARALLEL": str(max(LEVELS)),
+               "FINECHAT_N_CTX": "1024", "FINECHAT_PROMPT_CACHE": "0",
+               "FINECHAT_N_GPU_LAYERS": str(args.n_gpu_layers)}
+        with run_app(Path(tmp), models_dir, **env) as server, httpx.Client(timeout=600) as http:
+            at_once(http, server.url, 2, 16)  # warm-up
+            for run in range(args.runs):
+                for n in LEVELS:
+                    rows.setdefault(f"{n} at once", []).append(
+                        at_once(http, server.url, n, args.max_tokens))
+                    rows.setdefault(f"{n} one at a time", []).append(
+                        one_at_a_time(http, server.url, n, args.max_tokens))
+                for n in (1, 8):
+                    rows.setdefault(f"llama.cpp ceiling, {n} seq", []).append(
+                        {"aggregate_decode_tok_s": paused(server, lambda: llama_cpp_ceiling(
+                            model, n, args.n_threads, args.max_tokens))()})
+    load_after = os.getloadavg()
+    median = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+              for name, runs in rows.items()}
+    alone = median["1 at once"]["aggregate_decode_tok_s"]
+    print(f"{'chats':28} {'tok/s (decode)':>15} {'x one chat':>11} {'tok/s (all)':>12} "
+          f"{'TTFT median':>12} {'TTFT worst':>11}")
+    for name, m in median.items():
+        rest = (f"{m['aggregate_tok_s']:12.1f} {m['ttft_median_s']:11.2f}s "
+                f"{m['ttft_worst_s']:10.2f}s" if "ttft_median_s" in m else "")
+        print(f"{name:28} {m['aggregate_decode_tok_s']:15.1f} "
+              f"{m['aggregate_decode_tok_s'] / alone:11.2f} {rest}")
+    eight = median["8 at once"]
+    verdict = {"aggregate_8_vs_1": eight["aggregate_decode_tok_s"] / alone,
+               "aggregate_all_8_vs_1": eight["aggregate_tok_s"]
+               / median["1 at once"]["aggregate_tok_s"],
+               "ttft_median_8_s": eight["ttft_median_s"],
+               "ceiling_8_vs_1": median["llama.cpp ceiling, 8 seq"]["aggregate_decode_tok_s"]
+               / median["llama.cpp ceiling, 1 seq"]["aggregate_decode_tok_s"],
+               "one_chat_vs_ceiling": alone
+               / median["llama.cpp ceiling, 1 seq"]["aggregate_decode_tok_s"]}
+    verdict["met"] = (verdict["aggregate_8_vs_1"] >= TARGET_AGGREGATE_8
+                      and verdict["ttft_median_8_s"] <= TARGET_TTFT_8_S)
+    print(f"8 chats: {verdict['aggregate_8_vs_1']:.2f}x one chat (target >= "
+          f"{TARGET_AGGREGATE_8}, llama.cpp's own ceiling {verdict['ceiling_8_vs_1']:.2f}x), "
+          f"median TTFT {verdict['ttft_median_8_s']:.2f} s (target <= {TARGET_TTFT_8_S}): "
+          f"{'MET' if verdict['met'] else 'NOT met'}; load {load_before[0]:.2f} -> "
+          f"{load_after[0]:.2f}")
+    result = {"benchmark": "concurrency", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "machine": {**machine_info(), "loadavg_before": load_before,
+                          "loadavg_after": load_after},
+              "settings": {"model": model.name, "max_tokens": args.max_tokens,
+                           "n_threads": args.n_threads, "parallel": max(LEVELS),
+                           "n_gpu_layers": args.n_gpu_layers, "runs": args.runs,
+                           "temperature": 0.0, "prompt_cache": False},
+              "targets": {"aggregate_8_vs_1_min": TARGET_AGGREGATE_8,
+                          "ttft_median_8_max_s": TARGET_TTFT_8_S},
+              "median": median, "verdict": verdict, "runs": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
