@@ -190,14 +190,26 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def write_result(out: Path, result: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
+
+
+def serving_args(doc: str, runs: int, max_tokens: int, out: str) -> argparse.ArgumentParser:
+    """The options the serving benchmarks share."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--model", type=Path, help="GGUF file (default: SmolLM2-135M Q4_1)")
-    p.add_argument("--runs", type=int, default=7, help="measured runs per path")
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--runs", type=int, default=runs, help="measured runs")
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
     p.add_argument("--n-threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / out)
+    return p
+
+
+def main(argv=None) -> int:
+    p = serving_args(__doc__, runs=7, max_tokens=256, out="chat_overhead.json")
     p.add_argument("--n-ctx", type=int, default=2048)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "chat_overhead.json")
     args = p.parse_args(argv)
 
     from llama_cpp import Llama
@@ -251,9 +263,7 @@ def main(argv=None) -> int:
         "runs": {name: [{k: v for k, v in r.items() if k != "text"} for r in rs]
                  for name, rs in runs.items()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -15,7 +15,6 @@ sampler chains, no app, no HTTP), the app stopped meanwhile. Medians over --runs
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import json
 import os
@@ -28,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.chat_overhead import machine_info, paused  # noqa: E402
+from bench.chat_overhead import (machine_info, paused, serving_args,  # noqa: E402
+                                 write_result)
 from inference.registry import smollm2_gguf  # noqa: E402
 from inference.settings import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from tests.conftest import CACHE_DIR, link_model  # noqa: E402
@@ -147,13 +147,8 @@ def _put(batch, i, token, pos, seq, logits):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", type=Path, help="GGUF file (default: SmolLM2-135M Q4_1)")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--n-threads", type=int, default=2)
+    p = serving_args(__doc__, runs=3, max_tokens=128, out="concurrency.json")
     p.add_argument("--n-gpu-layers", type=int, default=0)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "concurrency.json")
     args = p.parse_args(argv)
     import httpx
 
@@ -215,9 +210,7 @@ def main(argv=None) -> int:
               "targets": {"aggregate_8_vs_1_min": TARGET_AGGREGATE_8,
                           "ttft_median_8_max_s": TARGET_TTFT_8_S},
               "median": median, "verdict": verdict, "runs": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -9,24 +9,23 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
 
-def _int(name: str, default: int) -> int:
+def _number(name: str, default, kind=int):
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError:
-        raise SystemExit(f"{name} must be a whole number, got {raw!r}") from None
+        what = "a whole number" if kind is int else "a number"
+        raise SystemExit(f"{name} must be {what}, got {raw!r}") from None
+
+
+def _int(name: str, default: int) -> int:
+    return _number(name, default, int)
 
 
 def _float(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise SystemExit(f"{name} must be a number, got {raw!r}") from None
+    return _number(name, default, float)
 
 
 def _flag(name: str, default: bool) -> bool:
