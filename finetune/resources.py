@@ -8,8 +8,8 @@
 RAM is resident memory (RSS), from the kernel's own high-water mark of this process
 (VmHWM, reset at the start of the block; where a sandbox does not reset it, only the samples
 below count), its children's (`getrusage(RUSAGE_CHILDREN)`, for
-the converter subprocess) and a sampler thread that adds up this process and its live
-descendants every 50 ms (they run at the same time). GPU memory is torch's peak allocation,
+the converter subprocess) and a sampler thread that adds up this process and the descendants
+started inside the block every 50 ms (they run at the same time). GPU memory is torch's peak allocation,
 measured only where torch is already imported and CUDA is available (llama.cpp's own CUDA
 buffers are not torch's and are not counted). Linux only; elsewhere RAM reads None.
 """
@@ -56,6 +56,8 @@ class PeakMeter:
 
     def start(self) -> None:
         self._children_before = _children_maxrss_bytes()
+        # processes already running (a test's app server, say) are not this stage's
+        self._already_running = set(descendants(os.getpid()))
         self._self_min_bytes = rss_bytes(os.getpid()) or 0
         self._hwm_is_reset = _reset_high_water_mark(self._self_min_bytes)
         self._sample()
@@ -90,7 +92,8 @@ class PeakMeter:
         if own is None:
             return
         self._self_min_bytes = min(self._self_min_bytes, own) if self._self_min_bytes else own
-        total = own + sum(rss_bytes(pid) or 0 for pid in descendants(os.getpid()))
+        total = own + sum(rss_bytes(pid) or 0 for pid in descendants(os.getpid())
+                          if pid not in self._already_running)
         self._sampled_bytes = max(self._sampled_bytes, total)
 
 

@@ -122,3 +122,22 @@ def test_export_records_the_peaks_of_each_stage_in_the_card(tiny_llama_dir, tmp_
         assert peaks[stage]["peak_ram_gb"] >= own_gb * 0.9 and peaks[stage]["peak_gpu_gb"] is None
     # the converter is a second Python importing torch and transformers: well over 0.1 GB
     assert peaks["convert"]["peak_ram_gb"] > own_gb + 0.1
+
+
+def test_a_process_started_before_the_stage_is_not_counted():
+    """A long-lived child (as a test's app server is, or a previous stage's) is not the
+    stage's memory: only what this process and the children it starts hold."""
+    code = "import time; b = bytearray(300 * 2**20); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 10
+        while (resources.rss_bytes(child.pid) or 0) < 300 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        before = _rss_gb()
+        peaks = resources.StagePeaks()
+        with peaks.measure("idle"):
+            time.sleep(0.2)
+        assert peaks["idle"]["peak_ram_gb"] < before + 0.2
+    finally:
+        child.kill()
+        child.wait()
