@@ -301,7 +301,7 @@ class ChatEngine:
         model, adapter = self._get(name)
         try:  # a model that cannot produce one token is refused
             self._sweep(model)
-            tokens, _ = model.prompt([{"role": "user", "content": "Hello"}])
+            tokens = model.llama.tokenize(b"Hello", add_bos=True)  # a few tokens: switch fast
             request = batching.Request(tokens, batching.Sampling(0.0, 1.0, 0, 1.0), max_tokens=1,
                                        adapter=adapter)
             model.scheduler.submit(request)
