@@ -34,8 +34,8 @@ CACHE_DIR = default_cache_dir()  # not tests.conftest: the GPU machine has no py
 RESULTS = ROOT / "bench" / "results" / "pipeline_e2e.json"
 DATA = ROOT / "bench" / "data" / "quillmere.jsonl"
 STANDINS = ("phi-3.5-mini", "mistral-7b")
-STAGES = ("load", "train", "merge", "convert", "quantize_Q4_K_M", "quantize_Q5_K_M", "adapter",
-          "gate", "load_and_first_answer")
+STAGES = ("load", "train", "merge", "convert", "quantize", "quantize_Q4_K_M", "quantize_Q5_K_M",
+          "adapter", "gate", "load_and_first_answer")  # quantize: every type, maybe at once
 
 
 def device() -> str:

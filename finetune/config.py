@@ -97,6 +97,10 @@ class FinetuneConfig:
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     quant_types: list[str] = _help("GGUF quantizations to produce.",
                                    default_factory=lambda: ["Q4_K_M", "Q5_K_M"])
+    parallel_quantize: bool = _help("Quantize every type at once, each on its share of the "
+                                    "cores (llama.cpp's quantizer reads and writes one tensor "
+                                    "at a time: two types take ~0.65x as long as one after "
+                                    "the other).", default=True)
     export_adapter: bool = _help("Also export the LoRA adapter as a llama.cpp GGUF, served at "
                                  "16-bit on the base's GGUF (quantization cannot erase it).",
                                  default=True)

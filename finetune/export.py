@@ -11,6 +11,7 @@ The fidelity checks (f16 GGUF vs the merged HF model, quantized vs f16) are in f
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import hashlib
@@ -123,14 +124,16 @@ def export(result, config, models_dir: Path, workdir: Path, reporter, *,
 
         shutil.rmtree(staging, ignore_errors=True)  # a leftover of a killed run of this version
         staging.mkdir(parents=True)
-        staged: dict[str, Path] = {}
-        for i, quant in enumerate(quants, 1):
-            _check_cancelled(reporter)
-            reporter.stage("quantizing", f"{quant} ({i}/{len(quants)})")
-            with _measured(f"quantize_{quant}", timings, peaks):
-                staged[quant] = quantize(f16_path, staging / f"{version}.{quant}.gguf", quant,
-                                         log=reporter.log)
-            reporter.log(f"{staged[quant].name}: {staged[quant].stat().st_size / 2**20:.1f} MiB "
+        _check_cancelled(reporter)
+        reporter.stage("quantizing", ", ".join(quants)
+                       + (" at once" if config.parallel_quantize and len(quants) > 1 else ""))
+        targets = {quant: staging / f"{version}.{quant}.gguf" for quant in quants}
+        with _measured("quantize", timings, peaks):
+            timings.update({f"quantize_{quant}": seconds for quant, seconds in quantize_many(
+                f16_path, targets, config.parallel_quantize, reporter.log).items()})
+        staged: dict[str, Path] = dict(targets)
+        for quant, path in staged.items():
+            reporter.log(f"{path.name}: {path.stat().st_size / 2**20:.1f} MiB "
                          f"in {timings[f'quantize_{quant}']} s")
         adapter = {}
         if config.export_adapter:
@@ -280,22 +283,57 @@ def quantize(f16_path: Path, out_path: Path, quant: str, n_threads: int = 0,
              log: Callable[[str], None] | None = None) -> Path:
     """llama.cpp's quantizer in-process. Rows whose width is not a multiple of 256 fall back to
     a legacy type (q5_0/q5_1/q8_0) inside K-quant files: expected for small models."""
+    with _llama_log_lines() if log else contextlib.nullcontext([]) as lines:
+        _quantize_one(f16_path, out_path, quant, n_threads)
+    _log_quantizer(lines, log)
+    return out_path
+
+
+def quantize_many(f16_path: Path, targets: dict[str, Path], parallel: bool = True,
+                  log: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Each quant -> its target file; seconds each took. In parallel each quantizer gets its
+    share of the cores (the quantizer reads, converts and writes one tensor at a time, so two
+    at once overlap one's serial work with the other's). A failure removes every target."""
+    share = max(1, (os.cpu_count() or 1) // len(targets)) if parallel else 0
+
+    def timed(quant: str) -> float:
+        started = time.monotonic()
+        _quantize_one(f16_path, targets[quant], quant, share)
+        return round(time.monotonic() - started, 2)
+
+    try:
+        with _llama_log_lines() if log else contextlib.nullcontext([]) as lines:
+            if parallel and len(targets) > 1:
+                with concurrent.futures.ThreadPoolExecutor(len(targets)) as pool:
+                    seconds = dict(zip(targets, pool.map(timed, targets)))
+            else:
+                seconds = {quant: timed(quant) for quant in targets}
+    except BaseException:
+        for path in targets.values():
+            path.unlink(missing_ok=True)
+        raise
+    _log_quantizer(lines, log)
+    return seconds
+
+
+def _quantize_one(f16_path: Path, out_path: Path, quant: str, n_threads: int) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype_of(quant)
     params.nthread = n_threads
-    with _llama_log_lines() if log else contextlib.nullcontext([]) as lines:
-        rc = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(out_path).encode(),
-                                            ctypes.byref(params))
-    for line in lines:
-        if not PER_TENSOR_LINE.search(line):
-            log(f"quantize: {line}")
+    rc = llama_cpp.llama_model_quantize(str(f16_path).encode(), str(out_path).encode(),
+                                        ctypes.byref(params))
     if rc != 0 or not out_path.is_file() or out_path.stat().st_size == 0:
         out_path.unlink(missing_ok=True)
         raise FinetuneError(f"llama.cpp could not quantize {f16_path.name} to {quant} (code {rc}); "
                             "see the job log for llama.cpp's message.")
-    return out_path
+
+
+def _log_quantizer(lines: list[str], log) -> None:
+    for line in lines:
+        if not PER_TENSOR_LINE.search(line):
+            log(f"quantize: {line}")
 
 
 @contextlib.contextmanager

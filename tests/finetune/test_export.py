@@ -86,7 +86,7 @@ def test_tiny_export_publishes_loadable_ggufs_and_card(tiny_llama_dir, tmp_path)
     result, models_dir, workdir, reporter = run_export(tiny_llama_dir, adapter, tmp_path)
 
     # the last "converting": the LoRA adapter to GGUF (and the base to the GGUF it runs on)
-    assert reporter.stages == ["merging", "converting", "quantizing", "quantizing", "converting"]
+    assert reporter.stages == ["merging", "converting", "quantizing", "converting"]
     assert sorted(result.models) == ["LoRA", "Q4_K_M", "Q5_K_M"]
     card = json.loads(result.card_path.read_text())
     base = card["adapter"]["base"]
@@ -97,7 +97,8 @@ def test_tiny_export_publishes_loadable_ggufs_and_card(tiny_llama_dir, tmp_path)
     assert not (workdir / "merged").exists() and not list(workdir.glob("*.gguf"))
     assert card["dataset_sha256"] and card["quant_types"] == ["Q4_K_M", "Q5_K_M"]
     assert card["config"]["base_model"] == str(tiny_llama_dir) and card["metrics"]["val_loss_after"] == 2.0
-    assert set(card["timings_s"]) >= {"train", "merge", "convert", "quantize_Q4_K_M"}
+    assert set(card["timings_s"]) >= {"train", "merge", "convert", "quantize", "quantize_Q4_K_M",
+                                      "quantize_Q5_K_M"}
     assert all(size > 0 for size in card["files"].values())
     assert any("convert: " in line for line in reporter.lines)  # converter output is logged
     assert any(line.startswith("quantize: ") for line in reporter.lines)  # and llama.cpp's
@@ -129,6 +130,25 @@ def test_merge_applies_adapter_and_f16_gguf_matches_merged_model(tiny_llama_dir,
     check = fidelity.greedy_agreement(result.merged_dir, result.f16_path, PROMPTS, max_new_tokens=8)
     assert check["tokenizer_agrees"] == len(PROMPTS)
     assert check["identical"] >= len(PROMPTS) - 1, check["rows"]  # random weights: near-ties
+
+
+def test_quantizing_at_once_writes_the_same_files_as_one_after_the_other(smollm2_hf_dir,
+                                                                         tmp_path):
+    f16 = export.convert_to_gguf(smollm2_hf_dir, tmp_path / "m.F16.gguf", lambda line: None)
+    quants = ["Q4_K_M", "Q5_K_M"]
+    files = {}
+    for parallel in (False, True):
+        targets = {q: tmp_path / f"{parallel}.{q}.gguf" for q in quants}
+        seconds = export.quantize_many(f16, targets, parallel, log=lambda line: None)
+        assert set(seconds) == set(quants) and all(s > 0 for s in seconds.values())
+        files[parallel] = [targets[q].read_bytes() for q in quants]
+    assert files[True] == files[False]  # same bytes, whatever the thread count
+    broken = tmp_path / "broken.F16.gguf"
+    broken.write_bytes(f16.read_bytes()[: 2**20])  # cut short
+    targets = {q: tmp_path / f"broken.{q}.gguf" for q in quants}
+    with pytest.raises(FinetuneError, match="could not quantize"):
+        export.quantize_many(broken, targets, True, log=lambda line: None)
+    assert not any(path.exists() for path in targets.values())
 
 
 def test_failed_conversion_leaves_nothing_in_models(tmp_path):
