@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from inference import storage
+
+    storage.apply()  # the data folder (/data on a Space), as the app uses it
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)

