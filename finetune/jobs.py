@@ -294,7 +294,10 @@ def remove_unpublished(status: dict) -> None:
         return
     shutil.rmtree(models_dir / f"{STAGING_PREFIX}{version}", ignore_errors=True)
     for path in models_dir.glob(f"{version}.*"):
-        path.unlink(missing_ok=True)
+        if path.is_dir():  # the peft adapter folder
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 # -- inside the job process -------------------------------------------------------------
