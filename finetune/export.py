@@ -368,6 +368,8 @@ def model_card(result, config, version: str, staged: dict[str, Path], timings: d
         "base_model_path": str(result.base_model_path),
         "dataset": config.dataset,
         "dataset_sha256": dataset_sha256(config.dataset),
+        "dataset_bytes": Path(config.dataset).stat().st_size if Path(config.dataset).is_file()
+        else None,
         "dataset_report": summarize_report(result.dataset_report),
         "config": config.to_dict(),
         "metrics": metrics,
