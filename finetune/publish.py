@@ -68,7 +68,7 @@ def publish(models_dir: Path, version: str, repo_id: str, *, token: str | None =
             progress: Progress | None = None) -> Published:
     """Create `repo_id` if needed and upload the version's GGUFs (all, or `files`), its peft
     adapter and a README.md model card, in one commit."""
-    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import HfApi
 
     progress = progress or (lambda fraction, message: None)
     repo_id = (repo_id or "").strip()
@@ -76,11 +76,7 @@ def publish(models_dir: Path, version: str, repo_id: str, *, token: str | None =
         raise FinetuneError(f"Repo {repo_id!r}: give it as owner/name (letters, digits, . _ -).")
     found = load_version(models_dir, version)
     ggufs = _chosen(found, files)
-    token = token or get_token()
-    if not token:
-        raise FinetuneError("No Hugging Face token: set HF_TOKEN (a Space secret) or paste a "
-                            "write token in the form.")
-    api = HfApi(token=token)
+    api = HfApi(token=hub_token(token))
     operations = _operations(found, ggufs, repo_id)
     progress(0.02, "checking the token")
     with hub_errors(repo_id):
@@ -96,6 +92,17 @@ def publish(models_dir: Path, version: str, repo_id: str, *, token: str | None =
     progress(1.0, f"published to {url}")
     return Published(repo_id, str(url), commit.commit_url,
                      [op.path_in_repo for op in operations])
+
+
+def hub_token(token: str | None = None) -> str:
+    """The form's token, else HF_TOKEN or huggingface_hub's saved login."""
+    from huggingface_hub import get_token
+
+    token = (token or "").strip() or get_token()
+    if not token:
+        raise FinetuneError("No Hugging Face token: set HF_TOKEN (a Space secret) or paste a "
+                            "write token in the form.")
+    return token
 
 
 def _chosen(found: Version, files: list[str] | None) -> list[Path]:

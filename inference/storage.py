@@ -67,11 +67,13 @@ def apply(environ: MutableMapping[str, str] = os.environ,
 def describe(models_dir: Path, environ: MutableMapping[str, str] = os.environ,
              spaces_data: Path = SPACES_DATA) -> str:
     """One paragraph for the admin tab: where models are kept, and a warning when that disk
-    is a Space's own (wiped at every restart and rebuild)."""
+    is a Space's own (wiped at every restart and rebuild) rather than its data folder."""
     models_dir = Path(models_dir).resolve()
     where = f"Models are kept in `{models_dir}`"
     on_space = bool(environ.get("SPACE_ID"))
-    if on_space and not models_dir.is_relative_to(spaces_data.resolve()):
+    kept = [spaces_data, *([Path(environ["FINECHAT_DATA_DIR"])]
+                           if environ.get("FINECHAT_DATA_DIR", "").strip() else [])]
+    if on_space and not any(models_dir.is_relative_to(k.resolve()) for k in kept):
         return (f"⚠️ {where}, on the Space's own disk: **fine-tunes and job history are lost "
                 "at the next restart or rebuild.** Add persistent storage to the Space "
                 f"(mounted at {spaces_data}) or publish each model to the Hub below.")
