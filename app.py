@@ -13,19 +13,19 @@ from inference import storage
 # First: the data folder decides HF_HOME, which huggingface_hub (imported by gradio) reads once.
 STORAGE = storage.apply()
 
-import gradio as gr  # noqa: E402
-import uvicorn  # noqa: E402
-from fastapi import FastAPI  # noqa: E402
+import gradio as gr
+import uvicorn
+from fastapi import FastAPI
 
-from finetune.admin_tab import build_admin_tab  # noqa: E402
-from finetune.auth import AdminAuth  # noqa: E402
-from finetune.hot_reload import start_watcher  # noqa: E402
-from finetune.uploads import MAX_UPLOAD_BYTES  # noqa: E402
-from inference import limits  # noqa: E402
-from inference.chat_tab import build_chat_tab  # noqa: E402
-from inference.engine import ChatEngine  # noqa: E402
-from inference.openai_api import build_openai_router  # noqa: E402
-from inference.settings import Settings  # noqa: E402
+from finetune.admin_tab import build_admin_tab
+from finetune.auth import AdminAuth
+from finetune.hot_reload import start_watcher
+from finetune.uploads import MAX_UPLOAD_BYTES
+from inference import limits
+from inference.chat_tab import build_chat_tab
+from inference.engine import ChatEngine
+from inference.openai_api import build_openai_router
+from inference.settings import Settings
 
 log = logging.getLogger("finechat")
 

@@ -8,9 +8,9 @@ in one commit, and nothing local changes unless that commit landed.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from finetune import FinetuneError
 from finetune.base_models import HUB_IDS, OFFLINE_PRESET
@@ -182,25 +182,29 @@ def model_card(found: Version, ggufs: list[Path], repo_id: str):
         license=BASE_LICENSES.get(base), datasets=[hub_dataset] if hub_dataset else None,
         pipeline_tag="text-generation",
         tags=["gguf", "llama.cpp", "finechat", *(["lora", "peft"] if found.peft_dir else [])])
-    sections = [f"# {repo_id.split('/')[1]}\n\nA fine-tune of "
-                f"{f'[{base}](https://huggingface.co/{base})' if base else 'a local model'} "
-                f"made with finechat (version `{found.name}`).",
-                _files_section(found, ggufs, repo_id), _data_section(card, dataset),
+    of = f"[{base}](https://huggingface.co/{base})" if base else "a local model"
+    title = (f"# {repo_id.split('/')[1]}\n\nA fine-tune of {of} made with finechat "
+             f"(version `{found.name}`).")
+    sections = [title, _files_section(found, ggufs, repo_id), _data_section(card, dataset),
                 _loss_section(card), _answers_section(card), _timings_section(card),
                 _config_section(card, dataset)]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(s for s in sections if s))
 
 
 def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
-    cell = lambda v: " ".join(str(v).split()).replace("|", "\\|")  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
+    return "\n".join(lines + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows])
+
+
+def _cell(value) -> str:
+    """One line of a markdown table cell (newlines would end the row, | would split it)."""
+    return " ".join(str(value).split()).replace("|", "\\|")
 
 
 def _files_section(found: Version, ggufs: list[Path], repo_id: str) -> str:
     rows = [(f"`{p.name}`", "LoRA adapter (GGUF, served on its base)" if p.name.endswith(
         ".lora.gguf") else "merged model", f"{p.stat().st_size / 2**20:.1f} MB") for p in ggufs]
-    text = ["## Files", _table(("file", "what", "size"), rows),
+    text = ["## Files\n", _table(("file", "what", "size"), rows),
             f"\nWith llama.cpp: `llama-cli -hf {repo_id}:{_quant(ggufs)}`"]
     if found.peft_dir is not None:
         text.append("\n`adapter_config.json` + `adapter_model.safetensors`: the LoRA adapter for "
@@ -231,9 +235,9 @@ def _loss_section(card: dict) -> str:
     after = evaluation.get("val_loss_after", metrics.get("val_loss_after"))
     if before is None and after is None:
         return ""
-    fmt = lambda v: "" if v is None else f"{v:.4f}"  # noqa: E731
+    shown = ["" if v is None else f"{v:.4f}" for v in (before, after)]
     return "## Validation loss\n\n" + _table(("before training", "after training"),
-                                             [(fmt(before), fmt(after))])
+                                             [tuple(shown)])
 
 
 def _answers_section(card: dict) -> str:

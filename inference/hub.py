@@ -14,8 +14,8 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from inference.registry import InferenceError, inspect_gguf
 
@@ -70,7 +70,7 @@ def fetch(repo_id: str, filename: str, models_dir: Path, *, token: str | None = 
         with hub_errors(repo_id, filename):
             path = Path(hf_hub_download(repo_id, filename, local_dir=staging, token=token or None,
                                         tqdm_class=_bar(progress or (lambda f, m: None))))
-        quant, error = inspect_gguf(path)
+        _, error = inspect_gguf(path)
         if error:
             raise InferenceError(f"{filename} from {repo_id} is refused: {error}.")
         path.replace(target)
@@ -131,8 +131,13 @@ def hub_errors(repo_id: str, filename: str = ""):
 def hub_failure(exc: BaseException, repo_id: str, filename: str = "") -> str:
     import httpx2
     from huggingface_hub import constants
-    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
-                                        OfflineModeIsEnabled, RepositoryNotFoundError)
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
 
     if isinstance(exc, OfflineModeIsEnabled):
         return "The Hub is switched off here (HF_HUB_OFFLINE=1)."

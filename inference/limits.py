@@ -6,7 +6,7 @@ password's slow-down is in finetune/auth.py.)
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from starlette.responses import JSONResponse
 

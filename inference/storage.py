@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import MutableMapping
 
 SPACES_DATA = Path("/data")  # where a Space mounts its persistent storage
 # variable -> folder under the data folder

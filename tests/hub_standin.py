@@ -52,7 +52,7 @@ class HubStandIn:
         self._server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
-    def __enter__(self) -> "HubStandIn":
+    def __enter__(self) -> HubStandIn:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
 
@@ -90,7 +90,7 @@ def _handler(hub: HubStandIn):
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             for pattern, verb, handler in ROUTES:
                 m = re.fullmatch(pattern, path)
-                if m and verb == method:
+                if m and method in verb.split():
                     return handler(self, body, **m.groupdict())
             self._error(404, "Not found", "EntryNotFound")
 
@@ -271,8 +271,7 @@ def _handler(hub: HubStandIn):
         (r"/_lfs/(?P<oid>[0-9a-f]{64})", "PUT", Handler.lfs_upload),
         (rf"/api/models/{REPO}/commit/(?P<rev>[^/]+)", "POST", Handler.commit),
         (rf"/api/models/{REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", "GET", Handler.tree),
-        (rf"/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "HEAD", Handler.resolve),
-        (rf"/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "GET", Handler.resolve),
+        (rf"/{REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", "GET HEAD", Handler.resolve),
     ]
     return Handler
 
@@ -291,7 +290,7 @@ def card_metadata(content: str) -> dict:
     """The YAML block at the top of a README.md (empty when there is none)."""
     import yaml
 
-    m = re.match(r"^---\s*\n(.*?)\n---\s*\n", content, re.S)
+    m = re.match(r"^---\s*\n(.*?)\n---\s*\n", content, re.DOTALL)
     return (yaml.safe_load(m.group(1)) or {}) if m else {}
 
 
