@@ -87,8 +87,10 @@ def _wire(tab, timer: gr.Timer, w: SimpleNamespace) -> None:
         return f"Fetching `{filename}` from `{repo_id}`…"
 
     @guard
-    def show():
-        return _transfers_html(transfers), gr.Dropdown(choices=publish.versions(models_dir))
+    def show(picked=""):
+        found = publish.versions(models_dir)  # a job that just finished appears; newest first
+        picked = picked if picked in found else (found[0] if found else "")
+        return _transfers_html(transfers), gr.Dropdown(choices=found, value=picked)
 
     w.version.change(version_files, [tab.token, w.version], w.files,
                      api_name="admin_version_files")
@@ -98,7 +100,7 @@ def _wire(tab, timer: gr.Timer, w: SimpleNamespace) -> None:
                      api_name="admin_hub_files")
     w.fetch_btn.click(start_fetch, [tab.token, w.source, w.remote, w.hf_token], w.message,
                       api_name="admin_fetch")
-    timer.tick(show, tab.token, [w.progress, w.version], api_name="admin_transfers",
+    timer.tick(show, [tab.token, w.version], [w.progress, w.version], api_name="admin_transfers",
                show_progress="hidden")
 
 
