@@ -17,6 +17,7 @@ stopped (SIGSTOP) while the in-process paths run. Medians are reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -177,13 +178,22 @@ def measure(args, params: dict, llm, tokenize, workdir: Path, models_dir: Path) 
 def machine_info() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
-    import gradio
-    import gradio_client
+    import importlib.metadata
+    import shutil
+    import subprocess
+
     import llama_cpp
 
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "platform": platform.platform(),
+    info = {"cpu": cpu, "logical_cores": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
-            "gradio": gradio.__version__, "gradio_client": gradio_client.__version__}
+            "llama_cpp_gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+    for package in ("gradio", "gradio_client"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            info[package] = importlib.metadata.version(package)
+    if shutil.which("nvidia-smi"):
+        info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                                     capture_output=True, text=True).stdout.strip()
+    return info
 
 
 def median_of(runs: list[dict], key: str) -> float:

@@ -104,7 +104,8 @@ def stage_table(record: jobs.JobRecord, card: dict, reload_s: float) -> dict:
             continue
         peak = peaks.get(stage) or {}
         rows[stage] = {"seconds": seconds.get(stage), "peak_ram_gb": peak.get("peak_ram_gb"),
-                       "peak_gpu_gb": peak.get("peak_gpu_gb")}
+                       "peak_gpu_gb": peak.get("peak_gpu_gb"),
+                       "peak_gpu_device_gb": peak.get("peak_gpu_device_gb")}
     return rows
 
 
@@ -129,7 +130,11 @@ def main() -> None:
     loaded = served or next(m for m in record.status["models"] if ".Q4_K_M." in m)
     reload_s = first_answer(models, loaded)
     end_to_answer = time.time() - (card.get("metrics") or {}).get("train_end_time", time.time())
+    import llama_cpp
+
     row = {"device": device(), "model": args.model, "base": record.config.get("base_model"),
+           "llama_cpp_gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+           "n_gpu_layers": Settings.from_env().n_gpu_layers,
            "gpu_memory_limit_gb": args.gpu_memory_limit_gb or None,
            "micro_batch_size": (card.get("metrics") or {}).get("micro_batch_size"),
            "steps": (card.get("metrics") or {}).get("steps"), "served": served,
@@ -147,11 +152,11 @@ def main() -> None:
     print(f"\n{key}: served {served or '(nothing passed the gate)'}, loaded {loaded}; "
           "end of training -> answering "
           f"{row['end_of_training_to_answer_s']} s")
-    print(f"{'stage':<24} {'seconds':>9} {'peak RAM GB':>12} {'peak GPU GB':>12}")
+    columns = ("seconds", "peak_ram_gb", "peak_gpu_gb", "peak_gpu_device_gb")
+    print(f"{'stage':<24}" + "".join(f"{c:>20}" for c in columns))
     for stage, r in row["stages"].items():
-        print(f"{stage:<24} {r['seconds'] if r['seconds'] is not None else '':>9} "
-              f"{r['peak_ram_gb'] if r['peak_ram_gb'] is not None else '':>12} "
-              f"{r['peak_gpu_gb'] if r['peak_gpu_gb'] is not None else '':>12}")
+        print(f"{stage:<24}" + "".join(f"{'' if r.get(c) is None else r[c]:>20}"
+                                       for c in columns))
     print(f"wrote {RESULTS}")
 
 

@@ -66,16 +66,21 @@ def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
 
 def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path | tuple[Path, Path]], text: str,
                    n_ctx: int = 512, max_chunks: int = 8,
-                   probes: list[tuple[list[dict], str]] | None = None) -> dict:
+                   probes: list[tuple[list[dict], str]] | None = None,
+                   n_gpu_layers: int = 0, gpu_memory_limit_gb: float = 0.0) -> dict:
     """Perplexity of f16 and each quantized GGUF on `text`, plus the quantized models' mean KL
     divergence from f16 and how often their top-1 token matches f16's (llama.cpp's KLD metrics).
     The text is cut into n_ctx windows; the second half of each window is scored, as
     llama.cpp's perplexity tool does, so every scored token has at least n_ctx/2 of context.
     A value of `quantized` may be (base GGUF, LoRA adapter GGUF): the adapter on its base.
     With `probes`, each file's answer_rows (recall of taught answers) come in the same load.
-    One file is loaded at a time (f16's log-probabilities are kept): RAM of the largest file."""
+    One file is loaded at a time (f16's log-probabilities are kept): RAM of the largest file.
+    `n_gpu_layers` offloads to a CUDA build of llama.cpp, fewer where a file would not fit
+    `gpu_memory_limit_gb`."""
     import numpy as np
     from llama_cpp import Llama
+
+    from finetune.resources import gpu_layers_within
 
     result: dict = {"n_ctx": n_ctx}
     reference, chunks, scored = None, [], 0
@@ -83,6 +88,7 @@ def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path | tuple[Path, Path]
         base, lora = path if isinstance(path, tuple) else (path, None)
         llm = Llama(str(base), lora_path=str(lora) if lora else None,
                     n_ctx=max(n_ctx, PROBE_CTX if probes else 0), n_batch=n_ctx,
+                    n_gpu_layers=gpu_layers_within(base, n_gpu_layers, gpu_memory_limit_gb),
                     logits_all=True, verbose=False)
         try:
             if not chunks:

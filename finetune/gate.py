@@ -56,23 +56,28 @@ def recall(rows: list[dict]) -> dict:
             "token_recall": round(sum(r["top1"] for r in rows) / tokens, 4) if tokens else None}
 
 
-def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: str, log) -> dict:
+def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: str, log,
+             gpu_memory_limit_gb: float = 0.0) -> dict:
     """Recall and agreement of each candidate, one file loaded at a time. `candidates`: label ->
-    {"path": GGUF} with label F16 the reference; an adapter also has "base" (its GGUF)."""
+    {"path": GGUF} with label F16 the reference; an adapter also has "base" (its GGUF). Runs on
+    the GPU as the chat would (FINECHAT_N_GPU_LAYERS, within gpu_memory_limit_gb)."""
     from finetune import FinetuneError
     from finetune.fidelity import quant_fidelity
+    from inference.settings import Settings
 
     started = time.monotonic()
     files = {label: (c["base"], c["path"]) if "base" in c else c["path"]
              for label, c in candidates.items()}
     pairs = [(p.messages, p.answer) for p in probes]
     reference = files.pop(F16)
+    gpu = {"n_gpu_layers": Settings.from_env().n_gpu_layers,
+           "gpu_memory_limit_gb": gpu_memory_limit_gb}
     try:
         scores = quant_fidelity(reference, files, validation_text, max_chunks=4,
-                                n_ctx=_agreement_ctx(validation_text), probes=pairs)
+                                n_ctx=_agreement_ctx(validation_text), probes=pairs, **gpu)
     except FinetuneError as exc:  # too little text: recall alone decides
         log(f"gate: next-token agreement skipped ({exc})")
-        scores = quant_fidelity(reference, files, "", probes=pairs)
+        scores = quant_fidelity(reference, files, "", probes=pairs, **gpu)
     results: dict[str, dict] = {}
     for label, c in candidates.items():
         numbers = scores[label]
@@ -158,7 +163,8 @@ def run(result, config, staged: dict[str, Path], f16_path: Path, adapter: dict,
         label = _unchecked_choice(quants, config.serve_mode, ADAPTER in staged)
         return {"gate": {}, "serve": {"label": label, "file": staged[label].name if label else "",
                                       "reason": "not checked (gate_probes 0)"}}
-    numbers = evaluate(candidates, probes, result.validation_text, log)
+    numbers = evaluate(candidates, probes, result.validation_text, log,
+                       config.gpu_memory_limit_gb)
     label, reason = choose(numbers, quants, config.serve_mode)
     for name, row in numbers["results"].items():
         if not row["passed"]:

@@ -9,9 +9,11 @@ RAM is resident memory (RSS), from the kernel's own high-water mark of this proc
 (VmHWM, reset at the start of the block; where a sandbox does not reset it, only the samples
 below count), its children's (`getrusage(RUSAGE_CHILDREN)`, for
 the converter subprocess) and a sampler thread that adds up this process and the descendants
-started inside the block every 50 ms (they run at the same time). GPU memory is torch's peak allocation,
-measured only where torch is already imported and CUDA is available (llama.cpp's own CUDA
-buffers are not torch's and are not counted). Linux only; elsewhere RAM reads None.
+started inside the block every 50 ms (they run at the same time). GPU memory is torch's peak
+allocation, measured only where torch is already imported and CUDA is initialized; beside it
+`peak_gpu_device_gb` is the whole card's peak use sampled with cudaMemGetInfo (llama.cpp's own
+CUDA buffers and every context included: what a card of that size must hold). Linux only;
+elsewhere RAM reads None.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ _PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class StagePeaks(dict):
-    """stage -> {"peak_ram_gb", "peak_gpu_gb"}: a plain dict, so it goes into JSON as is."""
+    """stage -> {"peak_ram_gb", "peak_gpu_gb", "peak_gpu_device_gb"}: a plain dict, so it goes
+    into JSON as is."""
 
     @contextlib.contextmanager
     def measure(self, stage: str, interval_s: float = SAMPLE_INTERVAL_S):
@@ -38,7 +41,8 @@ class StagePeaks(dict):
             yield meter
         finally:
             meter.stop()
-            self[stage] = {"peak_ram_gb": meter.ram_gb, "peak_gpu_gb": meter.gpu_gb}
+            self[stage] = {"peak_ram_gb": meter.ram_gb, "peak_gpu_gb": meter.gpu_gb,
+                           "peak_gpu_device_gb": meter.gpu_device_gb}
 
 
 class PeakMeter:
@@ -49,6 +53,8 @@ class PeakMeter:
         self.interval_s = interval_s
         self.ram_gb: float | None = None
         self.gpu_gb: float | None = None
+        self.gpu_device_gb: float | None = None
+        self._device_used_bytes = 0  # the whole card, every process
         self._sampled_bytes = 0  # this process + descendants at one instant
         self._self_min_bytes = 0
         self._stop = threading.Event()
@@ -60,8 +66,8 @@ class PeakMeter:
         self._already_running = set(descendants(os.getpid()))
         self._self_min_bytes = rss_bytes(os.getpid()) or 0
         self._hwm_is_reset = _reset_high_water_mark(self._self_min_bytes)
-        self._sample()
         self._torch = _cuda_torch()
+        self._sample()
         if self._torch is not None:
             self._torch.cuda.reset_peak_memory_stats()
         self._thread.start()
@@ -82,6 +88,8 @@ class PeakMeter:
         self.ram_gb = round(peak / GB, 3) if peak else None
         if self._torch is not None:
             self.gpu_gb = round(self._torch.cuda.max_memory_allocated() / GB, 3)
+        if self._device_used_bytes:
+            self.gpu_device_gb = round(self._device_used_bytes / GB, 3)
 
     def _sample_loop(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -95,6 +103,9 @@ class PeakMeter:
         total = own + sum(rss_bytes(pid) or 0 for pid in descendants(os.getpid())
                           if pid not in self._already_running)
         self._sampled_bytes = max(self._sampled_bytes, total)
+        if self._torch is not None and self._torch.cuda.is_initialized():
+            free, card = self._torch.cuda.mem_get_info()
+            self._device_used_bytes = max(self._device_used_bytes, card - free)
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -147,6 +158,36 @@ def _children_maxrss_bytes() -> int:
     # ru_maxrss is in KiB on Linux (bytes on macOS)
     scale = 1 if sys.platform == "darwin" else 1024
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+
+
+def release_gpu_memory() -> None:
+    """Hand torch's cached GPU memory back (after training: llama.cpp's buffers come next)."""
+    import gc
+
+    gc.collect()
+    torch = _cuda_torch()
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def gpu_layers_within(gguf_path: Path, requested: int, limit_gb: float,
+                      headroom_gb: float = 1.0) -> int:
+    """llama.cpp's n_gpu_layers for `gguf_path` on a card capped at `limit_gb` (0: no cap):
+    all requested layers when the file fits in the cap less `headroom_gb` (KV cache, compute
+    buffers, the CUDA context), else the share of its layers that does."""
+    if requested == 0 or not limit_gb:
+        return requested
+    size_gb = Path(gguf_path).stat().st_size / GB
+    budget_gb = limit_gb - headroom_gb
+    if size_gb <= budget_gb:
+        return requested
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf_path))
+    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
+    n_layer = int(reader.fields[f"{arch}.block_count"].parts[-1][0])
+    layers = max(0, int(n_layer * budget_gb / size_gb))
+    return layers if requested < 0 else min(requested, layers)
 
 
 def _cuda_torch():

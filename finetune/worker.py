@@ -17,7 +17,7 @@ import time
 import traceback
 from pathlib import Path
 
-from finetune import FinetuneError, jobs
+from finetune import FinetuneError, jobs, resources
 
 log = logging.getLogger("finechat.job")
 EVAL_QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M")
@@ -49,6 +49,7 @@ def run_job(job_dir: Path) -> str:
 
         adapter_base = _prepare_adapter_base(config, models_dir, reporter)
         result = train.train(config, workdir / "train", reporter)
+        resources.release_gpu_memory()  # the trained model is gone; llama.cpp's turn
         exported = _export_and_evaluate(result, config, models_dir, workdir, reporter, status,
                                         adapter_base)
         total_s = round(time.time() - started, 1)

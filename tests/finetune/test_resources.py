@@ -141,3 +141,14 @@ def test_a_process_started_before_the_stage_is_not_counted():
     finally:
         child.kill()
         child.wait()
+
+
+def test_gpu_layers_within_a_cap_offload_the_share_of_layers_that_fits(smollm2_path):
+    size_gb = smollm2_path.stat().st_size / 1e9  # 30 blocks
+    assert resources.gpu_layers_within(smollm2_path, -1, 0.0) == -1  # no cap
+    assert resources.gpu_layers_within(smollm2_path, 0, 0.5) == 0  # CPU asked for
+    assert resources.gpu_layers_within(smollm2_path, -1, 1.0 + size_gb) == -1  # fits
+    half = resources.gpu_layers_within(smollm2_path, -1, 1.0 + size_gb / 2, headroom_gb=1.0)
+    assert half == 15
+    assert resources.gpu_layers_within(smollm2_path, 7, 1.0 + size_gb / 2) == 7
+    assert resources.gpu_layers_within(smollm2_path, -1, 0.5) == 0  # not even the headroom
