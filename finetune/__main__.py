@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("version", help="a fine-tune's version (its files' name before .Q4_K_M.gguf)")
     push.add_argument("--repo", required=True, help="owner/name; created if it does not exist")
     push.add_argument("--private", action="store_true", help="create the repo private")
-    push.add_argument("--files", nargs="+", help="the version's GGUF files to upload (default: all)")
+    push.add_argument("--files", nargs="+",
+                      help="the version's GGUF files to upload (default: all)")
     fetch = sub.add_parser("fetch", parents=[dirs], help="download a GGUF from the Hugging Face "
                            "Hub into the models folder")
     fetch.add_argument("spec", help="owner/repo (when it has one .gguf) or owner/repo/file.gguf")

@@ -224,8 +224,8 @@ def _data_section(card: dict, dataset: str) -> str:
             ("sha256", card.get("dataset_sha256") or "(a Hub dataset)"),
             ("bytes", card.get("dataset_bytes") or ""),
             ("format", report.get("format", "")),
-            ("rows (usable / skipped)", f"{report.get('n_usable', '?')} / {report.get('n_bad', 0)}"),
-            ("train / validation rows", f"{report.get('n_train', '?')} / {report.get('n_val', '?')}")]
+            ("rows usable / skipped", f"{report.get('n_usable', '?')} / {report.get('n_bad', 0)}"),
+            ("rows train / validation", f"{report.get('n_train', '?')} / {report.get('n_val')}")]
     return "## Data\n\n" + _table(("", ""), rows)
 
 
