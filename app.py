@@ -8,6 +8,11 @@ from __future__ import annotations
 import argparse
 import logging
 
+from inference import storage
+
+# First: the data folder decides HF_HOME, which huggingface_hub (imported by gradio) reads once.
+STORAGE = storage.apply()
+
 import gradio as gr
 import uvicorn
 from fastapi import FastAPI
@@ -15,6 +20,8 @@ from fastapi import FastAPI
 from finetune.admin_tab import build_admin_tab
 from finetune.auth import AdminAuth
 from finetune.hot_reload import start_watcher
+from finetune.uploads import MAX_UPLOAD_BYTES
+from inference import limits
 from inference.chat_tab import build_chat_tab
 from inference.engine import ChatEngine
 from inference.openai_api import build_openai_router
@@ -24,7 +31,9 @@ log = logging.getLogger("finechat")
 
 
 def build_app(settings: Settings, engine: ChatEngine, auth: AdminAuth) -> gr.Blocks:
-    with gr.Blocks(title="finechat") as demo:
+    # Gradio's upload cache is open to anyone: files older than upload_ttl_s are deleted.
+    with gr.Blocks(title="finechat", delete_cache=limits.delete_cache(settings.upload_ttl_s)) \
+            as demo:
         gr.Markdown("# finechat\nChat with a local GGUF model; fine-tune it from the Admin tab.")
         with gr.Tab("Chat"):
             build_chat_tab(engine, settings.chat_concurrency)
@@ -56,6 +65,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from pathlib import Path
 
+    log.info("data folder: %s (%s)", STORAGE.data_dir or "none", STORAGE.why)
+
     settings = Settings.from_env().with_overrides(
         host=args.host, port=args.port, hub_model=args.hub_model, n_ctx=args.n_ctx,
         n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers,
@@ -77,8 +88,11 @@ def main(argv=None) -> None:
     api_key = settings.api_key
     server = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # "/" is Gradio's
     server.include_router(build_openai_router(engine, api_key))
+    limits.bound_queue_per_client(server, demo, settings.max_queue_per_client)
+    # Anyone can POST to Gradio's upload route: no file beyond the dataset limit is kept.
     server = gr.mount_gradio_app(server, demo, path="/", server_name=settings.host,
-                                 server_port=settings.port, show_error=True)
+                                 server_port=settings.port, show_error=True,
+                                 max_file_size=MAX_UPLOAD_BYTES)
     log.info("serving on http://%s:%d, OpenAI-compatible API at /v1 (%s)", settings.host,
              settings.port, "API key required" if api_key else "no API key")
     uvicorn.run(server, host=settings.host, port=settings.port, log_level="warning",

@@ -1,4 +1,4 @@
-"""The CLI: `python -m finetune run|jobs|status|cancel|inspect-data ...`.
+"""The CLI: `python -m finetune run|jobs|status|cancel|inspect-data|push|fetch ...`.
 
 `run` goes through finetune.jobs exactly like the admin tab: the job runs in its own process,
 and this command follows its status file with progress bars. Flags of `run` are generated from
@@ -7,12 +7,14 @@ FinetuneConfig's fields, so a new setting appears here without touching this fil
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
 from pathlib import Path
 
 from finetune import FinetuneError
+from inference.registry import InferenceError
 
 ALIASES = {"dataset": ["--data"], "num_epochs": ["--epochs"], "learning_rate": ["--lr"]}
 PRINT_FIRST = ("Q4_K_M", "Q5_K_M")
@@ -54,14 +56,27 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("job_id")
     inspect = sub.add_parser("inspect-data", help="detect a dataset's format and count its rows")
     inspect.add_argument("dataset")
+    push = sub.add_parser("push", parents=[dirs], help="publish a model version to the Hugging "
+                          "Face Hub (token: HF_TOKEN or `hf auth login`)")
+    push.add_argument("version", help="a fine-tune's version (its files' name before .Q4_K_M.gguf)")
+    push.add_argument("--repo", required=True, help="owner/name; created if it does not exist")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--files", nargs="+",
+                      help="the version's GGUF files to upload (default: all)")
+    fetch = sub.add_parser("fetch", parents=[dirs], help="download a GGUF from the Hugging Face "
+                           "Hub into the models folder")
+    fetch.add_argument("spec", help="owner/repo (when it has one .gguf) or owner/repo/file.gguf")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from inference import storage
+
+    storage.apply()  # the data folder (/data on a Space), as the app uses it
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
-    except FinetuneError as exc:
+    except (FinetuneError, InferenceError) as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
 
@@ -210,8 +225,51 @@ def cmd_inspect_data(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from finetune import jobs, publish
+
+    jobs_dir, models_dir = _dirs(args)
+    with _progress_bar(f"push {args.version}") as progress:
+        done = publish.publish(models_dir, args.version, args.repo, private=args.private,
+                               files=args.files, progress=progress)
+    jobs.record_publication(jobs_dir, args.version, {"repo": done.repo_id, "url": done.url,
+                                                     "commit": done.commit_url})
+    print(done.url)
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from inference import hub
+
+    _, models_dir = _dirs(args)
+    repo_id, filename = hub.parse_spec(args.spec)
+    if not filename:
+        found = hub.list_ggufs(repo_id)
+        if len(found) > 1:
+            raise FinetuneError(f"{repo_id} has {len(found)} GGUF files: name one, e.g. "
+                                f"{repo_id}/{found[0]} (others: {', '.join(found[1:6])}).")
+        filename = found[0]
+    with _progress_bar(f"fetch {filename}") as progress:
+        path = hub.fetch(repo_id, filename, models_dir, progress=progress)
+    print(path)
+    return 0
+
+
+@contextlib.contextmanager
+def _progress_bar(desc: str):
+    """A percent bar on stderr, fed by (fraction, message) reports."""
+    from tqdm import tqdm
+
+    with tqdm(total=100, desc=desc, unit="%", file=sys.stderr, dynamic_ncols=True) as bar:
+        def progress(fraction: float, message: str) -> None:
+            bar.n = round(100 * fraction)
+            bar.set_postfix_str(message, refresh=True)
+
+        yield progress
+
+
 COMMANDS = {"run": cmd_run, "jobs": cmd_jobs, "status": cmd_status, "cancel": cmd_cancel,
-            "inspect-data": cmd_inspect_data}
+            "inspect-data": cmd_inspect_data, "push": cmd_push, "fetch": cmd_fetch}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,9 +13,11 @@ import gradio as gr
 import pandas as pd
 
 from finetune import FinetuneError, jobs
+from finetune.admin_hub import hub_panel
 from finetune.auth import AdminAuth
 from finetune.config import PRESETS, SERVE_MODES, FinetuneConfig, from_preset
 from finetune.data import inspect_dataset
+from finetune.transfers import Transfers
 from finetune.uploads import store_upload
 from inference.engine import ChatEngine
 from inference.registry import InferenceError
@@ -24,6 +26,7 @@ CUSTOM = "custom (HF id or local path)"
 _FINAL = {"done", "failed", "cancelled"}
 LOG_LINES = 14  # the Code box shows its first lines: send only as many as it shows
 TRISTATE = {"auto": None, "on": True, "off": False}
+PRIVATE = dict(api_visibility="private")  # hidden from API docs; each still checks auth
 
 
 class _Guard:
@@ -152,6 +155,25 @@ def _rows_frame(conversations: list[list[dict]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None:
+    tab = SimpleNamespace(engine=engine, auth=auth, guard=_Guard(auth), jobs_dir=jobs_dir,
+                          models_dir=engine.settings.models_dir, token=gr.State(""),
+                          transfers=Transfers())
+    login = _login_row()
+    with gr.Column(visible=False) as panel:
+        timer = gr.Timer(2.0, active=False)
+        with gr.Row():
+            with gr.Column(scale=3):
+                data = _data_panel(tab)
+            with gr.Column(scale=2):
+                training = _training_panel(tab, data)
+        job = _jobs_panel(tab, training)
+        served = _served_panel(tab)
+        hub_panel(tab, timer)
+    _wire_login(tab, login, panel, timer)
+    _wire_refresh(tab, timer, job, served)
+
+
 def _login_row() -> SimpleNamespace:
     with gr.Row(elem_id="admin-login"):
         password = gr.Textbox(label="Admin password", type="password", scale=3,
@@ -163,7 +185,28 @@ def _login_row() -> SimpleNamespace:
                            login_msg=login_msg)
 
 
-def _data_panel() -> SimpleNamespace:
+def _wire_login(tab, login: SimpleNamespace, panel: gr.Column, timer: gr.Timer) -> None:
+    def do_login(pw, request: gr.Request):
+        client = request.client.host if request and request.client else ""
+        try:
+            new_token = tab.auth.login(pw, client)
+        except FinetuneError as exc:
+            raise gr.Error(str(exc)) from None
+        return (new_token, "Logged in.", gr.Column(visible=True), "",
+                gr.Timer(active=True))
+
+    def do_logout(tok):
+        tab.auth.logout(tok)
+        return "", "Logged out.", gr.Column(visible=False), gr.Timer(active=False)
+
+    login_outputs = [tab.token, login.login_msg, panel, login.password, timer]
+    login.login_btn.click(do_login, login.password, login_outputs, api_name="admin_login")
+    login.password.submit(do_login, login.password, login_outputs, **PRIVATE)
+    login.logout_btn.click(do_logout, tab.token, [tab.token, login.login_msg, panel, timer],
+                           api_name="admin_logout")
+
+
+def _data_panel(tab) -> SimpleNamespace:
     gr.Markdown("### 1 · Base model and data")
     preset = gr.Dropdown(list(PRESETS) + [CUSTOM], value="smollm2-135m",
                          label="Base model preset")
@@ -175,16 +218,61 @@ def _data_panel() -> SimpleNamespace:
     preview_btn = gr.Button("Preview dataset")
     data_info = gr.Markdown()
     data_rows = gr.Dataframe(label="First rows", interactive=False, wrap=True)
+
+    @tab.guard
+    def preview(upload_file, path_text):
+        report = inspect_dataset(_resolve_dataset(tab, upload_file, path_text))
+        return _report_markdown(report), _rows_frame(report.first_rows)
+
+    preset.change(lambda p: gr.Textbox(visible=p == CUSTOM), preset, base_custom, **PRIVATE)
+    preview_btn.click(preview, [tab.token, upload, data_path], [data_info, data_rows],
+                      api_name="admin_preview")
     return SimpleNamespace(preset=preset, base_custom=base_custom, upload=upload,
-                           data_path=data_path, preview_btn=preview_btn, data_info=data_info,
-                           data_rows=data_rows)
+                           data_path=data_path)
 
 
-def _training_panel() -> SimpleNamespace:
+def _resolve_dataset(tab, upload_file, path_text) -> str:
+    if upload_file:
+        src = Path(upload_file if isinstance(upload_file, str) else upload_file.name)
+        return str(store_upload(src, src.name, tab.jobs_dir / "uploads"))
+    if path_text and path_text.strip():
+        return path_text.strip()
+    raise FinetuneError("Choose a dataset: upload a file or give a path / Hub name.")
+
+
+def _training_panel(tab, data: SimpleNamespace) -> SimpleNamespace:
     """The few settings that matter, the rest under Advanced. `fields` lists, in order, the
     FinetuneConfig field each input sets (the order of the admin_start API after the data)."""
     gr.Markdown("### 2 · Training")
-    d = FinetuneConfig(base_model="", dataset="")
+    w = _training_inputs(FinetuneConfig(base_model="", dataset=""))
+    start_btn = gr.Button("Start fine-tune", variant="primary", elem_id="start-job")
+    start_msg = gr.Markdown()
+    job_pick = gr.Dropdown([], label="Job", scale=3, elem_id="job-pick",
+                           allow_custom_value=True, render=False)  # shown in the jobs panel
+    fields = list(w)
+
+    @tab.guard
+    def start(preset_name, custom, upload_file, path_text, *values):
+        base = custom.strip() if preset_name == CUSTOM else preset_name
+        if not base:
+            raise FinetuneError("Give a base model: an HF id or a local folder.")
+        overrides = {name: TRISTATE.get(value, value) if name in ("packing", "load_in_4bit")
+                     else value for name, value in zip(fields, values)}
+        overrides["dataset"] = _resolve_dataset(tab, upload_file, path_text)
+        config = (from_preset(base, **overrides) if base in PRESETS
+                  else FinetuneConfig.from_dict({"base_model": base, **overrides})).validate()
+        record = jobs.submit(config, tab.jobs_dir, tab.models_dir)
+        ids = [r.id for r in jobs.list_jobs(tab.jobs_dir)]
+        return f"Started job `{record.id}`.", gr.Dropdown(choices=ids, value=record.id)
+
+    start_btn.click(start, [tab.token, data.preset, data.base_custom, data.upload,
+                            data.data_path, *w.values()], [start_msg, job_pick],
+                    api_name="admin_start")
+    return SimpleNamespace(start_msg=start_msg, job_pick=job_pick)
+
+
+def _training_inputs(d: FinetuneConfig) -> dict:
+    """FinetuneConfig field -> its input, in the order of the admin_start API."""
     w = {}
     w["num_epochs"] = gr.Number(d.num_epochs, label="Epochs")
     w["max_steps"] = gr.Number(d.max_steps, label="Max steps (-1 = use epochs)", precision=0)
@@ -217,18 +305,14 @@ def _training_panel() -> SimpleNamespace:
                                       label="Serve (auto: the file that keeps most, by the gate)")
         w["export_adapter"] = gr.Checkbox(d.export_adapter,
                                           label="Also export the LoRA adapter (GGUF)")
-    start_btn = gr.Button("Start fine-tune", variant="primary", elem_id="start-job")
-    start_msg = gr.Markdown()
-    return SimpleNamespace(fields=list(w), inputs=list(w.values()), start_btn=start_btn,
-                           start_msg=start_msg)
+    return w
 
 
-def _jobs_panel() -> SimpleNamespace:
+def _jobs_panel(tab, training: SimpleNamespace) -> SimpleNamespace:
     gr.Markdown("### 3 · Jobs")
     with gr.Row():
         # custom values: choices fill in per session; the handlers check every value themselves
-        job_pick = gr.Dropdown([], label="Job", scale=3, elem_id="job-pick",
-                               allow_custom_value=True)
+        job_pick = training.job_pick.render()
         cancel_btn = gr.Button("Cancel job", variant="stop", scale=1)
     progress = gr.HTML(elem_id="job-progress-box")
     with gr.Row():
@@ -243,12 +327,21 @@ def _jobs_panel() -> SimpleNamespace:
                               "taught (vs the f16 model)", interactive=False,
                               elem_id="gate-table")
     jobs_table = gr.Dataframe(label="All jobs", interactive=False)
-    return SimpleNamespace(job_pick=job_pick, cancel_btn=cancel_btn, progress=progress,
-                           loss_plot=loss_plot, log_tail=log_tail, eval_md=eval_md,
-                           eval_table=eval_table, gate_table=gate_table, jobs_table=jobs_table)
+
+    @tab.guard
+    def cancel(job_id):
+        if not job_id:
+            raise FinetuneError("Pick a job to cancel.")
+        jobs.cancel(tab.jobs_dir, job_id, wait_for_exit=False)
+        return f"Cancelling `{job_id}`…"
+
+    cancel_btn.click(cancel, [tab.token, job_pick], training.start_msg, api_name="admin_cancel")
+    return SimpleNamespace(job_pick=job_pick, progress=progress, loss_plot=loss_plot,
+                           log_tail=log_tail, eval_md=eval_md, eval_table=eval_table,
+                           gate_table=gate_table, jobs_table=jobs_table)
 
 
-def _served_panel() -> SimpleNamespace:
+def _served_panel(tab) -> SimpleNamespace:
     gr.Markdown("### 4 · Served model")
     with gr.Row():
         # "" rather than None: the refresh endpoint's API keeps this argument optional
@@ -257,71 +350,32 @@ def _served_panel() -> SimpleNamespace:
         activate_btn = gr.Button("Activate", scale=1)
         rollback_btn = gr.Button("Roll back", scale=1)
     served_md = gr.Markdown()
-    return SimpleNamespace(version_pick=version_pick, activate_btn=activate_btn,
-                           rollback_btn=rollback_btn, served_md=served_md)
+    engine = tab.engine
+
+    @tab.guard
+    def activate_version(name):
+        if not name:
+            raise FinetuneError("Pick a model file to activate.")
+        engine.swap(name)
+        return f"**Serving:** `{engine.active_name}`"
+
+    @tab.guard
+    def rollback():
+        engine.rollback()
+        return f"**Serving:** `{engine.active_name}` (rolled back)"
+
+    activate_btn.click(activate_version, [tab.token, version_pick], served_md,
+                       api_name="admin_activate")
+    rollback_btn.click(rollback, tab.token, served_md, api_name="admin_rollback")
+    return SimpleNamespace(version_pick=version_pick, served_md=served_md)
 
 
-def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None:
-    guard = _Guard(auth)
-    token = gr.State("")
+def _wire_refresh(tab, timer: gr.Timer, job: SimpleNamespace, served: SimpleNamespace) -> None:
+    """Every 2 s while logged in: the picked job's progress, the jobs, the served model."""
     served_seen = gr.State("")  # the served model this session last showed in the picker
-    models_dir = engine.settings.models_dir
+    engine, jobs_dir = tab.engine, tab.jobs_dir
 
-    login = _login_row()
-    with gr.Column(visible=False) as panel:
-        with gr.Row():
-            with gr.Column(scale=3):
-                data = _data_panel()
-            with gr.Column(scale=2):
-                training = _training_panel()
-        job = _jobs_panel()
-        served = _served_panel()
-        timer = gr.Timer(2.0, active=False)
-
-    # -- handlers (each checks the token) ----------------------------------------------
-    def do_login(pw, request: gr.Request):
-        client = request.client.host if request and request.client else ""
-        try:
-            new_token = auth.login(pw, client)
-        except FinetuneError as exc:
-            raise gr.Error(str(exc)) from None
-        return (new_token, "Logged in.", gr.Column(visible=True), "",
-                gr.Timer(active=True))
-
-    def do_logout(tok):
-        auth.logout(tok)
-        return "", "Logged out.", gr.Column(visible=False), gr.Timer(active=False)
-
-    def resolve_dataset(upload_file, path_text) -> str:
-        if upload_file:
-            src = Path(upload_file if isinstance(upload_file, str) else upload_file.name)
-            return str(store_upload(src, src.name, jobs_dir / "uploads"))
-        if path_text and path_text.strip():
-            return path_text.strip()
-        raise FinetuneError("Choose a dataset: upload a file or give a path / Hub name.")
-
-    @guard
-    def preview(upload_file, path_text):
-        report = inspect_dataset(resolve_dataset(upload_file, path_text))
-        return _report_markdown(report), _rows_frame(report.first_rows)
-
-    @guard
-    def start(preset_name, custom, upload_file, path_text, *values):
-        base = custom.strip() if preset_name == CUSTOM else preset_name
-        if not base:
-            raise FinetuneError("Give a base model: an HF id or a local folder.")
-        overrides = {name: TRISTATE.get(value, value) if name in ("packing", "load_in_4bit")
-                     else value for name, value in zip(training.fields, values)}
-        overrides["dataset"] = resolve_dataset(upload_file, path_text)
-        config = (from_preset(base, **overrides) if base in PRESETS
-                  else FinetuneConfig.from_dict({"base_model": base, **overrides})).validate()
-        record = jobs.submit(config, jobs_dir, models_dir)
-        return f"Started job `{record.id}`.", gr.Dropdown(choices=_job_ids(), value=record.id)
-
-    def _job_ids() -> list[str]:
-        return [r.id for r in jobs.list_jobs(jobs_dir)]
-
-    @guard
+    @tab.guard
     def refresh(job_id, version="", seen=""):
         records = jobs.list_jobs(jobs_dir)
         ids = [r.id for r in records]
@@ -345,47 +399,9 @@ def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None
                 _eval_frame(evaluation), _gate_frame(evaluation), _jobs_frame(records),
                 versions_pick, served_text, active)
 
-    @guard
-    def cancel(job_id):
-        if not job_id:
-            raise FinetuneError("Pick a job to cancel.")
-        jobs.cancel(jobs_dir, job_id, wait_for_exit=False)
-        return f"Cancelling `{job_id}`…"
-
-    @guard
-    def activate_version(name):
-        if not name:
-            raise FinetuneError("Pick a model file to activate.")
-        engine.swap(name)
-        return f"**Serving:** `{engine.active_name}`"
-
-    @guard
-    def rollback():
-        engine.rollback()
-        return f"**Serving:** `{engine.active_name}` (rolled back)"
-
-    private = dict(api_visibility="private")  # hidden from API docs; each still checks auth
-    login_outputs = [token, login.login_msg, panel, login.password, timer]
-    login.login_btn.click(do_login, login.password, login_outputs, api_name="admin_login")
-    login.password.submit(do_login, login.password, login_outputs, **private)
-    login.logout_btn.click(do_logout, token, [token, login.login_msg, panel, timer],
-                           api_name="admin_logout")
-    data.preset.change(lambda p: gr.Textbox(visible=p == CUSTOM), data.preset,
-                       data.base_custom, **private)
-    data.preview_btn.click(preview, [token, data.upload, data.data_path],
-                           [data.data_info, data.data_rows], api_name="admin_preview")
-    training.start_btn.click(
-        start, [token, data.preset, data.base_custom, data.upload, data.data_path,
-                *training.inputs], [training.start_msg, job.job_pick], api_name="admin_start")
-    refresh_outputs = [job.job_pick, job.progress, job.loss_plot, job.log_tail, job.eval_md,
-                       job.eval_table, job.gate_table, job.jobs_table, served.version_pick,
-                       served.served_md, served_seen]
-    refresh_inputs = [token, job.job_pick, served.version_pick, served_seen]
-    timer.tick(refresh, refresh_inputs, refresh_outputs, api_name="admin_refresh",
-               show_progress="hidden")
-    job.job_pick.change(refresh, refresh_inputs, refresh_outputs, **private)
-    job.cancel_btn.click(cancel, [token, job.job_pick], training.start_msg,
-                         api_name="admin_cancel")
-    served.activate_btn.click(activate_version, [token, served.version_pick], served.served_md,
-                              api_name="admin_activate")
-    served.rollback_btn.click(rollback, token, served.served_md, api_name="admin_rollback")
+    outputs = [job.job_pick, job.progress, job.loss_plot, job.log_tail, job.eval_md,
+               job.eval_table, job.gate_table, job.jobs_table, served.version_pick,
+               served.served_md, served_seen]
+    inputs = [tab.token, job.job_pick, served.version_pick, served_seen]
+    timer.tick(refresh, inputs, outputs, api_name="admin_refresh", show_progress="hidden")
+    job.job_pick.change(refresh, inputs, outputs, **PRIVATE)

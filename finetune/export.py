@@ -32,6 +32,9 @@ from finetune import FinetuneError, resources
 
 STAGING_PREFIX = ".staging-"
 ADAPTER = "LoRA"  # the key of the adapter GGUF among the produced files
+# The trained adapter as peft saved it (for transformers / peft users, and Hub publishing).
+PEFT_SUFFIX = ".peft"
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # The converter and the quantizer print one line per tensor (hundreds): counted, not logged.
 PER_TENSOR_LINE = re.compile(r"^\[\s*\d+/\s*\d+\]|hf-to-gguf:.* --> .*shape")
 
@@ -144,10 +147,11 @@ def export(result, config, models_dir: Path, workdir: Path, reporter, *,
                                          models_dir, reporter.log, adapter_base)
             staged[ADAPTER] = staging / adapter["file"]
 
-        extra = {}
+        peft_dir = keep_peft_adapter(result.adapter_dir, staging / f"{version}{PEFT_SUFFIX}")
+        extra = {"peft_adapter": peft_dir.name}
         if before_publish:
             with _measured("gate", timings, peaks):  # the gate and the eval answers
-                extra = before_publish(staged, f16_path, adapter)
+                extra.update(before_publish(staged, f16_path, adapter))
         if not keep:
             f16_path.unlink(missing_ok=True)
         _check_cancelled(reporter)
@@ -185,6 +189,14 @@ def export_adapter(result, config, out_path: Path, models_dir: Path, log,
     lora_gguf.convert_adapter(result.adapter_dir, result.base_model_path, out_path, log)
     log(f"{out_path.name}: {out_path.stat().st_size / 2**20:.1f} MiB, served on {base.name}")
     return {"file": out_path.name, "base": base.name, "scale": 1.0}
+
+
+def keep_peft_adapter(adapter_dir: Path, out_dir: Path) -> Path:
+    """Copy the adapter's weights and config (not the training folder's other files)."""
+    out_dir.mkdir()
+    for name in PEFT_FILES:
+        shutil.copyfile(Path(adapter_dir) / name, out_dir / name)
+    return out_dir
 
 
 @contextlib.contextmanager
@@ -373,7 +385,7 @@ def publish(staging: Path, models_dir: Path) -> list[Path]:
             moved.append(target)
     except BaseException:
         for target in moved:
-            target.unlink(missing_ok=True)
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         raise
     staging.rmdir()
     return moved
@@ -394,6 +406,8 @@ def model_card(result, config, version: str, staged: dict[str, Path], timings: d
         "base_model_path": str(result.base_model_path),
         "dataset": config.dataset,
         "dataset_sha256": dataset_sha256(config.dataset),
+        "dataset_bytes": Path(config.dataset).stat().st_size if Path(config.dataset).is_file()
+        else None,
         "dataset_report": summarize_report(result.dataset_report),
         "config": config.to_dict(),
         "metrics": metrics,

@@ -160,6 +160,14 @@ def record_activation(jobs_dir: Path, job_id: str, activation: dict) -> None:
     update_status(get(jobs_dir, job_id).dir, activation=activation)
 
 
+def record_publication(jobs_dir: Path, version: str, publication: dict) -> None:
+    """Note where the job that made `version` was published (no job: nothing to note)."""
+    for record in list_jobs(jobs_dir):
+        if record.status.get("version") == version:
+            published = [*record.status.get("published", []), publication]
+            update_status(record.dir, published=published)
+
+
 def wait(jobs_dir: Path, job_id: str, timeout_s: float | None = None,
          poll_s: float = 0.5) -> JobRecord:
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -294,7 +302,10 @@ def remove_unpublished(status: dict) -> None:
         return
     shutil.rmtree(models_dir / f"{STAGING_PREFIX}{version}", ignore_errors=True)
     for path in models_dir.glob(f"{version}.*"):
-        path.unlink(missing_ok=True)
+        if path.is_dir():  # the peft adapter folder
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 # -- inside the job process -------------------------------------------------------------

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
-from inference import batching, registry
+from inference import batching, hub, registry
 from inference.prompt import fit_to_context
 from inference.registry import InferenceError
 from inference.settings import Settings
@@ -160,7 +160,9 @@ class ChatEngine:
 
     def start(self) -> str:
         """Pick and load the first model; a failure is logged and the app still starts."""
-        name = registry.ensure_default_model(self.settings.models_dir, self.settings.hub_model)
+        models_dir = self.settings.models_dir
+        name = registry.ensure_default_model(
+            models_dir, hub.fetch_default(self.settings.hub_model, models_dir))
         if name:
             try:
                 self.swap(name)

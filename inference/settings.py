@@ -60,6 +60,10 @@ class Settings:
     # once): each update costs the server a diff + SSE message, which on a small CPU competes
     # with llama.cpp's decode threads. 0 sends every token.
     stream_interval_ms: int = 50
+    # Anonymous clients: Gradio keeps uploaded files this long, and holds at most this many
+    # of one client's requests (waiting or running) in its queue.
+    upload_ttl_s: int = 3600
+    max_queue_per_client: int = 8
     admin_password: str = ""
     api_key: str = ""  # when set, every /v1 call needs "Authorization: Bearer <key>"
     host: str = "0.0.0.0"
@@ -83,6 +87,8 @@ class Settings:
             chat_concurrency=max(1, _int("FINECHAT_CHAT_CONCURRENCY", 16)),
             stream_interval_ms=max(0, _int("FINECHAT_STREAM_INTERVAL_MS", 50)),
             prompt_cache=_flag("FINECHAT_PROMPT_CACHE", True),
+            upload_ttl_s=max(1, _int("FINECHAT_UPLOAD_TTL_S", 3600)),
+            max_queue_per_client=max(1, _int("FINECHAT_MAX_QUEUE_PER_CLIENT", 8)),
             admin_password=env("ADMIN_PASSWORD", ""),
             api_key=env("FINECHAT_API_KEY", ""),
             host=env("FINECHAT_HOST", env("GRADIO_SERVER_NAME", "0.0.0.0")),

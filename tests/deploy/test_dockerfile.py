@@ -36,7 +36,9 @@ def test_spaces_contract():
     text = DOCKERFILE.read_text()
     assert re.search(r"useradd .*--uid 1000", text) and re.search(r"^USER 1000", text, re.M)
     assert "EXPOSE 7860" in text and "FINECHAT_PORT=7860" in text
-    assert "HF_HOME=" in text and "FINECHAT_MODELS_DIR=" in text
+    # folders are left to inference/storage.py, so persistent storage (/data) takes them
+    assert not re.search(r"^\s*(ENV\s+)?(HF_HOME|FINECHAT_\w+_DIR)=", text, re.M)
+    assert "python -m inference.registry models" in text  # the baked default model
     assert "-DGGML_CUDA=on" in text and "ARG ACCEL=cpu" in text
     assert 'CMD ["python", "app.py"]' in text
 

@@ -93,7 +93,12 @@ def test_tiny_export_publishes_loadable_ggufs_and_card(tiny_llama_dir, tmp_path)
     names = sorted(p.name for p in models_dir.iterdir())
     assert names == sorted([f"{result.version}.card.json", f"{result.version}.Q4_K_M.gguf",
                             f"{result.version}.Q5_K_M.gguf", f"{result.version}.lora.gguf",
-                            base, registry.version_of(base) + ".card.json"])  # no staging left
+                            f"{result.version}.peft", base,
+                            registry.version_of(base) + ".card.json"])  # no staging left
+    peft = models_dir / card["peft_adapter"]  # the adapter as peft saved it, for the Hub
+    assert sorted(p.name for p in peft.iterdir()) == sorted(export.PEFT_FILES)
+    assert (peft / "adapter_model.safetensors").read_bytes() == \
+        (adapter / "adapter_model.safetensors").read_bytes()
     assert not (workdir / "merged").exists() and not list(workdir.glob("*.gguf"))
     assert card["dataset_sha256"] and card["quant_types"] == ["Q4_K_M", "Q5_K_M"]
     assert card["config"]["base_model"] == str(tiny_llama_dir) and card["metrics"]["val_loss_after"] == 2.0

@@ -117,6 +117,7 @@ def test_queue_runs_jobs_one_at_a_time_then_cancel_stops_cleanly(tiny_llama_dir,
     base = json.loads((models_dir / done.status["card"]).read_text())["adapter"]["base"]
     assert sorted(p.name for p in models_dir.iterdir()) == sorted(
         [p.name for p in done.model_paths] + [f"{done.status['version']}.card.json", base,
+                                              f"{done.status['version']}.peft",  # peft adapter
                                               base.rsplit(".", 2)[0] + ".card.json"])
     assert not (cancelled.dir / "work").exists()
     assert jobs.cancel(jobs_dir, second.id).state == "cancelled"  # idempotent

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from inference import registry
+from inference import hub, registry
 from inference.registry import InferenceError
 from tests.conftest import link_model
 
@@ -59,6 +59,8 @@ def test_ensure_default_model_offline_fallback(tmp_path, smollm2_path, caplog):
     """A Hub model that cannot be fetched costs one log line; SmolLM2 is served instead."""
     models = tmp_path / "m"
     link_model(smollm2_path, models)
-    name = registry.ensure_default_model(models, "nobody/no-such-repo/model.Q4_K_M.gguf")
+    preferred = hub.fetch_default("nobody/no-such-repo/model.Q4_K_M.gguf", models)
+    name = registry.ensure_default_model(models, preferred)
+    assert preferred == ""
     assert name == registry.SMOLLM2_FILENAME
     assert any("unavailable" in r.message for r in caplog.records)
