@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from inference import storage
 
@@ -96,7 +97,8 @@ def main(argv=None) -> None:
     log.info("serving on http://%s:%d, OpenAI-compatible API at /v1 (%s)", settings.host,
              settings.port, "API key required" if api_key else "no API key")
     uvicorn.run(server, host=settings.host, port=settings.port, log_level="warning",
-                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                forwarded_allow_ips=limits.trusted_proxies(os.environ))
 
 
 if __name__ == "__main__":

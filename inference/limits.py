@@ -40,6 +40,15 @@ class QueuePerClient:
         await self.app(scope, receive, send)
 
 
+def trusted_proxies(environ) -> str | None:
+    """uvicorn's forwarded_allow_ips: on a Space every visitor arrives through the Hub's proxy
+    (the container's port is reachable no other way), so its X-Forwarded-For names the client;
+    elsewhere uvicorn's own default (FORWARDED_ALLOW_IPS, else 127.0.0.1)."""
+    if environ.get("FORWARDED_ALLOW_IPS"):
+        return environ["FORWARDED_ALLOW_IPS"]
+    return "*" if environ.get("SPACE_ID") else None
+
+
 def bound_queue_per_client(server, demo, limit: int) -> None:
     """Add QueuePerClient to `server`, counting the events of `demo`'s queue by client.
     (Gradio 6.31 keeps every queued and running event in `event_ids_to_events`.)"""

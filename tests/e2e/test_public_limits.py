@@ -107,3 +107,12 @@ def test_one_client_cannot_fill_the_queue(public_server):  # last: it leaves ans
         assert time.monotonic() < deadline, "the queue never let the client back in"
         time.sleep(2)
     assert again.status_code == 200
+
+
+def test_on_a_space_the_client_comes_from_the_proxys_forwarded_header():
+    from inference import limits
+
+    assert limits.trusted_proxies({"SPACE_ID": "owner/space"}) == "*"
+    assert limits.trusted_proxies({}) is None  # uvicorn's default: 127.0.0.1 only
+    assert limits.trusted_proxies({"SPACE_ID": "owner/space",
+                                   "FORWARDED_ALLOW_IPS": "10.0.0.7"}) == "10.0.0.7"
