@@ -291,9 +291,8 @@ def _training_arguments(config: FinetuneConfig, workdir: Path, steps: plan.StepP
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not cuda,
         remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
         use_liger_kernel=use_liger,
-        # Under DDP every LoRA weight gets a gradient each step, and the buffers (rotary
-        # tables) are the same on every rank: neither needs DDP's extra work.
-        ddp_find_unused_parameters=False, ddp_broadcast_buffers=False,
+        # under DDP every LoRA weight gets a gradient at every step: no search for unused ones
+        ddp_find_unused_parameters=False,
         # liger's own loss would need the full forward; causal_lm_loss replaces it.
         liger_kernel_config={"fused_linear_cross_entropy": False, "cross_entropy": False}
         if use_liger else None)

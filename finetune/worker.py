@@ -84,8 +84,15 @@ def run_job(job_dir: Path) -> str:
 def train_share(job_dir: Path) -> int:
     """A rank other than 0: train its share of the batches, then leave (rank 0 reports, saves
     the adapter and exports)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
     from finetune import train
 
+    warnings.simplefilter("ignore")  # rank 0 shows the same warnings
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     train.train(_read_config(job_dir), Path(job_dir).resolve() / "work" / "train",
                 distributed.QuietReporter())
     return 0
