@@ -107,15 +107,21 @@ def describe(processes: int) -> str:
     return "CPU" if processes == 1 else f"{processes} CPU processes"
 
 
+def rank_env(processes: int) -> dict[str, str]:
+    """What torchrun's ranks get on top of this environment: NVLink multicast off, and the CPU
+    cores shared out among them (torchrun's own default is one thread each)."""
+    cores = len(os.sched_getaffinity(0))
+    return {**MULTICAST_OFF, "OMP_NUM_THREADS": os.environ.get(
+        "OMP_NUM_THREADS", str(max(1, cores // processes)))}
+
+
 def become_torchrun(processes: int, job_dir: Path, gpu_lock) -> None:
     """Replace this process with torchrun's agent running `processes` ranks of the worker. The
     pid the job record names stays the same, and so does the GPU-slot lock, held until the
     agent and its ranks are gone. Does not return."""
     import torch
 
-    cores = len(os.sched_getaffinity(0))
-    env = {**os.environ, **MULTICAST_OFF, JOB_THREADS_ENV: str(torch.get_num_threads())}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // processes)))  # torchrun's default: 1
+    env = {**os.environ, **rank_env(processes), JOB_THREADS_ENV: str(torch.get_num_threads())}
     os.set_inheritable(gpu_lock.fileno(), True)
     sys.stdout.flush()
     sys.stderr.flush()
