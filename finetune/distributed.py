@@ -24,10 +24,10 @@ from finetune import FinetuneError
 
 # NVLink multicast (NVLS, symmetric memory) stays off on the GPU boxes this runs on.
 MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1"}
-# A rank waits this long at a collective before the job fails: rank 0 alone answers the eval
-# prompts and measures the validation loss while the others wait at DDP's first broadcast. A
-# rank that dies does not wait for it: torchrun ends the group within a second.
-COLLECTIVE_TIMEOUT_S = 900
+# A rank waits this long at a collective before the job fails (rank 0 alone answers the eval
+# prompts meanwhile; transformers' own default). A rank that dies is not waited for: torchrun
+# ends the group within a second.
+COLLECTIVE_TIMEOUT_S = 1800
 JOB_THREADS_ENV = "FINECHAT_JOB_THREADS"  # the job process's CPU threads, for rank 0's export
 _PR_SET_PDEATHSIG = 1
 
@@ -55,6 +55,10 @@ class World:
     def smallest(self, value: int) -> int:
         """The smallest `value` over the ranks (every rank must call it)."""
         return int(self._reduce(value, "MIN"))
+
+    def summed(self, value: float) -> float:
+        """`value` added up over the ranks (every rank must call it)."""
+        return self._reduce(value, "SUM")
 
     def _reduce(self, value: float, op: str) -> float:
         if self.size == 1:

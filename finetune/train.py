@@ -12,8 +12,8 @@ CPU mode (no CUDA): the same code, in fp32 with plain LoRA by default, or bitsan
 NF4 kernels with load_in_4bit=True; an 8-bit paged optimizer needs CUDA, so AdamW is used.
 
 Under torchrun (finetune.distributed) every rank runs this recipe on its own GPU and the
-Trainer wraps the model in DDP; rank 0 alone answers the eval prompts, measures the validation
-loss and saves the adapter; the others return None after training.
+Trainer wraps the model in DDP; the ranks share the validation batches; rank 0 alone answers
+the eval prompts, reports and saves the adapter; the others return None after training.
 """
 from __future__ import annotations
 
@@ -189,9 +189,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
         processing_class=tokenizer,
         callbacks=[_progress_callback(reporter, report.train_tokens, group)])
     trainer.remove_callback(transformers.PrinterCallback)  # progress goes to the reporter
-    # rank 0 alone: the other ranks meanwhile wait at DDP's first broadcast
-    validation = (val_items if group.is_main else [], collator, micro_batch, dtype)
-    val_loss_before = _validation_loss(model, *validation, reporter, "before")
+    validation = (val_items, collator, micro_batch, dtype, reporter, group)
+    val_loss_before = _validation_loss(model, *validation, "before")
     reporter.stage("training", f"{steps.num_epochs:g} epochs" if steps.max_steps <= 0
                    else f"{steps.max_steps} steps")
     if cuda:
@@ -203,10 +202,10 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
     gpu_peaks = [group.largest(n / 1e9) for n in (torch.cuda.max_memory_allocated(),
                                                    torch.cuda.max_memory_reserved())] \
         if cuda else None
+    val_loss_after = _validation_loss(model, *validation, "after")
     distributed.leave(group)
-    if not group.is_main:  # its share is done: rank 0 measures, saves and exports
+    if not group.is_main:  # its share is done: rank 0 saves and exports
         return None
-    val_loss_after = _validation_loss(model, *validation, reporter, "after")
 
     adapter_dir = workdir / "adapter"
     model.save_pretrained(adapter_dir)
@@ -328,9 +327,10 @@ def _liger_wanted(wanted: bool | None, cuda: bool, reporter) -> bool:
     return available and wanted is not False
 
 
-def _validation_loss(model, items, collator, batch_size, dtype, reporter, when):
+def _validation_loss(model, items, collator, batch_size, dtype, reporter, group, when):
     """Mean loss per target token. (Trainer.evaluate averages per-batch means, which weighs
-    tokens differently for packed and unpacked batches, so the two could not be compared.)"""
+    tokens differently for packed and unpacked batches, so the two could not be compared.)
+    Under torchrun each rank takes every size-th item and the sums are added up."""
     if not items:
         return None
     import torch
@@ -341,13 +341,15 @@ def _validation_loss(model, items, collator, batch_size, dtype, reporter, when):
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype,
                                          enabled=dtype != torch.float32):
-        for start in range(0, len(items), batch_size):
+        share = items[group.rank::group.size]
+        for start in range(0, len(share), batch_size):
             if reporter.cancelled():
                 raise Cancelled("training cancelled")
-            batch = {k: v.to(device) for k, v in collator(items[start:start + batch_size]).items()}
+            batch = {k: v.to(device) for k, v in collator(share[start:start + batch_size]).items()}
             loss_sum, targets = loss.causal_lm_loss(model, batch)
             total += float(loss_sum)
             count += targets
+    total, count = group.summed(total), group.summed(count)
     model.train(was_training)
     mean = round(total / count, 4) if count else None
     reporter.progress(val_loss=mean)

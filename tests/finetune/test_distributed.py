@@ -66,7 +66,7 @@ def test_two_ranks_train_as_one_process_and_rank_0_alone_publishes(smollm2_hf_di
 
     # Each optimizer step saw the same two rows, so the training follows the same curve (up
     # to the order of float sums: here it matched to the last digit).
-    assert two["val_loss_before"] == one["val_loss_before"]
+    assert two["val_loss_before"] == pytest.approx(one["val_loss_before"], abs=2e-4)
     assert abs(two["val_loss_after"] - one["val_loss_after"]) < 2e-3, (one, two)
     assert one["val_loss_before"] - one["val_loss_after"] > 0.1  # it did learn
     steps = [m for m in done.metrics if "loss" in m]  # written by rank 0 alone: once a step
