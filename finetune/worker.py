@@ -91,6 +91,7 @@ def train_share(job_dir: Path) -> int:
     from finetune import train
 
     warnings.simplefilter("ignore")  # rank 0 shows the same warnings
+    logging.getLogger().setLevel(logging.WARNING)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     train.train(_read_config(job_dir), Path(job_dir).resolve() / "work" / "train",
@@ -199,9 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m finetune.worker <job_dir>  (a folder made by finetune.jobs)",
               file=sys.stderr)
         return 2
-    here = distributed.world()
-    logging.basicConfig(level=logging.INFO if here.is_main else logging.WARNING, stream=sys.stderr,
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    here = distributed.world()
     if here.size > 1:
         distributed.die_with_agent(jobs.read_status(Path(argv[0]))["pid"])
     if not here.is_main:
