@@ -393,11 +393,12 @@ def bench_scaling(model: str, gpus: int, workdir: Path, steps: tuple[int, int],
                    "--share-out", str(out), "--steps", ",".join(map(str, steps)),
                    *(f"--set={k}={v}" for k, v in overrides.items())]
         print(f"\n== {model} on {n} GPU(s): {' '.join(command)}", flush=True)
+        child = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **distributed.rank_env(n)})
         try:
-            subprocess.run(command, cwd=ROOT, timeout=max(60, deadline - time.perf_counter()),
-                           env={**os.environ, **distributed.rank_env(n)})
-        except subprocess.TimeoutExpired:
-            pass  # the ranks' files say what finished
+            child.wait(timeout=max(60, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:  # SIGTERM: torchrun ends its ranks too
+            child.terminate()
+            child.wait()
         runs[n] = combine_shares([json.loads(p.read_text()) for p in sorted(out.glob("rank*"))],
                                  n)
     one, many = runs[1].get("tokens_per_s"), runs[gpus].get("tokens_per_s")

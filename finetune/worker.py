@@ -29,8 +29,8 @@ def run_job(job_dir: Path) -> str:
     """Run the job in `job_dir` to a final state and return it (in the job process, or in
     rank 0 of its torchrun group)."""
     job_dir = Path(job_dir).resolve()
-    reporter = jobs.FileReporter(job_dir)
     in_group = distributed.world().size > 1
+    reporter = jobs.FileReporter(job_dir, watch_cancel_file=not in_group)
 
     def on_sigterm(signum, frame):  # cooperative: train/export check reporter.cancelled()
         log.info("SIGTERM: stopping at the next safe point")
