@@ -4,6 +4,7 @@ random-init Phi-3.5-mini and Mistral-7B architectures (public config values; the
 cannot be downloaded here) and on SmolLM2-135M, the offline preset (real weights).
 
     python bench/train_throughput.py [--models phi,mistral,smollm2] [--levers] [--budget-s 560]
+    python bench/train_throughput.py --gpus 2 [--models phi,mistral]
 
   throughput  non-padding tokens/s over the optimizer steps after the first (compilation,
               allocator warm-up), counted exactly as the collator hands tokens over
@@ -17,6 +18,13 @@ cannot be downloaded here) and on SmolLM2-135M, the offline preset (real weights
   smollm2     also checks that the default recipe's speed levers leave the validation loss
               where the plain recipe puts it after the same rows (one epoch, --seeds training
               seeds each, one fixed validation split)
+  --gpus N    scaling: the default recipe in a fresh process on 1 GPU, then under torchrun on
+              N GPUs (one rank each, DDP, as a job on N GPUs runs: the same sequences per
+              optimizer step), tokens/s of all ranks together, speedup and scaling efficiency
+              (N-GPU tokens/s / (N x 1-GPU tokens/s)); results under <model>.scaling. Without
+              CUDA the ranks are CPU processes over gloo: a smoke check of the path, e.g.
+              --gpus 2 --models smollm2 --steps 1,2 --set max_seq_length=128
+              --set micro_batch_size=1 --set gradient_accumulation=2 --out /tmp/tt.json
 
 Random models are built on the GPU and saved once under --workdir; the synthetic dataset has
 rows of 128-2048 tokens (log-uniform) over a word-level tokenizer of the architecture's vocab
@@ -33,6 +41,7 @@ import math
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.standins import CONFIGS  # noqa: E402
+from finetune import FinetuneError, distributed  # noqa: E402
 from finetune import data as data_mod  # noqa: E402
 from finetune import loss as loss_mod  # noqa: E402
 from finetune import train as train_mod  # noqa: E402
@@ -252,6 +262,8 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
             torch.cuda.empty_cache()
     (t0, n0), (t1, n1) = clock.steps[warmup_steps - 1], clock.steps[-1]
     tokens_per_s = (n1 - n0) / (t1 - t0)
+    if result is None:  # a rank other than 0 under torchrun: its own share of the tokens
+        return {"label": label, "measured_tokens": n1 - n0, "measured_s": t1 - t0}
     m = result.metrics
     row = {"label": label, "tokens_per_s": round(tokens_per_s, 1),
            "peak_allocated_gb": m["peak_gpu_mem_gb"], "peak_reserved_gb": m["peak_gpu_reserved_gb"],
@@ -260,8 +272,10 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
            "gradient_accumulation": config.gradient_accumulation,
            "max_seq_length": config.max_seq_length, "packing": config.packing,
            "compute_dtype": m["compute_dtype"], "attention": m["attention"],
+           "device": m["device"],
            "optimizer": m["optimizer"], "lora_dropout": config.lora_dropout, "liger": m["liger"],
            "measured_steps": len(clock.steps) - warmup_steps, "measured_tokens": n1 - n0,
+           "measured_s": t1 - t0,
            "tokens_seen": clock.tokens, "optimizer_steps": m["steps"],
            "val_loss_before": m["val_loss_before"], "val_loss_after": m["val_loss_after"],
            "wall_s": round(time.perf_counter() - started, 1), "overrides": overrides,
@@ -360,6 +374,79 @@ def bench_smollm2(workdir: Path, deadline: float, seeds: list[int], only: set[st
     return out
 
 
+# -- scaling over GPUs (--gpus N) ---------------------------------------------------------------
+
+def bench_scaling(model: str, gpus: int, workdir: Path, steps: tuple[int, int],
+                  overrides: dict, deadline: float) -> dict:
+    """The default recipe on 1 GPU, then on `gpus` (torchrun), each in a process of its own."""
+    dataset = (prose_rows(workdir / "prose.jsonl") if model == "smollm2" else
+               word_rows(workdir / f"{model}.jsonl", 900, ARCHS[model]["vocab_size"]))
+    runs = {}
+    for n in (1, gpus):
+        out = workdir / f"{model}-{n}-shares"
+        for old in out.glob("rank*.json"):
+            old.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
+        command = [sys.executable, *(launcher if n > 1 else []), str(Path(__file__).resolve()),
+                   "--share", model, "--dataset", str(dataset), "--workdir", str(workdir),
+                   "--share-out", str(out), "--steps", ",".join(map(str, steps)),
+                   *(f"--set={k}={v}" for k, v in overrides.items())]
+        print(f"\n== {model} on {n} GPU(s): {' '.join(command)}", flush=True)
+        child = subprocess.Popen(command, cwd=ROOT, env={**os.environ, **distributed.rank_env(n)})
+        try:
+            child.wait(timeout=max(60, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:  # SIGTERM: torchrun ends its ranks too
+            child.terminate()
+            child.wait()
+        runs[n] = combine_shares([json.loads(p.read_text()) for p in sorted(out.glob("rank*"))],
+                                 n)
+    one, many = runs[1].get("tokens_per_s"), runs[gpus].get("tokens_per_s")
+    summary = {"gpus": gpus, "runs": {f"{n}_gpu": row for n, row in runs.items()}}
+    if one and many:
+        summary.update(speedup=round(many / one, 3), efficiency=round(many / (gpus * one), 3))
+    return summary
+
+
+def combine_shares(shares: list[dict], processes: int) -> dict:
+    """Every rank's measured tokens over the same optimizer steps (DDP keeps the ranks in step):
+    their sum over the slowest rank's time."""
+    if len(shares) != processes or any("error" in s for s in shares):
+        errors = [s["error"] for s in shares if "error" in s]
+        return {"error": errors[0] if errors else f"{len(shares)} of {processes} ranks finished"}
+    row = next(s for s in shares if s.get("rank") == 0)
+    tokens, seconds = sum(s["measured_tokens"] for s in shares), max(s["measured_s"]
+                                                                     for s in shares)
+    tokens_per_s = tokens / seconds
+    return {**row, "processes": processes, "measured_tokens": tokens, "measured_s": seconds,
+            "tokens_per_s": round(tokens_per_s, 1),  # per GPU:
+            "mfu_6n": round(6 * row["matmul_params"] * tokens_per_s / processes
+                            / (PEAK_TFLOPS * 1e12), 4)}
+
+
+def share(args) -> None:
+    """One process of a scaling run (a torchrun rank, or the single process): the default
+    recipe, then this rank's measured tokens and seconds into --share-out/rank<r>.json."""
+    from transformers import AutoConfig
+
+    from finetune.base_models import default_cache_dir, resolve_base
+
+    if args.share == "smollm2":
+        preset, base = "smollm2-135m", Path(resolve_base("smollm2-135m", default_cache_dir()))
+    else:  # the 1-GPU run goes first and builds it
+        preset, base = ARCHS[args.share]["preset"], build_random_model(
+            args.share, args.workdir / f"{args.share}-random")
+    n_params = matmul_params(AutoConfig.from_pretrained(base))
+    warmup, measured = args.steps
+    row = run(f"default recipe, {distributed.world().size} process(es)", preset, base,
+              args.dataset, args.workdir, n_params, warmup, measured, args.set, {})
+    rank = distributed.world().rank
+    (args.share_out / f"rank{rank}.json").write_text(json.dumps(
+        {**row, "rank": rank, "matmul_params": n_params}, default=str))
+    if "error" in row:
+        sys.exit(1)  # torchrun then ends the other ranks, which would wait at a collective
+
+
 def parity(runs: dict) -> dict:
     """Default minus plain validation loss (same validation rows), against the seed-to-seed
     noise of either recipe."""
@@ -389,7 +476,7 @@ def print_table(results: dict) -> None:
     for model, block in results.items():
         if model.startswith("_"):
             continue
-        for row in block["runs"].values():
+        for row in block.get("runs", {}).values():
             if "tokens_per_s" not in row:
                 print(f"{model:<9} {row['label'][:48]:<48} {row.get('error') or row.get('skipped')}")
                 continue
@@ -401,8 +488,10 @@ def print_table(results: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="phi,mistral,smollm2")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--models", help="default: phi,mistral,smollm2; with --gpus phi,mistral")
     parser.add_argument("--levers", action="store_true", help="Phi-3.5 lever ladder")
     parser.add_argument("--seeds", default="1,2,3", help="SmolLM2 parity: training seeds")
     parser.add_argument("--runs", default="", help="only these runs (seed,default,lever7,...)")
@@ -410,7 +499,21 @@ def main() -> None:
                         help="start no run after this many seconds")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "ft-bench")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--gpus", type=int, default=0,
+                        help="scaling: tokens/s on 1 and on this many GPUs (torchrun)")
+    parser.add_argument("--steps", type=lambda v: tuple(int(x) for x in v.split(",")),
+                        default=(2, 8), help="--gpus: warm-up, measured optimizer steps")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="--gpus: a FinetuneConfig setting on top of the default recipe")
+    parser.add_argument("--share", help=argparse.SUPPRESS)  # one rank of a --gpus run
+    parser.add_argument("--share-out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--dataset", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.set = dict(item.split("=", 1) for item in args.set)
+    if args.share:
+        return share(args)
+    if args.gpus:
+        return main_scaling(args)
     import torch
 
     if not torch.cuda.is_available():
@@ -425,7 +528,7 @@ def main() -> None:
                           "mfu_formula": "6 * N * tokens/s / 989e12, N = linear-layer weights "
                                          "incl. lm_head"}
     only = set(filter(None, args.runs.split(",")))
-    for model in args.models.split(","):
+    for model in (args.models or "phi,mistral,smollm2").split(","):
         if model == "smollm2":
             block = bench_smollm2(args.workdir, deadline,
                                   [int(x) for x in args.seeds.split(",")], only)
@@ -437,12 +540,32 @@ def main() -> None:
         # one model can so be spread over several calls of at most 10 minutes.
         fresh = {k: v for k, v in block["runs"].items()
                  if "skipped" not in v or "skipped" in earlier.get(k, v)}
-        results[model] = {**block, "runs": {**earlier, **fresh}}
+        results[model] = {**results.get(model, {}), **block, "runs": {**earlier, **fresh}}
         if model == "smollm2":
             results[model]["parity"] = parity(results[model]["runs"])
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print_table(results)
+
+
+def main_scaling(args) -> None:
+    """--gpus N: 1 GPU against N for each model (phi and mistral unless --models names others)."""
+    try:
+        distributed.processes_for(args.gpus)  # a clear refusal of more GPUs than there are
+    except FinetuneError as exc:
+        sys.exit(str(exc))
+    models = (args.models or "phi,mistral").split(",")
+    deadline = time.perf_counter() + args.budget_s
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    for model in models:
+        scaling = bench_scaling(model, args.gpus, args.workdir, args.steps, args.set, deadline)
+        results.setdefault(model, {})["scaling"] = scaling
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"{model}: {json.dumps({k: v for k, v in scaling.items() if k != 'runs'})}")
+        for key, row in scaling["runs"].items():
+            print(f"  {key}: {row.get('tokens_per_s', row.get('error'))} tok/s")
 
 
 if __name__ == "__main__":

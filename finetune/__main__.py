@@ -190,8 +190,9 @@ def cmd_status(args) -> int:
 
     jobs_dir, _ = _dirs(args)
     record = jobs.get(jobs_dir, args.job_id)
-    for key in ("state", "stage", "message", "step", "total_steps", "loss", "val_loss",
-                "tokens_per_s", "eta_s", "error", "created_at", "finished_at", "version"):
+    for key in ("state", "stage", "message", "devices", "step", "total_steps", "loss",
+                "val_loss", "tokens_per_s", "eta_s", "error", "created_at", "finished_at",
+                "version"):
         if record.status.get(key) not in (None, ""):
             print(f"{key:>13}: {record.status[key]}")
     for path in record.model_paths:

@@ -53,6 +53,8 @@ def _progress_html(status: dict) -> str:
     eta = status.get("eta_s")
     bits = [f"<b>{html.escape(str(status.get('stage', '?')))}</b>",
             f"step {step}/{total or '?'}"]
+    if status.get("devices"):  # "2 GPUs": a job on several trains through torchrun
+        bits.append(html.escape(status["devices"]))
     if eta is not None and status.get("state") not in _FINAL:
         bits.append(f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
     for key, label, fmt in (("tokens_per_s", "tok/s", "{:.0f}"), ("loss", "loss", "{:.4f}"),

@@ -93,6 +93,11 @@ class FinetuneConfig:
                                        "caps PyTorch's allocator and sizes the micro-batch to "
                                        "it, e.g. to leave room for the chat on a shared card.",
                                        default=0.0)
+    num_processes: int = _help("Training processes, one per GPU (torchrun + DDP; an optimizer "
+                               "step sees as many sequences as on one GPU): 0 = one per visible "
+                               "GPU, 1 = a single process, N = N GPUs (refused beyond the GPUs "
+                               "visible). Without a GPU, N > 1 runs N CPU processes over gloo "
+                               "(for tests).", default=0)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     quant_types: list[str] = _help("GGUF quantizations to produce.",
@@ -207,6 +212,8 @@ class FinetuneConfig:
               f"(got {self.checkpoint_every_n_layers}).")
         check(self.gpu_memory_limit_gb >= 0, "gpu_memory_limit_gb must be >= 0 (0: no limit; "
               f"got {self.gpu_memory_limit_gb}).")
+        check(0 <= self.num_processes <= 1024, "num_processes must be 0 (one per GPU) or "
+              f"1-1024 (got {self.num_processes}).")
         check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm}).")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay}).")
         check(0 <= self.gate_probes <= 1000, "gate_probes must be between 0 (no gate) and "

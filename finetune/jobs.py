@@ -313,9 +313,12 @@ def remove_unpublished(status: dict) -> None:
 class FileReporter:
     """The Reporter that train.py and export.py talk to, writing into the job folder."""
 
-    def __init__(self, job_dir: Path):
+    def __init__(self, job_dir: Path, watch_cancel_file: bool = True):
         self.job_dir = Path(job_dir)
         self.cancel_requested = False  # set by the worker's SIGTERM handler
+        # False in rank 0 of a torchrun group: its cancel is the agent's SIGTERM, which could
+        # otherwise cut short the final state and cleanup of a cooperative stop
+        self.watch_cancel_file = watch_cancel_file
 
     def stage(self, stage: str, message: str = "") -> None:
         log.info("== %s%s", stage, f": {message}" if message else "")
@@ -333,7 +336,8 @@ class FileReporter:
         log.info("%s", message)
 
     def cancelled(self) -> bool:
-        return self.cancel_requested or (self.job_dir / "cancel").exists()
+        return self.cancel_requested or (self.watch_cancel_file
+                                         and (self.job_dir / "cancel").exists())
 
 
 def wait_for_gpu_slot(job_dir: Path, reporter: FileReporter, poll_s: float = 0.5):

@@ -28,6 +28,10 @@ def trainer_class(dtype):
             # them (then it does not divide by the accumulation steps again).
             loss = total / (num_items_in_batch if num_items_in_batch is not None
                             else max(count, 1))
+            if self.accelerator.num_processes > 1 and num_items_in_batch is not None \
+                    and self.args.average_tokens_across_devices:
+                # the count is over every rank's batch and DDP averages the ranks' gradients
+                loss = loss * self.accelerator.num_processes
             return (loss, None) if return_outputs else loss
 
     return ChunkedLossTrainer
@@ -55,12 +59,15 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None):
     targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
     keep = targets != -100
     count = int(keep.sum())
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    inner = model.module if ddp else model
+    causal_lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     if not chunk_tokens or not _plain_lm_head(causal_lm.config):
         output = model(**batch, use_cache=False)  # its loss: the mean over the targets
         return (output.loss.float() * count if count else output.logits.sum() * 0.0), count
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    hidden = _ddp_hidden(model, causal_lm, inputs) if ddp else \
+        causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
     hidden, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
     head = causal_lm.get_output_embeddings()
     total = hidden.sum() * 0.0  # a zero that keeps the graph when no token is a target
@@ -69,6 +76,20 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None):
         total = total + (checkpoint(_summed_token_loss, *piece, use_reentrant=False)
                          if torch.is_grad_enabled() else _summed_token_loss(*piece))
     return total, count
+
+
+def _ddp_hidden(model, causal_lm, inputs):
+    """The decoder's output through DDP's own forward, which arms its gradient all-reduce (a
+    direct call of the decoder would train each rank apart); the model computes the logits
+    of one position only, the loss takes the captured hidden states."""
+    captured = []
+    hook = causal_lm.get_decoder().register_forward_hook(
+        lambda module, args, output: captured.append(output.last_hidden_state))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return captured[0]
 
 
 def _summed_token_loss(head, hidden, targets):

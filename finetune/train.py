@@ -10,6 +10,10 @@ more pinned dependency that the GPU image does not ship.
 
 CPU mode (no CUDA): the same code, in fp32 with plain LoRA by default, or bitsandbytes' CPU
 NF4 kernels with load_in_4bit=True; an 8-bit paged optimizer needs CUDA, so AdamW is used.
+
+Under torchrun (finetune.distributed) every rank runs this recipe on its own GPU and the
+Trainer wraps the model in DDP; the ranks share the validation batches; rank 0 alone answers
+the eval prompts, reports and saves the adapter; the others return None after training.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import FinetuneError, data, loss, plan, resources
+from finetune import FinetuneError, data, distributed, loss, plan, resources
 from finetune.base_models import default_cache_dir, resolve_base
 from finetune.config import FinetuneConfig
 
@@ -59,7 +63,7 @@ class ConsoleReporter:
         return False
 
 
-def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
+def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None:
     # Packed micro-batches vary in length; expandable segments stop the caching allocator
     # from fragmenting (reserved memory was 2-7x the allocated peak without, on an H100).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -83,6 +87,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
     train_rows, val_rows = data.split(conversations, data_plan.val_split, config.seed)
 
     cuda = torch.cuda.is_available()
+    group = distributed.join(cuda)  # under torchrun: this rank's GPU, and the process group
     if cuda and config.gpu_memory_limit_gb:
         _limit_gpu_memory(config.gpu_memory_limit_gb)
     load_in_4bit = cuda if config.load_in_4bit is None else config.load_in_4bit
@@ -131,7 +136,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
     load_seconds = time.monotonic() - load_started
 
     base_answers = []
-    if eval_prompts and config.eval_max_new_tokens:
+    if eval_prompts and config.eval_max_new_tokens and group.is_main:
         reporter.stage("evaluating", "answering the eval prompts with the base model")
         base_answers = answer_prompts_hf(model, tokenizer, eval_prompts,
                                          config.eval_max_new_tokens)
@@ -161,26 +166,31 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
         train_items, val_items = train_set, val_set
         collator = data.PaddedCollator(tokenizer.pad_token_id, config.max_seq_length
                                        if config.padding == "max_length" else 0)
-    micro_batch = config.micro_batch_size or plan.auto_micro_batch_size(
+    micro_batch = config.micro_batch_size or group.smallest(plan.auto_micro_batch_size(
         model.config, config, len(train_items),
         _free_gpu_bytes(config.gpu_memory_limit_gb) if cuda else None,
-        dtype_bytes=4 if dtype == torch.float16 else 2)  # fp16 keeps an fp32 residual stream
+        dtype_bytes=4 if dtype == torch.float16 else 2))  # fp16 keeps an fp32 residual stream
     steps = plan.plan_steps(config, len(train_items), micro_batch)
     for note in steps.notes:
         reporter.log(note)
     use_liger = _liger_wanted(config.use_liger, cuda, reporter)
     layout = "packed" if data_plan.packing else "one row each"
-    reporter.log(f"{len(train_items)} training sequences ({layout}), micro-batch {micro_batch} x {config.gradient_accumulation} accumulation, "
+    accumulation = group.accumulation(config.gradient_accumulation)
+    processes = f" x {group.size} processes" if group.size > 1 else ""
+    reporter.log(f"{len(train_items)} training sequences ({layout}), micro-batch {micro_batch} "
+                 f"x {accumulation} accumulation{processes}, "
                  f"{steps.total_steps} optimizer steps, {dtype}, {optimizer}, "
                  f"{attention}" + (", liger kernels" if use_liger else ""))
 
-    args = _training_arguments(config, workdir, steps, optimizer, dtype, cuda, use_liger)
+    args = _training_arguments(config, workdir, steps, accumulation, optimizer, dtype, cuda,
+                               use_liger)
     trainer = loss.trainer_class(dtype)(
         model=model, args=args, train_dataset=train_items, data_collator=collator,
-        processing_class=tokenizer, callbacks=[_progress_callback(reporter, report.train_tokens)])
+        processing_class=tokenizer,
+        callbacks=[_progress_callback(reporter, report.train_tokens, group)])
     trainer.remove_callback(transformers.PrinterCallback)  # progress goes to the reporter
-    validation = (val_items, collator, micro_batch, dtype)
-    val_loss_before = _validation_loss(model, *validation, reporter, "before")
+    validation = (val_items, collator, micro_batch, dtype, reporter, group)
+    val_loss_before = _validation_loss(model, *validation, "before")
     reporter.stage("training", f"{steps.num_epochs:g} epochs" if steps.max_steps <= 0
                    else f"{steps.max_steps} steps")
     if cuda:
@@ -189,7 +199,13 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
     with stage_peaks.measure("train"):
         output = trainer.train()
     train_seconds = time.monotonic() - started
-    val_loss_after = _validation_loss(model, *validation, reporter, "after")
+    gpu_peaks = [group.largest(n / 1e9) for n in (torch.cuda.max_memory_allocated(),
+                                                   torch.cuda.max_memory_reserved())] \
+        if cuda else None
+    val_loss_after = _validation_loss(model, *validation, "after")
+    distributed.leave(group)
+    if not group.is_main:  # its share is done: rank 0 saves and exports
+        return None
 
     adapter_dir = workdir / "adapter"
     model.save_pretrained(adapter_dir)
@@ -201,11 +217,10 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult:
         "train_seconds": round(train_seconds, 2), "load_seconds": round(load_seconds, 2),
         "train_end_time": round(time.time(), 3),  # wall clock: the start of "until it answers"
         "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds else 0.0,
-        "peak_gpu_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3) if cuda else None,
-        "peak_gpu_reserved_gb": round(torch.cuda.max_memory_reserved() / 1e9, 3)
-        if cuda else None,
+        "peak_gpu_mem_gb": round(gpu_peaks[0], 3) if cuda else None,  # the largest of any rank
+        "peak_gpu_reserved_gb": round(gpu_peaks[1], 3) if cuda else None,
         "steps": trainer.state.global_step, "micro_batch_size": micro_batch,
-        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "processes": group.size,
         "compute_dtype": str(dtype).removeprefix("torch."), "load_in_4bit": load_in_4bit,
         "optimizer": optimizer, "liger": use_liger, "attention": attention,
         "trainable_params": trainable, "stage_peaks": dict(stage_peaks),
@@ -259,7 +274,7 @@ def _freeze_base(model, dtype) -> None:
 
 
 def _training_arguments(config: FinetuneConfig, workdir: Path, steps: plan.StepPlan,
-                        optimizer: str, dtype, cuda: bool, use_liger: bool):
+                        accumulation: int, optimizer: str, dtype, cuda: bool, use_liger: bool):
     import torch
     from transformers import TrainingArguments
 
@@ -267,7 +282,7 @@ def _training_arguments(config: FinetuneConfig, workdir: Path, steps: plan.StepP
         output_dir=str(workdir / "trainer"), save_strategy="no", eval_strategy="no",
         report_to="none", logging_steps=1, disable_tqdm=True, seed=config.seed,
         data_seed=config.seed, per_device_train_batch_size=steps.micro_batch,
-        gradient_accumulation_steps=config.gradient_accumulation,
+        gradient_accumulation_steps=accumulation,
         learning_rate=config.learning_rate, num_train_epochs=steps.num_epochs,
         max_steps=steps.max_steps, warmup_steps=config.warmup_ratio,
         lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
@@ -275,6 +290,8 @@ def _training_arguments(config: FinetuneConfig, workdir: Path, steps: plan.StepP
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not cuda,
         remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
         use_liger_kernel=use_liger,
+        # under DDP every LoRA weight gets a gradient at every step: no search for unused ones
+        ddp_find_unused_parameters=False,
         # liger's own loss would need the full forward; causal_lm_loss replaces it.
         liger_kernel_config={"fused_linear_cross_entropy": False, "cross_entropy": False}
         if use_liger else None)
@@ -310,9 +327,10 @@ def _liger_wanted(wanted: bool | None, cuda: bool, reporter) -> bool:
     return available and wanted is not False
 
 
-def _validation_loss(model, items, collator, batch_size, dtype, reporter, when):
+def _validation_loss(model, items, collator, batch_size, dtype, reporter, group, when):
     """Mean loss per target token. (Trainer.evaluate averages per-batch means, which weighs
-    tokens differently for packed and unpacked batches, so the two could not be compared.)"""
+    tokens differently for packed and unpacked batches, so the two could not be compared.)
+    Under torchrun each rank takes every size-th item and the sums are added up."""
     if not items:
         return None
     import torch
@@ -323,26 +341,30 @@ def _validation_loss(model, items, collator, batch_size, dtype, reporter, when):
     model.eval()
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype,
                                          enabled=dtype != torch.float32):
-        for start in range(0, len(items), batch_size):
+        share = items[group.rank::group.size]
+        for start in range(0, len(share), batch_size):
             if reporter.cancelled():
                 raise Cancelled("training cancelled")
-            batch = {k: v.to(device) for k, v in collator(items[start:start + batch_size]).items()}
+            batch = {k: v.to(device) for k, v in collator(share[start:start + batch_size]).items()}
             loss_sum, targets = loss.causal_lm_loss(model, batch)
             total += float(loss_sum)
             count += targets
+    total, count = group.summed(total), group.summed(count)
     model.train(was_training)
     mean = round(total / count, 4) if count else None
     reporter.progress(val_loss=mean)
     return mean
 
 
-def _progress_callback(reporter, epoch_tokens: int):
+def _progress_callback(reporter, epoch_tokens: int, group: distributed.World):
     """Trainer logs -> reporter.progress; a cancel request stops at the next (sub)step.
     Built on demand so importing this module does not import transformers.
 
     Tokens seen are the epoch fraction times the epoch's real tokens: exact per epoch, and
     within ~2% mid-epoch since packed bins are nearly full (the Trainer's own counter would
-    count the pad segments, or miss every token equal to the pad token)."""
+    count the pad segments, or miss every token equal to the pad token). Under DDP the epoch
+    fraction is that of all ranks together, so tokens/s counts every rank; GPU memory is the
+    largest rank's (every rank logs at the same steps)."""
     import torch
     from transformers import TrainerCallback
 
@@ -371,7 +393,7 @@ def _progress_callback(reporter, epoch_tokens: int):
                 loss=logs["loss"], learning_rate=logs.get("learning_rate"),
                 tokens_per_s=round(state.epoch * epoch_tokens / elapsed, 1) if elapsed else 0.0,
                 eta_s=round(elapsed / step * (total - step), 1) if step else None,
-                gpu_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 3)
+                gpu_mem_gb=round(group.largest(torch.cuda.max_memory_allocated() / 1e9), 3)
                 if torch.cuda.is_available() else None)
 
     return ProgressCallback()

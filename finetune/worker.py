@@ -4,6 +4,8 @@ Waits for the GPU slot, then train (which also answers the eval prompts with the
 -> export: merge, convert, quantize -> answers of the quantized model -> publish. Everything
 it prints lands in the job's log.txt. SIGTERM asks it to stop at the next safe point; whatever
 happens, a job that does not finish leaves no model in models/ and no intermediates behind.
+On several GPUs the job process becomes torchrun's agent after the wait (finetune.distributed):
+rank 0 runs this same job, the other ranks train their share and leave.
 """
 from __future__ import annotations
 
@@ -17,33 +19,39 @@ import time
 import traceback
 from pathlib import Path
 
-from finetune import FinetuneError, jobs, resources
+from finetune import FinetuneError, distributed, jobs, resources
 
 log = logging.getLogger("finechat.job")
 EVAL_QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M")
 
 
 def run_job(job_dir: Path) -> str:
-    """Run the job in `job_dir` to a final state and return it."""
-    from finetune.config import FinetuneConfig
-
+    """Run the job in `job_dir` to a final state and return it (in the job process, or in
+    rank 0 of its torchrun group)."""
     job_dir = Path(job_dir).resolve()
-    reporter = jobs.FileReporter(job_dir)
+    in_group = distributed.world().size > 1
+    reporter = jobs.FileReporter(job_dir, watch_cancel_file=not in_group)
 
     def on_sigterm(signum, frame):  # cooperative: train/export check reporter.cancelled()
         log.info("SIGTERM: stopping at the next safe point")
         reporter.cancel_requested = True
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    if not in_group:  # a rank keeps SIGTERM's default: torchrun ends the group with it
+        signal.signal(signal.SIGTERM, on_sigterm)
     status = jobs.read_status(job_dir)
     workdir, config, gpu_lock = job_dir / "work", None, None
     try:
-        config = FinetuneConfig.from_dict(json.loads((job_dir / "config.json").read_text()))
+        config = _read_config(job_dir)
         models_dir = Path(status["models_dir"])
-        gpu_lock = jobs.wait_for_gpu_slot(job_dir, reporter)
-        started = time.time()
-        jobs.update_status(job_dir, started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                           started_ts=started, message="")
+        if not in_group:  # the job process: its turn on the GPUs, then one process or several
+            processes = distributed.processes_for(config.num_processes)
+            gpu_lock = jobs.wait_for_gpu_slot(job_dir, reporter)
+            jobs.update_status(job_dir, started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                               started_ts=time.time(), message="", processes=processes,
+                               devices=distributed.describe(processes))
+            if processes > 1:
+                distributed.become_torchrun(processes, job_dir, gpu_lock)
+        started = jobs.read_status(job_dir)["started_ts"]
         reporter.stage("loading", f"base model {config.base_model}")
         from finetune import train
 
@@ -71,6 +79,30 @@ def run_job(job_dir: Path) -> str:
             shutil.rmtree(workdir, ignore_errors=True)
         if gpu_lock is not None:
             gpu_lock.close()
+
+
+def train_share(job_dir: Path) -> int:
+    """A rank other than 0: train its share of the batches, then leave (rank 0 reports, saves
+    the adapter and exports)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from finetune import train
+
+    warnings.simplefilter("ignore")  # rank 0 shows the same warnings
+    logging.getLogger().setLevel(logging.WARNING)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    train.train(_read_config(job_dir), Path(job_dir).resolve() / "work" / "train",
+                distributed.QuietReporter())
+    return 0
+
+
+def _read_config(job_dir: Path):
+    from finetune.config import FinetuneConfig
+
+    return FinetuneConfig.from_dict(json.loads((Path(job_dir) / "config.json").read_text()))
 
 
 def _prepare_adapter_base(config, models_dir: Path, reporter):
@@ -170,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    here = distributed.world()
+    if here.size > 1:
+        distributed.die_with_agent(jobs.read_status(Path(argv[0]))["pid"])
+    if not here.is_main:
+        return train_share(Path(argv[0]))
     state = run_job(Path(argv[0]))
     return 0 if state == "done" else 1
 
