@@ -79,8 +79,8 @@ def test_two_ranks_train_as_one_process_and_rank_0_alone_publishes(smollm2_hf_di
     assert "micro-batch 1 x 1 accumulation x 2 processes" in log_text
     assert log_text.count("== merging") == 1 and log_text.count("== training") == 1
     version = done.status["version"]
-    assert sorted(p.name for p in models_dir.iterdir()) == [f"{version}.Q4_K_M.gguf",
-                                                          f"{version}.card.json"]
+    assert sorted(p.name for p in models_dir.iterdir()) == [
+        f"{version}.Q4_K_M.gguf", f"{version}.card.json", f"{version}.peft"]
     assert not (done.dir / "work").exists()
 
 
