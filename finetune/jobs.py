@@ -285,11 +285,12 @@ def finish(job_dir: Path, state: str, message: str, **extra) -> None:
         changes.setdefault("error", message)
     if state != "done":
         changes.setdefault("log_tail", _tail(Path(job_dir) / "log.txt", 15))
-    update_status(job_dir, **changes)
-    if state != "done":
+        # Clean up before the state turns final, so a final state means a clean slate: torchrun
+        # may SIGTERM rank 0 mid-way, and then the liveness check finishes the job instead.
         remove_unpublished(status)
         if not _read_json(Path(job_dir) / "config.json").get("keep_intermediates"):
             shutil.rmtree(Path(job_dir) / "work", ignore_errors=True)  # a killed worker's leftovers
+    update_status(job_dir, **changes)
 
 
 def remove_unpublished(status: dict) -> None:
