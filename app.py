@@ -88,7 +88,8 @@ def main(argv=None) -> None:
         demo._queue.sleep_when_free = QUEUE_POLL_S
     api_key = settings.api_key
     server = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # "/" is Gradio's
-    server.include_router(build_openai_router(engine, api_key))
+    server.include_router(build_openai_router(engine, api_key,
+                                              settings.stream_interval_ms / 1000))
     limits.bound_queue_per_client(server, demo, settings.max_queue_per_client)
     # Anyone can POST to Gradio's upload route: no file beyond the dataset limit is kept.
     server = gr.mount_gradio_app(server, demo, path="/", server_name=settings.host,

@@ -56,13 +56,13 @@ def chat_request(i: int, max_tokens: int) -> dict:
                          {"role": "user", "content": f"Write a long story about {TOPICS[i]}."}]}
 
 
-def stream_one(http, url: str, body: dict, t0: float) -> dict:
+async def stream_one(http, url: str, body: dict, t0: float) -> dict:
     """One streamed chat: when its first and last content arrived, and its token count."""
     first = last = None
     tokens = 0
-    with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+    async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
+        async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
@@ -72,6 +72,22 @@ def stream_one(http, url: str, body: dict, t0: float) -> dict:
                 last = time.monotonic()
                 first = first or last
     return {"ttft_s": first - t0, "end_s": last - t0, "tokens": tokens, "first_s": first - t0}
+
+
+def stream_over_http(url: str, bodies: list[dict], t0: float) -> list[dict]:
+    """stream_one for each body, all at once from one event loop: the client shares this
+    machine's cores with the server, so it wakes once for whatever arrived on any stream
+    (a thread per stream would wake once per chunk of each)."""
+    import asyncio
+
+    import httpx
+
+    async def run():
+        limits = httpx.Limits(max_connections=len(bodies))
+        async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+            return await asyncio.gather(*(stream_one(http, url, b, t0) for b in bodies))
+
+    return list(asyncio.run(run()))
 
 
 def stream_in_process(engine, body: dict, t0: float) -> dict:
@@ -90,20 +106,19 @@ def stream_in_process(engine, body: dict, t0: float) -> dict:
             "first_s": first - t0}
 
 
-def at_once(send, n: int, max_tokens: int) -> dict:
-    """`send(body, t0)`: stream_one over HTTP, or stream_in_process."""
-    with concurrent.futures.ThreadPoolExecutor(n) as pool:
-        t0 = time.monotonic()
-        chats = list(pool.map(lambda i: send(chat_request(i, max_tokens), t0), range(n)))
+def at_once(send_all, n: int, max_tokens: int) -> dict:
+    """`send_all(bodies, t0)`: stream_over_http, or stream_in_process in threads."""
+    t0 = time.monotonic()
+    chats = send_all([chat_request(i, max_tokens) for i in range(n)], t0)
     decode_s = max(c["end_s"] for c in chats) - min(c["first_s"] for c in chats)
     return summarize(chats, max(c["end_s"] for c in chats), decode_s)
 
 
-def one_at_a_time(send, n: int, max_tokens: int) -> dict:
+def one_at_a_time(send_all, n: int, max_tokens: int) -> dict:
     chats, elapsed = [], 0.0
     for i in range(n):
         t0 = time.monotonic()
-        chat = send(chat_request(i, max_tokens), t0)
+        chat = send_all([chat_request(i, max_tokens)], t0)[0]
         chats.append({**chat, "ttft_s": chat["ttft_s"] + elapsed})  # as if all came at once
         elapsed += chat["end_s"]
     decode_s = sum(c["end_s"] - c["first_s"] for c in chats)
@@ -171,10 +186,8 @@ def llama_cpp_ceiling(model: Path, n_seq: int, n_threads: int, n_tokens: int,
 def serve_over_http(workdir: Path, models_dir: Path, env: dict):
     """(send, pause): requests to `python app.py` over its OpenAI API; the app stopped while
     `pause(run)` runs."""
-    import httpx
-
-    with run_app(workdir, models_dir, **env) as server, httpx.Client(timeout=600) as http:
-        yield (lambda body, t0: stream_one(http, server.url, body, t0),
+    with run_app(workdir, models_dir, **env) as server:
+        yield (lambda bodies, t0: stream_over_http(server.url, bodies, t0),
                lambda run: paused(server, run)())
 
 
@@ -188,7 +201,11 @@ def serve_in_process(workdir: Path, models_dir: Path, env: dict):
     engine = ChatEngine(Settings.from_env().with_overrides(models_dir=models_dir))
     try:
         engine.swap(next(p.name for p in models_dir.glob("*.gguf")))
-        yield (lambda body, t0: stream_in_process(engine, body, t0), lambda run: run())
+        def send_all(bodies: list[dict], t0: float) -> list[dict]:
+            with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+                return list(pool.map(lambda b: stream_in_process(engine, b, t0), bodies))
+
+        yield send_all, lambda run: run()
     finally:
         engine.close()
 

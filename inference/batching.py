@@ -18,6 +18,7 @@ import queue
 import threading
 from dataclasses import dataclass, field
 
+from inference import handoff
 from inference.registry import InferenceError
 
 log = logging.getLogger("finechat.batching")
@@ -329,12 +330,13 @@ class BatchScheduler:
         if rc != 0:
             self._decode_failed(rc)
             return
-        for slot in self._slots:
-            if slot.request is None or slot.batch_index < 0:
-                continue
-            index, slot.batch_index = slot.batch_index, -1
-            token = ll.llama_sampler_sample(slot.chain, self._ctx, index)
-            self._emit(slot, token)
+        with handoff.one_wakeup_per_loop():
+            for slot in self._slots:
+                if slot.request is None or slot.batch_index < 0:
+                    continue
+                index, slot.batch_index = slot.batch_index, -1
+                token = ll.llama_sampler_sample(slot.chain, self._ctx, index)
+                self._emit(slot, token)
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         batch = self._batch
@@ -448,14 +450,22 @@ def wait_ended(request: Request, timeout_s: float = 30.0) -> bool:
     return request.ended.wait(timeout_s)
 
 
-async def read_stream_async(request: Request):
+async def read_stream_async(request: Request, pump: handoff.LoopPump | None = None):
     """The request's text as it comes, for an event loop: no thread waits on it, and what
-    arrived while the loop was busy comes as one piece. Raises its InferenceError, if any."""
+    arrived since the last piece comes as one (`pump`, shared by the loop's answers, sets how
+    often). Raises its InferenceError, if any."""
     import asyncio
 
-    loop = asyncio.get_running_loop()
     arrived: asyncio.Queue = asyncio.Queue()
-    request.redirect(lambda item: loop.call_soon_threadsafe(arrived.put_nowait, item))
+    pump = pump or handoff.LoopPump(asyncio.get_running_loop())
+    first = True
+
+    def sink(item) -> None:  # the first piece and the end go at once
+        nonlocal first
+        pump.put(arrived, item, urgent=first or not isinstance(item, str))
+        first = False
+
+    request.redirect(sink)
     while True:
         items = [await arrived.get()]
         while not arrived.empty():

@@ -415,11 +415,12 @@ class Generation:
         finally:
             self._request.cancel()  # a no-op once it has ended
 
-    async def aiter_text(self):
+    async def aiter_text(self, pump=None):
         """For an event loop: the text as it comes, what arrived meanwhile joined into one
-        piece (no thread per answer, no hand-off per token). Leaving early cancels."""
+        piece (no thread per answer, no hand-off per token; `pump`: the loop's
+        handoff.LoopPump). Leaving early cancels."""
         try:
-            async for text in batching.read_stream_async(self._request):
+            async for text in batching.read_stream_async(self._request, pump):
                 yield text
         finally:
             self._request.cancel()

@@ -1,6 +1,7 @@
 """The OpenAI-compatible routes (/v1/models, /v1/chat/completions) over the engine."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -16,6 +17,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 
+from inference import handoff
 from inference.engine import GenerationParams
 from inference.registry import InferenceError
 
@@ -236,8 +238,10 @@ class EventStream(StreamingResponse):
 class OpenAIAPI:
     """The handlers behind the routes, and the count of requests in flight."""
 
-    def __init__(self, engine: ChatEngine, api_key: str = ""):
+    def __init__(self, engine: ChatEngine, api_key: str = "", stream_interval_s: float = 0.0):
         self._engine, self._key = engine, api_key.encode()
+        self._stream_interval_s = stream_interval_s
+        self._pump: handoff.LoopPump | None = None  # made on the server's loop, at first use
         self._limiter = anyio.CapacityLimiter(MAX_IN_FLIGHT)
         self._in_flight = 0  # only touched on the event loop
 
@@ -314,7 +318,9 @@ class OpenAIAPI:
     async def _pieces(self, gen: Generation) -> AsyncIterator[str]:
         """The generation's text as it comes, straight from the scheduler into the event
         loop; under load several tokens come as one piece (one SSE chunk, not one each)."""
-        async for text in gen.aiter_text():
+        if self._pump is None:
+            self._pump = handoff.LoopPump(asyncio.get_running_loop(), self._stream_interval_s)
+        async for text in gen.aiter_text(self._pump):
             yield text
 
     async def _collect(self, request: Request, gen: Generation) -> str:
@@ -353,9 +359,11 @@ class OpenAIAPI:
         yield _sse("[DONE]")
 
 
-def build_openai_router(engine: ChatEngine, api_key: str = "") -> APIRouter:
-    """The /v1 routes; with `api_key` set every call needs `Authorization: Bearer <key>`."""
-    api = OpenAIAPI(engine, api_key)
+def build_openai_router(engine: ChatEngine, api_key: str = "",
+                        stream_interval_s: float = 0.0) -> APIRouter:
+    """The /v1 routes; with `api_key` set every call needs `Authorization: Bearer <key>`.
+    Streamed answers get at most one chunk per `stream_interval_s` (the first at once)."""
+    api = OpenAIAPI(engine, api_key, stream_interval_s)
     router = APIRouter(prefix="/v1", route_class=OpenAIRoute,
                        dependencies=[Depends(api.check_key)])
     router.add_api_route("/models", api.list_models, methods=["GET"])

@@ -56,9 +56,10 @@ class Settings:
     # the shared prefix (as llama.cpp's server does). Batch-size-dependent rounding then makes
     # temperature 0 not bit-exact across requests; FINECHAT_PROMPT_CACHE=0 for reproducible.
     prompt_cache: bool = True
-    # Streamed answers go to the browser at most once per this many ms (the first piece at
-    # once): each update costs the server a diff + SSE message, which on a small CPU competes
-    # with llama.cpp's decode threads. 0 sends every token.
+    # Streamed answers go to the browser and to API clients at most once per this many ms
+    # (the first piece and the end at once): each update costs the server a diff or an SSE
+    # message, which on a small CPU competes with llama.cpp's decode threads. 0 sends every
+    # token (API) / every step's tokens.
     stream_interval_ms: int = 50
     # Anonymous clients: Gradio keeps uploaded files this long, and holds at most this many
     # of one client's requests (waiting or running) in its queue.

@@ -1,0 +1,63 @@
+"""The hand-off of streamed text from the batching thread to the web server's event loop."""
+import asyncio
+import threading
+import time
+
+from inference import handoff
+
+
+def test_one_step_wakes_the_loop_once_for_every_answer_it_feeds():
+    async def main():
+        loop = asyncio.get_running_loop()
+        pump = handoff.LoopPump(loop)
+        queues = [asyncio.Queue() for _ in range(8)]
+        calls = []
+        deliver = pump._deliver
+        pump._deliver = lambda: (calls.append(1), deliver())
+
+        def step():  # as BatchScheduler._step hands out one token per running answer
+            with handoff.one_wakeup_per_loop():
+                for i, q in enumerate(queues):
+                    pump.put(q, f"token {i}")
+
+        threading.Thread(target=step).start()
+        first = await asyncio.wait_for(queues[0].get(), 10)
+        # every other answer's token came in the same delivery
+        assert first == "token 0" and [q.qsize() for q in queues[1:]] == [1] * 7
+        assert calls == [1]
+
+    asyncio.run(main())
+
+
+def test_paced_text_comes_at_most_once_per_interval_but_first_piece_and_end_at_once():
+    async def main():
+        pump = handoff.LoopPump(asyncio.get_running_loop(), interval_s=5.0)
+        q: asyncio.Queue = asyncio.Queue()
+        started = time.monotonic()
+
+        def answer():
+            pump.put(q, "first", urgent=True)
+            for i in range(5):
+                time.sleep(0.02)
+                pump.put(q, f"piece {i}")
+            pump.put(q, None, urgent=True)  # the end
+
+        threading.Thread(target=answer).start()
+        batches = []
+        while not batches or batches[-1][-1] is not None:
+            batch = [await asyncio.wait_for(q.get(), 10)]
+            while not q.empty():
+                batch.append(q.get_nowait())
+            batches.append(batch)
+        # the pieces between waited for the next delivery, which the end brought at once
+        assert batches == [["first"], [f"piece {i}" for i in range(5)] + [None]]
+        assert time.monotonic() - started < 4.0  # not held for the 5 s interval
+
+    asyncio.run(main())
+
+
+def test_a_closed_loop_is_not_an_error_for_the_decoding_thread():
+    loop = asyncio.new_event_loop()
+    pump = handoff.LoopPump(loop)
+    loop.close()
+    pump.put(asyncio.Queue(), "late piece")  # the reader is gone: dropped quietly
