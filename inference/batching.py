@@ -16,6 +16,7 @@ import ctypes
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 from inference import handoff
@@ -480,15 +481,27 @@ async def read_stream_async(request: Request, pump: handoff.LoopPump | None = No
             return
 
 
-def read_stream(request: Request, timeout_s: float | None = None):
-    """The request's text pieces as they come; raises its InferenceError, if any."""
+def read_stream(request: Request, timeout_s: float | None = None, interval_s: float = 0.0):
+    """The request's text as it comes (what is already queued joined into one piece); raises
+    its InferenceError, if any. With `interval_s` the reader sleeps that long after each
+    piece, so the tokens meanwhile come as one piece instead of waking it once each."""
     while True:
-        item = request.out.get(timeout=timeout_s) if timeout_s else request.out.get()
-        if item is None:
+        items = [request.out.get(timeout=timeout_s) if timeout_s else request.out.get()]
+        while True:
+            try:
+                items.append(request.out.get_nowait())
+            except queue.Empty:
+                break
+        text = "".join(i for i in items if isinstance(i, str))
+        if text:
+            yield text
+        end = next((i for i in items if not isinstance(i, str)), "")
+        if isinstance(end, InferenceError):
+            raise end
+        if end is None:
             return
-        if isinstance(item, InferenceError):
-            raise item
-        yield item
+        if interval_s:
+            time.sleep(interval_s)
 
 
 def kv_bytes_per_token(model) -> int:

@@ -50,7 +50,7 @@ def make_chat_fn(engine: ChatEngine):
                                       float(repeat_penalty), int(max_new_tokens))
             messages = build_messages(system_prompt, history, message)
             answer, sent, last_sent = "", "", 0.0
-            for piece in engine.stream_chat(messages, params, model or ACTIVE):
+            for piece in engine.stream_chat(messages, params, model or ACTIVE, interval):
                 answer += piece
                 if time.monotonic() - last_sent >= interval:
                     sent, last_sent = answer, time.monotonic()

@@ -371,11 +371,12 @@ class ChatEngine:
                                          * sched.n_slots / 1e9, 2)}
 
     def stream_chat(self, messages: list[dict], params: GenerationParams,
-                    model_name: str = "") -> Iterator[str]:
-        """Yield the answer's text pieces. Closing the iterator stops generation."""
+                    model_name: str = "", interval_s: float = 0.0) -> Iterator[str]:
+        """Yield the answer's text pieces, at most one per `interval_s` after the first.
+        Closing the iterator stops generation."""
         generation = self.generate(messages, params, model_name)
         try:
-            yield from generation
+            yield from generation.pieces(interval_s)
         finally:
             generation.close()
 
@@ -410,8 +411,13 @@ class Generation:
         return self._request.finish_reason
 
     def __iter__(self) -> Iterator[str]:
+        return self.pieces()
+
+    def pieces(self, interval_s: float = 0.0) -> Iterator[str]:
+        """The text as it comes; with `interval_s`, what arrives within it after a piece is
+        joined to the next (the reading thread wakes once per interval, not per token)."""
         try:
-            yield from batching.read_stream(self._request)
+            yield from batching.read_stream(self._request, interval_s=interval_s)
         finally:
             self._request.cancel()  # a no-op once it has ended
 

@@ -1,4 +1,5 @@
-"""The hand-off of streamed text from the batching thread to the web server's event loop."""
+"""The hand-off of streamed text from the batching thread to its readers: the web server's
+event loop, and paced reading threads."""
 import asyncio
 import threading
 import time
@@ -61,3 +62,22 @@ def test_a_closed_loop_is_not_an_error_for_the_decoding_thread():
     pump = handoff.LoopPump(loop)
     loop.close()
     pump.put(asyncio.Queue(), "late piece")  # the reader is gone: dropped quietly
+
+
+def test_a_paced_reading_thread_gets_the_tokens_in_few_pieces_and_all_of_them():
+    from inference.batching import Request, Sampling, read_stream
+
+    request = Request(tokens=[1], sampling=Sampling(0.0, 1.0, 0, 1.0), max_tokens=100)
+
+    def decode():  # the first token, a pause, then a token every 5 ms, then the end
+        time.sleep(0.05)  # the reader is waiting by now
+        for i in range(40):
+            request.emit(f"{i} ")
+            time.sleep(0.1 if i == 0 else 0.005)
+        request.emit(None)
+
+    threading.Thread(target=decode).start()
+    pieces = list(read_stream(request, timeout_s=10, interval_s=0.1))
+    assert "".join(pieces) == "".join(f"{i} " for i in range(40))
+    assert pieces[0] == "0 "  # the first at once
+    assert len(pieces) <= 7  # ~0.3 s of tokens in 0.1 s pieces, not 40 wake-ups
