@@ -96,7 +96,9 @@ VARIANTS = [  # tried on top of the last rung; liger last: it patches transforme
     ("checkpoint every 2nd layer only", {**BEST, "checkpoint_every_n_layers": 2}, {}),
     ("adamw_torch_fused instead of paged 8-bit", {**BEST, "optimizer": "adamw_torch_fused"},
      {}),
-    ("+ torch.compile (each decoder layer)", BEST, {"compile": True}),
+    ("+ torch.compile (each decoder layer)", {**BEST, "compile_layers": True}, {}),
+    ("+ checkpoint inputs offloaded to pinned CPU memory",
+     {**BEST, "offload_activations": True}, {}),
     ("+ liger-kernel (RMSNorm, SwiGLU, RoPE)", {**BEST, "use_liger": True}, {}),
     ("+ liger-kernel, micro-batch 8x2048", {**BEST, "use_liger": True, "micro_batch_size": 8},
      {}),
@@ -203,7 +205,7 @@ class StepClock:
 
 @contextlib.contextmanager
 def patched(clock: StepClock, upcast: bool = False, chunked_loss: bool = True,
-            compile: bool = False, split_seed: int | None = None):
+            split_seed: int | None = None):
     """Count collated tokens; optionally switch the trainer back to the pre-issue-5 path, or
     hold the validation split fixed while the training seed varies."""
     saved = (data_mod.PackedCollator.__call__, data_mod.PaddedCollator.__call__,
@@ -223,9 +225,6 @@ def patched(clock: StepClock, upcast: bool = False, chunked_loss: bool = True,
             prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         else:
             saved[2](model, dtype)
-        if compile:  # regional: one compiled decoder layer, reused by all of them
-            for layer in model.get_decoder().layers:
-                layer.compile()
 
     train_mod._freeze_base = freeze
     if not chunked_loss:

@@ -76,6 +76,15 @@ class FinetuneConfig:
                                          "memory, ~30% more compute.", default=True)
     checkpoint_every_n_layers: int = _help("With gradient checkpointing, checkpoint only every "
                                            "n-th layer (more memory, faster).", default=1)
+    offload_activations: bool = _help("With gradient checkpointing on a GPU, keep each layer's "
+                                      "saved input in pinned CPU memory (transformers' offload): "
+                                      "frees layers x tokens x hidden x 2 bytes of GPU memory "
+                                      "for host copies each step. No effect on CPU.",
+                                      default=False)
+    compile_layers: bool = _help("torch.compile each decoder layer (one compiled region reused "
+                                 "by every layer; checkpointing keeps its memory saving): "
+                                 "faster steps after a compile of a minute or so.",
+                                 default=False)
     load_in_4bit: bool | None = _help("Quantize the base to NF4 (QLoRA). Default: on with CUDA, "
                                       "off on CPU.", default=None)
     compute_dtype: str = _help("Compute dtype; auto is bf16 on Ampere+, fp16 on older GPUs, "

@@ -90,14 +90,16 @@ def plan_steps(config, n_sequences: int, micro_batch: int) -> StepPlan:
 
 # -- micro-batch size from free memory ------------------------------------------------------
 
-def activation_bytes_per_token(model_config, checkpointing: bool, dtype_bytes: int = 2) -> int:
-    """A rough upper bound of training activation memory per token."""
+def activation_bytes_per_token(model_config, checkpointing: bool, dtype_bytes: int = 2,
+                               offloaded: bool = False) -> int:
+    """A rough upper bound of training activation memory per token (on the GPU: `offloaded`
+    checkpoint inputs wait in host memory)."""
     hidden = model_config.hidden_size
     inter = getattr(model_config, "intermediate_size", 4 * hidden)
     layers = model_config.num_hidden_layers
     one_layer = (10 * hidden + 5 * inter) * dtype_bytes
     if checkpointing:  # one saved input per layer, plus one layer recomputed at a time
-        return layers * hidden * dtype_bytes + 2 * one_layer
+        return (0 if offloaded else layers * hidden * dtype_bytes) + 2 * one_layer
     return layers * one_layer
 
 
@@ -115,7 +117,7 @@ def auto_micro_batch_size(model_config, config, n_sequences: int, free_bytes: in
         tokens = CPU_TOKENS_PER_MICRO_BATCH
     else:
         per_token = activation_bytes_per_token(model_config, config.gradient_checkpointing,
-                                               dtype_bytes)
+                                               dtype_bytes, config.offload_activations)
         budget = free_bytes * 0.6 - loss_bytes(model_config, dtype_bytes)
         tokens = min(MAX_TOKENS_PER_MICRO_BATCH, max(0, int(budget / per_token)))
     by_memory = max(1, tokens // config.max_seq_length)

@@ -148,10 +148,14 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False},
-            every_n_layers=config.checkpoint_every_n_layers)
+            every_n_layers=config.checkpoint_every_n_layers,
+            offload=config.offload_activations and cuda)  # pinned host memory needs a GPU
     model = get_peft_model(model, LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.modules(), task_type="CAUSAL_LM"))
+    if config.compile_layers:  # regional: the layers share one compiled graph
+        for layer in model.get_base_model().get_decoder().layers:
+            layer.compile()
     trainable, total = model.get_nb_trainable_parameters()
     reporter.log(f"LoRA: {trainable:,} trainable of {total:,} parameters")
 

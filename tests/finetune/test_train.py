@@ -84,6 +84,27 @@ def test_packing_leaves_the_validation_loss_unchanged(tiny_llama_dir, faq_path, 
     assert losses[0] == pytest.approx(losses[1], abs=2e-4)
 
 
+def test_compiled_layers_and_offload_train_as_the_plain_recipe(tiny_llama_dir, faq_path,
+                                                               tmp_path):
+    """compile_layers (torch.compile per decoder layer, under checkpointing) and
+    offload_activations (a no-op without a GPU) learn exactly what the eager recipe learns."""
+    from torch._dynamo.utils import counters
+
+    metrics, graphs = {}, {}
+    for name, overrides in (("eager", {}), ("compiled", {"compile_layers": True}),
+                            ("offload", {"offload_activations": True})):
+        before = counters["stats"]["unique_graphs"]
+        metrics[name] = train(tiny_config(tiny_llama_dir, faq_path, max_steps=2,
+                                          eval_max_new_tokens=0, **overrides),
+                              tmp_path / name, RecordingReporter()).metrics
+        graphs[name] = counters["stats"]["unique_graphs"] - before
+    assert graphs["compiled"] > 0 and graphs["eager"] == graphs["offload"] == 0
+    for name in ("compiled", "offload"):
+        for key in ("train_loss", "val_loss_after"):
+            assert metrics[name][key] == pytest.approx(metrics["eager"][key], rel=1e-4), (
+                name, key)
+
+
 def test_cancel_stops_cleanly(tiny_llama_dir, faq_path, tmp_path):
     reporter = RecordingReporter(cancel_at_step=1)
     with pytest.raises(Cancelled):
