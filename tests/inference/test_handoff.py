@@ -7,6 +7,25 @@ import time
 from inference import handoff
 
 
+def run_loop(main) -> None:
+    """asyncio.run(main()) in a thread of its own (other tests' browser drivers may leave an
+    event loop running in this one)."""
+    errors = []
+
+    def target():
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # re-raised below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "the event loop did not finish"
+    if errors:
+        raise errors[0]
+
+
 def test_one_step_wakes_the_loop_once_for_every_answer_it_feeds():
     async def main():
         loop = asyncio.get_running_loop()
@@ -27,7 +46,7 @@ def test_one_step_wakes_the_loop_once_for_every_answer_it_feeds():
         assert first == "token 0" and [q.qsize() for q in queues[1:]] == [1] * 7
         assert calls == [1]
 
-    asyncio.run(main())
+    run_loop(main)
 
 
 def test_paced_text_comes_at_most_once_per_interval_but_first_piece_and_end_at_once():
@@ -54,7 +73,7 @@ def test_paced_text_comes_at_most_once_per_interval_but_first_piece_and_end_at_o
         assert batches == [["first"], [f"piece {i}" for i in range(5)] + [None]]
         assert time.monotonic() - started < 4.0  # not held for the 5 s interval
 
-    asyncio.run(main())
+    run_loop(main)
 
 
 def test_a_closed_loop_is_not_an_error_for_the_decoding_thread():
