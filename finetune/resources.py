@@ -181,11 +181,9 @@ def gpu_layers_within(gguf_path: Path, requested: int, limit_gb: float,
     budget_gb = limit_gb - headroom_gb
     if size_gb <= budget_gb:
         return requested
-    from gguf import GGUFReader
+    from inference import gguf_header
 
-    reader = GGUFReader(str(gguf_path))
-    arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
-    n_layer = int(reader.fields[f"{arch}.block_count"].parts[-1][0])
+    n_layer = gguf_header.read(Path(gguf_path)).n_layer or 0
     layers = max(0, int(n_layer * budget_gb / size_gb))
     return layers if requested < 0 else min(requested, layers)
 

@@ -19,6 +19,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from inference import gguf_header
 from inference.settings import ROOT
 
 log = logging.getLogger("finechat.registry")
@@ -89,23 +90,17 @@ def inspect_gguf(path: Path) -> tuple[str, str]:
 def _inspect(path: Path) -> tuple[str, str, str]:
     """(quant, error, general.type): "adapter" for a LoRA GGUF, "model" (or "") otherwise."""
     try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
-        end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
-        if end > path.stat().st_size:
-            return "", "truncated file", ""
-        field_ = reader.fields.get("general.file_type")
-        quant = _file_type_name(int(field_.parts[field_.data[0]][0])) if field_ else ""
-        type_field = reader.fields.get("general.type")
-        gguf_type = bytes(type_field.parts[type_field.data[0]]).decode() if type_field else ""
-        if gguf_type == "adapter":
-            return "LoRA", "", gguf_type
-        m = _QUANT_IN_NAME.search(path.name)
-        return quant or (m.group("quant").upper() if m else "unknown"), "", gguf_type
+        header = gguf_header.read(path)
     except Exception as exc:  # any parse failure means llama.cpp would refuse it too
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         return "", f"not a valid GGUF ({reason})", ""
+    if header.data_end > path.stat().st_size:
+        return "", "truncated file", ""
+    if header.gguf_type == "adapter":
+        return "LoRA", "", header.gguf_type
+    quant = _file_type_name(header.file_type) if header.file_type is not None else ""
+    m = _QUANT_IN_NAME.search(path.name)
+    return quant or (m.group("quant").upper() if m else "unknown"), "", header.gguf_type
 
 
 def version_of(filename: str) -> str:
