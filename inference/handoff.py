@@ -4,7 +4,8 @@ however many answers that loop is streaming.
 Waking an event loop for every token of every answer costs little CPU but many context
 switches, and on a small CPU box each one preempts a llama.cpp thread mid-step (the step then
 waits for it at the next barrier). So items for a loop are gathered while a step hands out its
-tokens, and delivered by one callback on that loop.
+tokens, and delivered by one callback on that loop; with an interval, while text keeps coming,
+at most one delivery per interval (an answer's first piece and its end go at once).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ class LoopPump:
     item, e.g. an answer's first piece or its end, goes at once)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, interval_s: float = 0.0):
-        self._loop, self._interval_s = loop, interval_s
+        self.loop, self._interval_s = loop, interval_s
         self._lock = threading.Lock()
         self._items: list[tuple[asyncio.Queue, object]] = []
         self._wake_due = False  # a delivery was asked for: later items ride along with it
@@ -43,7 +44,7 @@ class LoopPump:
 
     def _wake(self) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._deliver)
+            self.loop.call_soon_threadsafe(self._deliver)
         except RuntimeError:  # the loop has closed: nobody is left to read
             pass
 
@@ -57,7 +58,7 @@ class LoopPump:
         for target, item in items:
             target.put_nowait(item)
         if self._paced:
-            self._timer = self._loop.call_later(self._interval_s, self._deliver)
+            self._timer = self.loop.call_later(self._interval_s, self._deliver)
 
 
 @contextlib.contextmanager

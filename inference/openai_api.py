@@ -318,8 +318,9 @@ class OpenAIAPI:
     async def _pieces(self, gen: Generation) -> AsyncIterator[str]:
         """The generation's text as it comes, straight from the scheduler into the event
         loop; under load several tokens come as one piece (one SSE chunk, not one each)."""
-        if self._pump is None:
-            self._pump = handoff.LoopPump(asyncio.get_running_loop(), self._stream_interval_s)
+        loop = asyncio.get_running_loop()
+        if self._pump is None or self._pump.loop is not loop:
+            self._pump = handoff.LoopPump(loop, self._stream_interval_s)
         async for text in gen.aiter_text(self._pump):
             yield text
 
