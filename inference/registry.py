@@ -94,8 +94,10 @@ def _inspect(path: Path) -> tuple[str, str, str]:
     except Exception as exc:  # any parse failure means llama.cpp would refuse it too
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         return "", f"not a valid GGUF ({reason})", ""
-    if header.data_end > path.stat().st_size:
-        return "", "truncated file", ""
+    size = path.stat().st_size
+    if header.data_end > size:
+        return "", (f"not a valid GGUF (truncated: its tensors end at byte {header.data_end:,}, "
+                    f"the file has {size:,})"), ""
     if header.gguf_type == "adapter":
         return "LoRA", "", header.gguf_type
     quant = _file_type_name(header.file_type) if header.file_type is not None else ""
