@@ -182,8 +182,8 @@ class StepClock:
     """A Reporter that timestamps every optimizer step."""
 
     def __init__(self):
-        self.steps: list[tuple[float, int]] = []  # (time, tokens handed over so far)
-        self.tokens = 0
+        self.steps: list[tuple[float, int, int]] = []  # (time, tokens, sequences so far)
+        self.tokens = self.sequences = 0
 
     def stage(self, stage: str, message: str = "") -> None:
         print(f"  [{stage}] {message}", flush=True)
@@ -194,7 +194,7 @@ class StepClock:
 
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            self.steps.append((time.perf_counter(), self.tokens))
+            self.steps.append((time.perf_counter(), self.tokens, self.sequences))
 
     def log(self, message: str) -> None:
         print(f"  {message}", flush=True)
@@ -214,6 +214,7 @@ def patched(clock: StepClock, upcast: bool = False, chunked_loss: bool = True,
     def counting(call):
         def wrapper(self, features):
             clock.tokens += sum(len(f["input_ids"]) for f in features)
+            clock.sequences += len(features)
             return call(self, features)
         return wrapper
 
@@ -259,10 +260,12 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    (t0, n0), (t1, n1) = clock.steps[warmup_steps - 1], clock.steps[-1]
+    (t0, n0, q0), (t1, n1, q1) = clock.steps[warmup_steps - 1], clock.steps[-1]
     tokens_per_s = (n1 - n0) / (t1 - t0)
+    measured = {"measured_steps": len(clock.steps) - warmup_steps, "measured_tokens": n1 - n0,
+                "measured_sequences": q1 - q0, "measured_s": t1 - t0}
     if result is None:  # a rank other than 0 under torchrun: its own share of the tokens
-        return {"label": label, "measured_tokens": n1 - n0, "measured_s": t1 - t0}
+        return {"label": label, **measured}
     m = result.metrics
     row = {"label": label, "tokens_per_s": round(tokens_per_s, 1),
            "peak_allocated_gb": m["peak_gpu_mem_gb"], "peak_reserved_gb": m["peak_gpu_reserved_gb"],
@@ -273,8 +276,7 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
            "compute_dtype": m["compute_dtype"], "attention": m["attention"],
            "device": m["device"],
            "optimizer": m["optimizer"], "lora_dropout": config.lora_dropout, "liger": m["liger"],
-           "measured_steps": len(clock.steps) - warmup_steps, "measured_tokens": n1 - n0,
-           "measured_s": t1 - t0,
+           **measured,
            "tokens_seen": clock.tokens, "optimizer_steps": m["steps"],
            "val_loss_before": m["val_loss_before"], "val_loss_after": m["val_loss_after"],
            "wall_s": round(time.perf_counter() - started, 1), "overrides": overrides,
@@ -402,7 +404,11 @@ def bench_scaling(model: str, gpus: int, workdir: Path, steps: tuple[int, int],
                                  n)
     one, many = runs[1].get("tokens_per_s"), runs[gpus].get("tokens_per_s")
     summary = {"gpus": gpus, "runs": {f"{n}_gpu": row for n, row in runs.items()}}
-    if one and many:
+    batches = {runs[n].get("sequences_per_step") for n in (1, gpus)}
+    if one and many and len(batches) > 1:  # a speedup of unlike steps would mean nothing
+        summary["error"] = (f"sequences per optimizer step differ: {runs[1]['sequences_per_step']}"
+                            f" on 1 GPU, {runs[gpus]['sequences_per_step']} on {gpus}")
+    elif one and many:
         summary.update(speedup=round(many / one, 3), efficiency=round(many / (gpus * one), 3))
     return summary
 
@@ -417,7 +423,10 @@ def combine_shares(shares: list[dict], processes: int) -> dict:
     tokens, seconds = sum(s["measured_tokens"] for s in shares), max(s["measured_s"]
                                                                      for s in shares)
     tokens_per_s = tokens / seconds
+    sequences = sum(s["measured_sequences"] for s in shares)
     return {**row, "processes": processes, "measured_tokens": tokens, "measured_s": seconds,
+            "measured_sequences": sequences,
+            "sequences_per_step": round(sequences / row["measured_steps"], 2),
             "tokens_per_s": round(tokens_per_s, 1),  # per GPU:
             "mfu_6n": round(6 * row["matmul_params"] * tokens_per_s / processes
                             / (PEAK_TFLOPS * 1e12), 4)}

@@ -282,7 +282,7 @@ def _training_arguments(config: FinetuneConfig, workdir: Path, steps: plan.StepP
     import torch
     from transformers import TrainingArguments
 
-    return TrainingArguments(
+    args = TrainingArguments(
         output_dir=str(workdir / "trainer"), save_strategy="no", eval_strategy="no",
         report_to="none", logging_steps=1, disable_tqdm=True, seed=config.seed,
         data_seed=config.seed, per_device_train_batch_size=steps.micro_batch,
@@ -299,6 +299,12 @@ def _training_arguments(config: FinetuneConfig, workdir: Path, steps: plan.StepP
         # liger's own loss would need the full forward; causal_lm_loss replaces it.
         liger_kernel_config={"fused_linear_cross_entropy": False, "cross_entropy": False}
         if use_liger else None)
+    if cuda and args.n_gpu > 1:
+        # One process trains on one GPU (several GPUs: one process each, DDP). Outside DDP
+        # transformers would use every visible GPU: a micro-batch of micro_batch x GPUs on the
+        # first one (4-bit bases) or nn.DataParallel (16-bit), neither what was planned.
+        args._n_gpu = 1  # as transformers' Trainer does for model-parallel models
+    return args
 
 
 def _last_user(messages: list[dict]) -> str:
