@@ -136,14 +136,15 @@ def become_torchrun(processes: int, job_dir: Path, gpu_lock) -> None:
 
 # -- in a rank ------------------------------------------------------------------------------
 
-def die_with_agent(agent_pid: int) -> None:
-    """Die with torchrun's agent when it is killed (kill -9 of the job's process, or a cancel
-    escalated to SIGKILL), since torchrun starts every rank in a session of its own."""
+def die_with_parent(parent_pid: int) -> None:
+    """Die (SIGKILL) when the process that started this one dies: a rank with torchrun's agent
+    (kill -9 of the job's process, or a cancel escalated to SIGKILL; torchrun starts every rank
+    in a session of its own), llama.cpp's child with the job process (finetune.llama_process)."""
     if sys.platform == "linux":
         import ctypes
 
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != agent_pid:  # the agent died before the signal was armed
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
         os._exit(1)
 
 

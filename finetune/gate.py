@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.export import ADAPTER
+from finetune.llama_process import LlamaProcess
 
 KEEP_RATIO = 0.9
 F16 = "F16"
@@ -56,16 +57,17 @@ def recall(rows: list[dict]) -> dict:
             "token_recall": round(sum(r["top1"] for r in rows) / tokens, 4) if tokens else None}
 
 
-def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: str, log,
+def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: str,
              gpu_memory_limit_gb: float = 0.0) -> dict:
     """Recall and agreement of each candidate, one file loaded at a time. `candidates`: label ->
     {"path": GGUF} with label F16 the reference; an adapter also has "base" (its GGUF). Runs on
-    the GPU as the chat would (FINECHAT_N_GPU_LAYERS, within gpu_memory_limit_gb)."""
+    the GPU as the chat would (FINECHAT_N_GPU_LAYERS, within gpu_memory_limit_gb); in a job,
+    in llama.cpp's own process (finetune.llama_process). What it has to say is in "messages"."""
     from finetune import FinetuneError
     from finetune.fidelity import quant_fidelity
     from inference.settings import Settings
 
-    started = time.monotonic()
+    started, messages = time.monotonic(), []
     files = {label: (c["base"], c["path"]) if "base" in c else c["path"]
              for label, c in candidates.items()}
     pairs = [(p.messages, p.answer) for p in probes]
@@ -76,7 +78,7 @@ def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: 
         scores = quant_fidelity(reference, files, validation_text, max_chunks=4,
                                 n_ctx=_agreement_ctx(validation_text), probes=pairs, **gpu)
     except FinetuneError as exc:  # too little text: recall alone decides
-        log(f"gate: next-token agreement skipped ({exc})")
+        messages.append(f"gate: next-token agreement skipped ({exc})")
         scores = quant_fidelity(reference, files, "", probes=pairs, **gpu)
     results: dict[str, dict] = {}
     for label, c in candidates.items():
@@ -84,7 +86,7 @@ def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: 
         results[label] = {"model": Path(c["path"]).name, **recall(numbers["answer_rows"]),
                           **{k: numbers[k] for k in ("mean_kld_vs_f16", "top1_agreement_vs_f16",
                                                      "ppl_ratio_vs_f16") if k in numbers}}
-        log(f"gate: {label} reproduces {results[label]['hits']}/{len(probes)} taught answers "
+        messages.append(f"gate: {label} reproduces {results[label]['hits']}/{len(probes)} taught answers "
             f"({results[label]['token_recall']:.1%} of their tokens)")
     measure = "hits" if results[F16]["hits"] >= max(2, len(probes) / 4) else "token_recall"
     reference_recall = results[F16][measure] or 0
@@ -92,7 +94,8 @@ def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: 
         row["kept"] = round(row[measure] / reference_recall, 4) if reference_recall else None
         row["passed"] = label == F16 or (reference_recall > 0 and row["kept"] >= KEEP_RATIO)
     return {"probes": len(probes), "keep_ratio": KEEP_RATIO, "measure": measure,
-            "seconds": round(time.monotonic() - started, 1), "results": results}
+            "seconds": round(time.monotonic() - started, 1), "results": results,
+            "messages": messages}
 
 
 def _agreement_ctx(text: str) -> int:
@@ -139,11 +142,11 @@ def choose(gate: dict, preference: list[str], mode: str = "auto") -> tuple[str, 
 
 
 def run(result, config, staged: dict[str, Path], f16_path: Path, adapter: dict,
-        models_dir: Path, view: Path, log) -> dict:
+        models_dir: Path, view: Path, log, child: LlamaProcess) -> dict:
     """The gate of one job: evaluate every produced file against f16 and choose what to serve.
     `view` becomes a models folder of links to every candidate, for the eval answers through
     the chat engine (it serves names from one folder; an adapter's base lives in models_dir). Returns {"gate": numbers per file,
-    "serve": {"label", "file", "reason"}}."""
+    "serve": {"label", "file", "reason"}}. llama.cpp runs in `child`."""
     quants = [q for q in staged if q != ADAPTER]
     view = Path(view)
     view.mkdir(parents=True, exist_ok=True)
@@ -163,8 +166,10 @@ def run(result, config, staged: dict[str, Path], f16_path: Path, adapter: dict,
         label = _unchecked_choice(quants, config.serve_mode, ADAPTER in staged)
         return {"gate": {}, "serve": {"label": label, "file": staged[label].name if label else "",
                                       "reason": "not checked (gate_probes 0)"}}
-    numbers = evaluate(candidates, probes, result.validation_text, log,
-                       config.gpu_memory_limit_gb)
+    numbers = child.call(evaluate, candidates, probes, result.validation_text,
+                         config.gpu_memory_limit_gb)
+    for message in numbers.pop("messages"):
+        log(message)
     label, reason = choose(numbers, quants, config.serve_mode)
     for name, row in numbers["results"].items():
         if not row["passed"]:

@@ -139,13 +139,19 @@ def _export_and_evaluate(result, config, models_dir: Path, workdir: Path, report
     the eval prompts with the file the chat will serve (train.py already answered them with
     the base model, before training)."""
     from finetune import evaluate, export, gate
+    from finetune.llama_process import LlamaProcess
 
     def evaluate_before_publish(staged: dict[str, Path], f16_path: Path, adapter: dict) -> dict:
+        with LlamaProcess() as child:  # llama.cpp away from torch (a CUDA build crashes with it)
+            return gate_and_answers(staged, f16_path, adapter, child)
+
+    def gate_and_answers(staged: dict[str, Path], f16_path: Path, adapter: dict,
+                          child: LlamaProcess) -> dict:
         if config.gate_probes:
             reporter.stage("evaluating", f"fidelity gate: {config.gate_probes} training "
                            f"questions through f16 and {len(staged)} produced files")
         checked = gate.run(result, config, staged, f16_path, adapter, models_dir,
-                           workdir / "gate", reporter.log)
+                           workdir / "gate", reporter.log, child)
         served = checked["serve"].get("label")
         shown = served or next((q for q in EVAL_QUANT_PREFERENCE if q in staged),
                                next(iter(staged)))
@@ -155,9 +161,9 @@ def _export_and_evaluate(result, config, models_dir: Path, workdir: Path, report
         if prompts:
             reporter.stage("evaluating", f"{len(prompts)} prompts through {staged[shown].name}")
             questions = [[{"role": "user", "content": p}] for p in prompts]
-            tuned = evaluate.answer_conversations_gguf(
-                workdir / "gate", [staged[shown].name], questions,
-                [config.eval_max_new_tokens] * len(prompts))[0]
+            tuned = child.call(evaluate.answer_conversations_gguf, workdir / "gate",
+                               [staged[shown].name], questions,
+                               [config.eval_max_new_tokens] * len(prompts))[0]
         evaluation = {"val_loss_before": result.metrics.get("val_loss_before"),
                       "val_loss_after": result.metrics.get("val_loss_after"),
                       "tuned_model": staged[shown].name, "gate": _gate_summary(checked),
@@ -204,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     here = distributed.world()
     if here.size > 1:
-        distributed.die_with_agent(jobs.read_status(Path(argv[0]))["pid"])
+        distributed.die_with_parent(jobs.read_status(Path(argv[0]))["pid"])
     if not here.is_main:
         return train_share(Path(argv[0]))
     state = run_job(Path(argv[0]))
