@@ -139,11 +139,12 @@ def _export_and_evaluate(result, config, models_dir: Path, workdir: Path, report
     the eval prompts with the file the chat will serve (train.py already answered them with
     the base model, before training)."""
     from finetune import evaluate, export, gate
-    from finetune.llama_process import LlamaProcess
+    from finetune.llama_process import LlamaProcess, with_cpu_fallback
 
     def evaluate_before_publish(staged: dict[str, Path], f16_path: Path, adapter: dict) -> dict:
-        with LlamaProcess() as child:  # llama.cpp away from torch (a CUDA build crashes with it)
-            return gate_and_answers(staged, f16_path, adapter, child)
+        # llama.cpp away from torch (a CUDA build crashes beside it), on the CPU if it dies
+        return with_cpu_fallback(lambda child: gate_and_answers(staged, f16_path, adapter, child),
+                                 reporter.log)
 
     def gate_and_answers(staged: dict[str, Path], f16_path: Path, adapter: dict,
                           child: LlamaProcess) -> dict:

@@ -1,6 +1,6 @@
 """A job's llama.cpp inference runs in a child process without torch (a CUDA build of
 llama.cpp dies of SIGSEGV beside PyTorch's CUDA libraries): real spawned processes, a real
-GGUF answering in the child, a real crash."""
+GGUF answering in the child, real crashes, and the CPU fallback for a GPU build that dies."""
 from __future__ import annotations
 
 import importlib
@@ -9,6 +9,7 @@ import os
 import pytest
 
 from finetune import FinetuneError, llama_process
+from finetune.llama_process import LlamaProcess, LlamaProcessDied, with_cpu_fallback
 from finetune.evaluate import answer_conversations_gguf
 
 
@@ -37,3 +38,37 @@ def test_a_crash_in_the_child_is_a_clear_error_and_the_job_process_goes_on():
     with pytest.raises(FinetuneError, match="llama.cpp's process died during abort"):
         llama_process.call(os.abort)
     assert llama_process.call(len, [1, 2, 3]) == 3  # a fresh child works
+
+
+def crash_unless_on_cpu() -> str:
+    """In llama.cpp's child: a segmentation fault, as a CUDA build gave, unless the child was
+    set up for the CPU."""
+    import ctypes
+
+    if os.environ.get("FINECHAT_N_GPU_LAYERS") != "0" or "LLAMA_CPP_LIB_PATH" in os.environ:
+        ctypes.string_at(0)  # SIGSEGV
+    return "on the CPU"
+
+
+def test_a_gpu_llama_that_dies_is_run_again_on_the_cpu(monkeypatch, tmp_path, smollm2_path):
+    monkeypatch.setenv("FINECHAT_N_GPU_LAYERS", "-1")
+    log = []
+    assert with_cpu_fallback(lambda child: child.call(crash_unless_on_cpu), log.append) == \
+        "on the CPU"
+    assert len(log) == 1 and "died during crash_unless_on_cpu" in log[0]
+    assert "once more with llama.cpp on the CPU" in log[0]
+    # The CPU child ignores a llama.cpp library the parent was given (here: none at all) and
+    # answers from a real GGUF.
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", str(tmp_path / "no-such-build"))
+    with LlamaProcess(on_cpu=True) as child:
+        answers = child.call(answer_conversations_gguf, smollm2_path.parent, [smollm2_path.name],
+                             [[{"role": "user", "content": "Say hello."}]], [8])
+    assert answers[0][0].strip()
+
+
+def test_without_a_gpu_a_dead_llama_process_fails_with_its_message(monkeypatch):
+    monkeypatch.delenv("LLAMA_CPP_LIB_PATH", raising=False)
+    monkeypatch.setenv("FINECHAT_N_GPU_LAYERS", "0")
+    with pytest.raises(LlamaProcessDied, match="died during string_at"):
+        with_cpu_fallback(lambda child: child.call(__import__("ctypes").string_at, 0),
+                          print)
