@@ -103,3 +103,30 @@ def test_a_paced_reading_thread_gets_the_tokens_in_few_pieces_and_all_of_them():
     assert pieces[0] == "0 "  # the first at once
     # one piece per 0.1 s of tokens (~0.3 s here, longer on a loaded machine), not 40 wake-ups
     assert len(pieces) <= 2 + took_s / 0.1 and len(pieces) < 40
+
+
+def test_the_interval_stretches_with_the_answers_a_delivery_feeds():
+    """Four answers or fewer: one delivery per interval; eight: one per two intervals, so the
+    chunks per second stay bounded. (Timers never fire early, so the lower bounds are exact;
+    the upper one leaves a loaded machine 0.9 s.)"""
+    async def main():
+        pump = handoff.LoopPump(asyncio.get_running_loop(), interval_s=1.0)
+        gaps = {}
+        for answers in (2, 8):
+            queues = [asyncio.Queue() for _ in range(answers)]
+            with handoff.one_wakeup_per_loop():
+                for q in queues:
+                    pump.put(q, "first", urgent=True)
+            await asyncio.wait_for(queues[-1].get(), 10)
+            started = time.monotonic()
+            for q in queues:
+                pump.put(q, "piece")
+            await asyncio.wait_for(queues[-1].get(), 10)
+            gaps[answers] = time.monotonic() - started
+            for q in queues:
+                pump.put(q, None, urgent=True)  # the ends: the next test starts unpaced
+                while (await q.get()) is not None:
+                    pass
+        assert 0.9 <= gaps[2] < 1.9 and gaps[8] >= 1.95
+
+    run_loop(main)
