@@ -4,7 +4,10 @@ thread that decodes every running answer's next token and new prompts' chunks in
 Each request gets a slot (its own KV cells, `n_ctx` tokens), its own sampler chain (sampled in
 llama.cpp, no per-token logits copy), and a queue its caller reads text from. Requests beyond the
 slots wait in arrival order. A freed slot keeps its tokens, so the same conversation's next turn
-(whose prompt starts with them) skips re-evaluating that prefix. All slots share the context's
+(whose prompt starts with them) skips re-evaluating that prefix; and a prompt that starts like
+another running answer's (the same system prompt, many users at once) copies that slot's cells
+for the shared part instead of evaluating it again, waiting for them if they are still being
+evaluated. All slots share the context's
 LoRA adapter set: a request for another adapter waits until the running ones have finished.
 """
 from __future__ import annotations
@@ -26,7 +29,10 @@ log = logging.getLogger("finechat.batching")
 
 PENALTY_LAST_N = 64  # tokens the repetition penalty looks back over (llama-cpp-python's default)
 MIN_P = 0.05  # llama-cpp-python's create_chat_completion default
-PREFILL_CHUNK_WHILE_DECODING = 128  # prompt tokens per step while other answers stream
+# prompt tokens per step while other answers stream or other prompts wait: the earliest prompts
+# finish (and start answering) first instead of all at once after the last
+PREFILL_CHUNK_SHARED = 128
+SHARE_MIN_TOKENS = 16  # a shared prompt prefix worth copying another slot's cells for
 _DEFAULT_SEED = 0xFFFFFFFF  # llama.cpp: a random seed
 
 
@@ -94,6 +100,7 @@ class _Slot:
         self.batch_index = -1  # where this slot's logits are in the current batch
         self.decoder = None
         self.held = ""  # text held back: it may be the start of a stop string
+        self.share: tuple[_Slot, int] | None = None  # (slot, n): copy n prompt tokens' cells
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -278,10 +285,51 @@ class BatchScheduler:
         slot.pending = prompt[keep:]
         slot.request, slot.last, slot.held = request, -1, ""
         request.cached_tokens = keep
+        # from a slot still answering; with the prompt cache, also from a finished one
+        source, shared = self._share_source(slot, prompt)
+        slot.share = (source, shared) if shared >= keep + SHARE_MIN_TOKENS else None
         # the repetition penalty looks back over the answer's own tokens (llama_sampler_sample
         # accepts each), not the prompt: as llama-cpp-python's create_chat_completion
         slot.chain = self._sampler_chain(request.sampling)
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def _share_source(self, slot: _Slot, prompt: list[int]) -> tuple[_Slot | None, int]:
+        """The other slot whose tokens (evaluated, or being evaluated) start like `prompt` for
+        longest, and for how many tokens (the prompt's last token is always evaluated)."""
+        best, best_n = None, 0
+        for other in self._slots:
+            if other is slot or other.share is not None:  # waiting itself: no chains, no cycles
+                continue
+            known = other.cached + other.pending if other.request is not None else other.cached
+            n = min(common_prefix(known, prompt), len(prompt) - 1)
+            if n > best_n:
+                best, best_n = other, n
+        return best, best_n
+
+    def _take_shares(self) -> None:
+        """Slots waiting for another slot's prompt cells: copy them once evaluated (llama.cpp
+        copies a slot's whole stream; the copy is cut after the shared tokens), or give up and
+        evaluate the prompt when the other slot will not get there."""
+        ll = self._ll
+        for slot in self._slots:
+            if slot.request is None or slot.share is None:
+                continue
+            source, n = slot.share
+            prompt = slot.request.tokens
+            if common_prefix(source.cached, prompt) >= n:
+                ll.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+                ll.llama_memory_seq_cp(self._mem, source.seq_id, slot.seq_id, -1, -1)
+                if ll.llama_memory_seq_rm(self._mem, slot.seq_id, n, -1):
+                    slot.cached, slot.pending = prompt[:n], prompt[n:]
+                    slot.request.cached_tokens = n
+                else:  # cannot cut the copy: evaluate the whole prompt
+                    ll.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
+                    slot.cached, slot.pending = [], list(prompt)
+                    slot.request.cached_tokens = 0
+                slot.share = None
+            elif (source.request is None or common_prefix(source.cached + source.pending,
+                                                            prompt) < n):
+                slot.share = None  # it will not be evaluated there: evaluate it here
 
     def _sampler_chain(self, s: Sampling):
         ll = self._ll
@@ -304,6 +352,7 @@ class BatchScheduler:
     def _step(self) -> None:
         """One llama_decode: every streaming slot's last token, then prompt chunks."""
         ll, batch = self._ll, self._batch
+        self._take_shares()
         n = 0
         decoding = [s for s in self._slots if s.request is not None and not s.pending]
         for slot in decoding:
@@ -312,10 +361,12 @@ class BatchScheduler:
             slot.batch_index = n
             n += 1
         room = self.n_batch - n
-        if decoding:
-            room = min(room, PREFILL_CHUNK_WHILE_DECODING)
+        prompts = sum(1 for s in self._slots if s.request is not None and s.pending
+                      and not s.share)
+        if decoding or prompts > 1:
+            room = min(room, PREFILL_CHUNK_SHARED)
         for slot in self._slots:
-            if slot.request is None or not slot.pending or room <= 0:
+            if slot.request is None or not slot.pending or slot.share or room <= 0:
                 continue
             chunk, slot.pending = slot.pending[:room], slot.pending[room:]
             for i, token in enumerate(chunk):
@@ -326,6 +377,8 @@ class BatchScheduler:
                     slot.batch_index = n
                 n += 1
             room -= len(chunk)
+        if n == 0:  # every running slot waits for cells another slot no longer brings
+            return
         batch.n_tokens = n
         rc = ll.llama_decode(self._ctx, batch)
         if rc != 0:
@@ -380,6 +433,7 @@ class BatchScheduler:
         request.finish_reason = reason
         self._ll.llama_sampler_free(slot.chain)
         slot.chain, slot.request, slot.pending, slot.batch_index = None, None, [], -1
+        slot.share = None
         if not self.prompt_cache or error is not None:
             self._ll.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
             slot.cached = []

@@ -191,3 +191,26 @@ def test_a_swap_in_the_middle_of_eight_streaming_chats_fails_none(models_dir, sm
         assert old.retired and old.scheduler.busy_slots() == 0 and old.users == 0
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("prompt_cache", [True, False])
+def test_chats_that_start_alike_share_the_prompt_cells_evaluated_once(models_dir, prompt_cache):
+    """Eight users at once with the same system prompt: the first slot evaluates it, the others
+    copy its cells (also without the prompt cache: from slots still answering), and every
+    answer is still its own question's."""
+    system = ("You are the help desk of the Quillmere flying club. Answer in one short "
+              "sentence, politely, and never invent facts about the club or its aircraft.")
+    eng = make_engine(models_dir, prompt_cache=prompt_cache, parallel=8)
+    try:
+        def ask(question):
+            gen = eng.generate(build_messages(system, [], question), GREEDY)
+            return "".join(gen), gen.cached_tokens, gen.prompt_tokens
+
+        asked = QUESTIONS[:2] * 4
+        results = in_threads(ask, [(q,) for q in asked])
+        shared = [cached for _, cached, _ in results]
+        assert sum(c >= 30 for c in shared) >= 6, shared  # all but the first (or two) copied
+        assert all(c < p for _, c, p in results)  # each evaluated its own question
+        assert all(fact in a for (a, _, _), fact in zip(results, ["Berlin", "blue"] * 4))
+    finally:
+        eng.close()
