@@ -135,17 +135,20 @@ def summarize(chats: list[dict], wall_s: float, decode_s: float) -> dict:
 
 
 def llama_cpp_ceiling(model: Path, n_seq: int, n_threads: int, n_tokens: int,
-                      n_gpu_layers: int = 0) -> float:
-    """Tokens/s of llama.cpp decoding n_seq sequences together (low-level API, greedy)."""
+                      n_gpu_layers: int = 0, flash_attn: bool = False,
+                      kv_unified: bool = False) -> float:
+    """Tokens/s of llama.cpp decoding n_seq sequences together (low-level API, greedy); the
+    app's context layout (a KV stream per sequence) unless `kv_unified`."""
     import llama_cpp as ll
     from llama_cpp import Llama
 
     llm = Llama(str(model), n_ctx=64, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                 verbose=False)
     params = ll.llama_context_default_params()
-    params.n_ctx, params.n_seq_max, params.kv_unified = n_seq * 512, n_seq, False
+    params.n_ctx, params.n_seq_max, params.kv_unified = n_seq * 512, n_seq, kv_unified
     params.n_threads = params.n_threads_batch = n_threads
-    params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.flash_attn_type = (ll.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+                              else ll.LLAMA_FLASH_ATTN_TYPE_DISABLED)
     ctx = ll.llama_init_from_model(llm.model, params)
     batch = ll.llama_batch_init(512, 0, 1)
     chains = []
@@ -210,6 +213,18 @@ def serve_in_process(workdir: Path, models_dir: Path, env: dict):
         engine.close()
 
 
+def print_ceilings(model: Path, args) -> int:
+    """llama.cpp's own decode of 1 and 8 sequences per KV layout (a stream per sequence, as
+    the app, or one unified buffer) and attention kernel: where a batch's speedup is lost."""
+    for unified in (False, True):
+        for flash in sorted({False, args.flash_attn}):
+            one, eight = (llama_cpp_ceiling(model, n, args.n_threads, args.max_tokens,
+                                            args.n_gpu_layers, flash, unified) for n in (1, 8))
+            print(f"kv_unified={unified!s:5} flash_attn={flash!s:5} 1 seq {one:8.1f} tok/s  "
+                  f"8 seq {eight:8.1f} tok/s  {eight / one:5.2f}x")
+    return 0
+
+
 def _put(batch, i, token, pos, seq, logits):
     batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
     batch.seq_id[i][0], batch.logits[i] = seq, logits
@@ -220,9 +235,16 @@ def main(argv=None) -> int:
     p.add_argument("--n-gpu-layers", type=int, default=0)
     p.add_argument("--in-process", action="store_true",
                    help="the chat engine in this process, not the app over HTTP")
+    p.add_argument("--flash-attn", action="store_true",
+                   help="llama.cpp's flash attention, in the app and its ceiling "
+                        "(FINECHAT_FLASH_ATTN=1; a CUDA build needs GGML_CUDA_FA)")
+    p.add_argument("--ceiling-only", action="store_true",
+                   help="llama.cpp's own 1 and 8 sequence decode alone, per KV layout")
     args = p.parse_args(argv)
 
     model = args.model or smollm2_gguf(CACHE_DIR / "models")
+    if args.ceiling_only:
+        return print_ceilings(model, args)
     rows: dict[str, list] = {}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -230,7 +252,8 @@ def main(argv=None) -> int:
         link_model(model, models_dir)
         env = {"FINECHAT_N_THREADS": str(args.n_threads), "FINECHAT_PARALLEL": str(max(LEVELS)),
                "FINECHAT_N_CTX": "1024", "FINECHAT_PROMPT_CACHE": "0",
-               "FINECHAT_N_GPU_LAYERS": str(args.n_gpu_layers)}
+               "FINECHAT_N_GPU_LAYERS": str(args.n_gpu_layers),
+               "FINECHAT_FLASH_ATTN": "1" if args.flash_attn else "0"}
         serve = serve_in_process if args.in_process else serve_over_http
         with serve(Path(tmp), models_dir, env) as (send, pause):
             at_once(send, 2, 16)  # warm-up
@@ -244,7 +267,7 @@ def main(argv=None) -> int:
                     rows.setdefault(f"llama.cpp ceiling, {n} seq", []).append(
                         {"aggregate_decode_tok_s": pause(lambda: llama_cpp_ceiling(
                             model, n, args.n_threads, args.max_tokens,
-                            args.n_gpu_layers))})
+                            args.n_gpu_layers, args.flash_attn))})
     load_after = os.getloadavg()
     median = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
               for name, runs in rows.items()}
@@ -279,6 +302,7 @@ def main(argv=None) -> int:
               "settings": {"model": model.name, "max_tokens": args.max_tokens,
                            "n_threads": args.n_threads, "parallel": max(LEVELS),
                            "n_gpu_layers": args.n_gpu_layers, "runs": args.runs,
+                           "flash_attn": args.flash_attn,
                            "path": "in-process engine" if args.in_process else "HTTP API",
                            "temperature": 0.0, "prompt_cache": False},
               "targets": {"aggregate_8_vs_1_min": target_8,
