@@ -39,10 +39,14 @@ STAGES = ("load", "train", "merge", "convert", "quantize", "quantize_Q4_K_M", "q
 
 
 def device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, {os.cpu_count()} cores"
+    """The GPU's name, asked in a child: torch must never share this process with a CUDA
+    build of llama.cpp (either order of loading dies of SIGSEGV)."""
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda."
+                            "get_device_name() if torch.cuda.is_available() else '')"],
+                           capture_output=True, text=True)
+    name = probe.stdout.strip()
+    if name:
+        return f"{name}, {os.cpu_count()} cores"
     return f"{platform.machine()}, {os.cpu_count()} cores, CPU"
 
 
@@ -115,6 +119,10 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "pipeline_e2e")
     parser.add_argument("--gpu-memory-limit-gb", type=float, default=0.0,
                         help="emulate a smaller card (e.g. 16 for a T4)")
+    parser.add_argument("--from-job", action="store_true",
+                        help="no new job: the workdir's last finished one, its answer timed "
+                             "again (end of training -> answering = the job's own end less "
+                             "training's, plus the load and first answer)")
     args = parser.parse_args()
     workdir = args.workdir / (args.model + (f"-{args.gpu_memory_limit_gb:g}gb"
                                             if args.gpu_memory_limit_gb else ""))
@@ -122,17 +130,24 @@ def main() -> None:
     if args.model == "smollm2" and not (models / SMOLLM2_FILENAME).exists():
         models.mkdir(parents=True, exist_ok=True)
         (models / SMOLLM2_FILENAME).symlink_to(smollm2_gguf(CACHE_DIR / "models"))
-    record = run_job(args.model, workdir, models, args.gpu_memory_limit_gb)
+    started = time.time()
+    record = (jobs.list_jobs(workdir / "jobs")[0] if args.from_job
+              else run_job(args.model, workdir, models, args.gpu_memory_limit_gb))
     card = read_card(models, record.status["version"])
     # What the gate chose; when it chose nothing (a random-init stand-in learns little that
     # survives quantization) the Q4_K_M file is loaded all the same, to time the last stage.
     served = record.status.get("serve") or ""
     loaded = served or next(m for m in record.status["models"] if ".Q4_K_M." in m)
+    row_device = device()  # before llama.cpp loads anything here
+    answer_started = time.time()
     reload_s = first_answer(models, loaded)
-    end_to_answer = time.time() - (card.get("metrics") or {}).get("train_end_time", time.time())
+    train_end = (card.get("metrics") or {}).get("train_end_time", started)
+    if args.from_job:  # the job's end stands in for the start of the answer
+        answer_started = record.status.get("finished_ts", answer_started)
+    end_to_answer = answer_started - train_end + reload_s
     import llama_cpp
 
-    row = {"device": device(), "model": args.model, "base": record.config.get("base_model"),
+    row = {"device": row_device, "model": args.model, "base": record.config.get("base_model"),
            "llama_cpp_gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
            "n_gpu_layers": Settings.from_env().n_gpu_layers,
            "gpu_memory_limit_gb": args.gpu_memory_limit_gb or None,
@@ -142,7 +157,8 @@ def main() -> None:
            "serve_reason": record.status.get("serve_reason"),
            "end_of_training_to_answer_s": round(end_to_answer, 1),
            "job_total_s": (record.status.get("timings_s") or {}).get("total"),
-           "stages": stage_table(record, card, reload_s)}
+           "stages": stage_table(record, card, reload_s),
+           "timed_from": "a finished job (--from-job)" if args.from_job else "this run"}
     key = f"{args.model}" + (f"@{args.gpu_memory_limit_gb:g}GB" if args.gpu_memory_limit_gb
                              else "") + f" on {row['device']}"
     results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}

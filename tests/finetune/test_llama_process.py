@@ -72,3 +72,24 @@ def test_without_a_gpu_a_dead_llama_process_fails_with_its_message(monkeypatch):
     with pytest.raises(LlamaProcessDied, match="died during string_at"):
         with_cpu_fallback(lambda child: child.call(__import__("ctypes").string_at, 0),
                           print)
+
+
+def load_then_crash(path: str) -> None:
+    """In llama.cpp's child: a model loads quietly (verbose=False), then a segfault."""
+    import ctypes
+
+    from llama_cpp import Llama
+
+    Llama(path, n_ctx=64, verbose=False)
+    ctypes.string_at(0)
+
+
+def test_a_death_says_what_killed_the_child_and_llama_cpps_last_words(smollm2_path):
+    with pytest.raises(LlamaProcessDied) as died:
+        llama_process.call(load_then_crash, str(smollm2_path))
+    message = str(died.value)
+    assert "killed by SIGSEGV" in message
+    # llama.cpp's own lines from the quiet load, then the Python stack at the crash
+    assert "compute buffer size" in message
+    assert "load_then_crash" in message and "Segmentation fault" in message
+    assert "llama_model_loader: - kv" not in message  # the per-key noise is left out
