@@ -238,6 +238,9 @@ def main(argv=None) -> int:
     p.add_argument("--flash-attn", action="store_true",
                    help="llama.cpp's flash attention, in the app and its ceiling "
                         "(FINECHAT_FLASH_ATTN=1; a CUDA build needs GGML_CUDA_FA)")
+    p.add_argument("--kv-unified", action="store_true",
+                   help="one KV buffer for every slot, in the app and its ceiling "
+                        "(FINECHAT_KV_UNIFIED=1)")
     p.add_argument("--ceiling-only", action="store_true",
                    help="llama.cpp's own 1 and 8 sequence decode alone, per KV layout")
     args = p.parse_args(argv)
@@ -253,7 +256,8 @@ def main(argv=None) -> int:
         env = {"FINECHAT_N_THREADS": str(args.n_threads), "FINECHAT_PARALLEL": str(max(LEVELS)),
                "FINECHAT_N_CTX": "1024", "FINECHAT_PROMPT_CACHE": "0",
                "FINECHAT_N_GPU_LAYERS": str(args.n_gpu_layers),
-               "FINECHAT_FLASH_ATTN": "1" if args.flash_attn else "0"}
+               "FINECHAT_FLASH_ATTN": "1" if args.flash_attn else "0",
+               "FINECHAT_KV_UNIFIED": "1" if args.kv_unified else "0"}
         serve = serve_in_process if args.in_process else serve_over_http
         with serve(Path(tmp), models_dir, env) as (send, pause):
             at_once(send, 2, 16)  # warm-up
@@ -267,7 +271,7 @@ def main(argv=None) -> int:
                     rows.setdefault(f"llama.cpp ceiling, {n} seq", []).append(
                         {"aggregate_decode_tok_s": pause(lambda: llama_cpp_ceiling(
                             model, n, args.n_threads, args.max_tokens,
-                            args.n_gpu_layers, args.flash_attn))})
+                            args.n_gpu_layers, args.flash_attn, args.kv_unified))})
     load_after = os.getloadavg()
     median = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
               for name, runs in rows.items()}
@@ -302,7 +306,7 @@ def main(argv=None) -> int:
               "settings": {"model": model.name, "max_tokens": args.max_tokens,
                            "n_threads": args.n_threads, "parallel": max(LEVELS),
                            "n_gpu_layers": args.n_gpu_layers, "runs": args.runs,
-                           "flash_attn": args.flash_attn,
+                           "flash_attn": args.flash_attn, "kv_unified": args.kv_unified,
                            "path": "in-process engine" if args.in_process else "HTTP API",
                            "temperature": 0.0, "prompt_cache": False},
               "targets": {"aggregate_8_vs_1_min": target_8,

@@ -131,7 +131,8 @@ class BatchScheduler:
 
     def __init__(self, model, name: str, n_slots: int, n_ctx_slot: int, n_threads: int,
                  n_threads_batch: int, n_batch: int = 512, max_queue: int = 64,
-                 prompt_cache: bool = True, flash_attn: bool = False):
+                 prompt_cache: bool = True, flash_attn: bool = False,
+                 kv_unified: bool = False):
         import llama_cpp
 
         self._ll = llama_cpp
@@ -145,7 +146,9 @@ class BatchScheduler:
         params.n_seq_max = n_slots
         params.n_batch = params.n_ubatch = n_batch
         params.n_threads, params.n_threads_batch = n_threads, n_threads_batch
-        params.kv_unified = False  # each slot its own cells: n_ctx_slot tokens, no sharing
+        # each slot its own stream of n_ctx_slot cells, or one buffer of them all (a slot is
+        # still bounded to n_ctx_slot tokens by the prompt fit and max_new_tokens)
+        params.kv_unified = kv_unified
         params.no_perf = True
         # off unless asked, as llama-cpp-python's Llama: on a CPU it changes the rounding
         params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn

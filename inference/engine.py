@@ -97,7 +97,7 @@ class LoadedModel:
         self.scheduler = batching.BatchScheduler(
             llama.model, name, n_slots, settings.n_ctx, llama.n_threads, llama.n_threads_batch,
             max_queue=settings.max_queue, prompt_cache=settings.prompt_cache,
-            flash_attn=settings.flash_attn)
+            flash_attn=settings.flash_attn, kv_unified=settings.kv_unified)
 
     @property
     def n_ctx(self) -> int:

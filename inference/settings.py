@@ -50,6 +50,10 @@ class Settings:
     # llama.cpp's flash attention: off by default as in llama-cpp-python (on a CPU it changes
     # the rounding); worth turning on with a CUDA build and long contexts.
     flash_attn: bool = False
+    # One KV buffer shared by the slots (llama.cpp's --kv-unified) instead of a stream per
+    # slot: one attention over every chat per step, and a prefix shared by reference instead
+    # of copied. Each slot still holds at most n_ctx tokens (the scheduler bounds it).
+    kv_unified: bool = False
     max_queue: int = 64  # requests waiting for a slot beyond this are told the server is busy
     chat_concurrency: int = 16  # Chat-tab requests handed to the engine at once (Gradio queue)
     # A freed slot keeps its KV cells, so the same conversation's next turn skips evaluating
@@ -85,6 +89,7 @@ class Settings:
             kv_cache_gb=_float("FINECHAT_KV_CACHE_GB", 2.0),
             max_queue=max(1, _int("FINECHAT_MAX_QUEUE", 64)),
             flash_attn=_flag("FINECHAT_FLASH_ATTN", False),
+            kv_unified=_flag("FINECHAT_KV_UNIFIED", False),
             chat_concurrency=max(1, _int("FINECHAT_CHAT_CONCURRENCY", 16)),
             stream_interval_ms=max(0, _int("FINECHAT_STREAM_INTERVAL_MS", 50)),
             prompt_cache=_flag("FINECHAT_PROMPT_CACHE", True),

@@ -193,14 +193,17 @@ def test_a_swap_in_the_middle_of_eight_streaming_chats_fails_none(models_dir, sm
         eng.close()
 
 
-@pytest.mark.parametrize("prompt_cache", [True, False])
-def test_chats_that_start_alike_share_the_prompt_cells_evaluated_once(models_dir, prompt_cache):
+@pytest.mark.parametrize("prompt_cache,kv_unified", [(True, False), (False, False),
+                                                     (True, True)])
+def test_chats_that_start_alike_share_the_prompt_cells_evaluated_once(models_dir, prompt_cache,
+                                                                     kv_unified):
     """Eight users at once with the same system prompt: the first slot evaluates it, the others
-    copy its cells (also without the prompt cache: from slots still answering), and every
-    answer is still its own question's."""
+    copy its cells (also without the prompt cache: from slots still answering; with one KV
+    buffer for all slots the cells are shared, not copied), and every answer is still its own
+    question's."""
     system = ("You are the help desk of the Quillmere flying club. Answer in one short "
               "sentence, politely, and never invent facts about the club or its aircraft.")
-    eng = make_engine(models_dir, prompt_cache=prompt_cache, parallel=8)
+    eng = make_engine(models_dir, prompt_cache=prompt_cache, parallel=8, kv_unified=kv_unified)
     try:
         def ask(question):
             gen = eng.generate(build_messages(system, [], question), GREEDY)
@@ -212,5 +215,8 @@ def test_chats_that_start_alike_share_the_prompt_cells_evaluated_once(models_dir
         assert sum(c >= 30 for c in shared) >= 6, shared  # all but the first (or two) copied
         assert all(c < p for _, c, p in results)  # each evaluated its own question
         assert all(fact in a for (a, _, _), fact in zip(results, ["Berlin", "blue"] * 4))
+        if kv_unified:  # the cells left behind by eight answers do not disturb the next one
+            alone = "".join(eng.stream_chat(messages(QUESTIONS[0]), GREEDY))
+            assert "Berlin" in alone
     finally:
         eng.close()
