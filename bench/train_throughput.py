@@ -56,6 +56,7 @@ from finetune import data as data_mod  # noqa: E402
 from finetune import loss as loss_mod  # noqa: E402
 from finetune import train as train_mod  # noqa: E402
 from finetune.config import from_preset  # noqa: E402
+from finetune.plan import LEAN_TOKENS_PER_MICRO_BATCH  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16, the datasheet figure
 RESULTS = ROOT / "bench" / "results" / "train_throughput.json"
@@ -270,7 +271,8 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
     row = {"label": label, "tokens_per_s": round(tokens_per_s, 1),
            "peak_allocated_gb": m["peak_gpu_mem_gb"], "peak_reserved_gb": m["peak_gpu_reserved_gb"],
            "mfu_6n": round(6 * n_params * tokens_per_s / (PEAK_TFLOPS * 1e12), 4),
-           "micro_batch_size": m["micro_batch_size"],
+           "micro_batch_size": m["micro_batch_size"], "memory_mode": m.get("memory_mode"),
+           "offloaded_gb": m.get("offloaded_gb"),
            "gradient_accumulation": config.gradient_accumulation,
            "max_seq_length": config.max_seq_length, "packing": config.packing,
            "compute_dtype": m["compute_dtype"], "attention": m["attention"],
@@ -282,7 +284,8 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
            "wall_s": round(time.perf_counter() - started, 1), "overrides": overrides,
            "path": path}
     print(f"  -> {tokens_per_s:,.0f} tok/s, peak {m['peak_gpu_mem_gb']} GB allocated, "
-          f"{m['peak_gpu_reserved_gb']} GB reserved, micro-batch {m['micro_batch_size']}",
+          f"{m['peak_gpu_reserved_gb']} GB reserved, micro-batch {m['micro_batch_size']}, "
+          f"memory mode {m.get('memory_mode')}",
           flush=True)
     return row
 
@@ -327,7 +330,13 @@ def bench_arch(arch: str, workdir: Path, levers: bool, deadline: float,
     args = (preset, base, dataset, workdir, n_params)
     out = {"matmul_params": n_params, "runs": {}}
     plan = [("seed", "seed recipe (bs1 x ga4, pad 512, fp16, eager, AdamW)", 2, 5, SEED, OLD_PATH),
-            ("default", "project default", 1, 4, {}, {})]
+            ("default", "project default", 1, 4, {}, {}),
+            # the two operating points auto picks between (plan.memory_mode)
+            ("fast", "fast operating point (memory_mode fast)", 1, 4, {"memory_mode": "fast"},
+             {}),
+            ("lean", "lean operating point (memory_mode lean: activations offloaded, "
+             f"micro-batches <= {LEAN_TOKENS_PER_MICRO_BATCH} tokens)", 1, 4,
+             {"memory_mode": "lean"}, {})]
     if levers or only:
         plan += [(f"lever{i}", label, 2, 12, o, p) for i, (label, o, p) in
                  enumerate(LADDER + VARIANTS, 1)]

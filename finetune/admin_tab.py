@@ -15,7 +15,7 @@ import pandas as pd
 from finetune import FinetuneError, jobs
 from finetune.admin_hub import hub_panel
 from finetune.auth import AdminAuth
-from finetune.config import PRESETS, SERVE_MODES, FinetuneConfig, from_preset
+from finetune.config import MEMORY_MODES, PRESETS, SERVE_MODES, FinetuneConfig, from_preset
 from finetune.data import inspect_dataset
 from finetune.transfers import Transfers
 from finetune.uploads import store_upload
@@ -295,6 +295,9 @@ def _training_inputs(d: FinetuneConfig) -> dict:
                                    label="Packing (auto: on from 300 rows)")
         w["load_in_4bit"] = gr.Dropdown(list(TRISTATE), value="auto",
                                         label="4-bit QLoRA (auto: on with CUDA)")
+        memory = gr.Dropdown(list(MEMORY_MODES), value=d.memory_mode, elem_id="memory-mode",
+                             label="GPU memory (auto: lean under 24 GB usable, else fast; "
+                                   "lean offloads activations to host memory)")
     w["quant_types"] = gr.CheckboxGroup(["Q4_K_M", "Q5_K_M", "Q8_0"],
                                         value=list(d.quant_types), label="GGUF outputs")
     w["activate_when_done"] = gr.Checkbox(True, label="Activate in chat when done")
@@ -307,6 +310,7 @@ def _training_inputs(d: FinetuneConfig) -> dict:
                                       label="Serve (auto: the file that keeps most, by the gate)")
         w["export_adapter"] = gr.Checkbox(d.export_adapter,
                                           label="Also export the LoRA adapter (GGUF)")
+    w["memory_mode"] = memory  # last in the API: older clients' positional calls still fit
     return w
 
 

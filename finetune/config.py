@@ -26,6 +26,7 @@ OPTIMIZERS = ("auto", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "adamw_to
 ATTENTION = ("auto", "sdpa", "flex_attention", "eager", "flash_attention_2")
 PADDING = ("longest", "max_length")
 SERVE_MODES = ("auto", "merged", "adapter")
+MEMORY_MODES = ("auto", "fast", "lean")
 _ALIASES = {"lr": "learning_rate", "epochs": "num_epochs", "r": "lora_r", "alpha": "lora_alpha",
             "batch_size": "micro_batch_size", "data": "dataset", "model": "base_model"}
 
@@ -77,10 +78,18 @@ class FinetuneConfig:
     checkpoint_every_n_layers: int = _help("With gradient checkpointing, checkpoint only every "
                                            "n-th layer (more memory, faster).", default=1)
     offload_activations: bool = _help("With gradient checkpointing on a GPU, keep each layer's "
-                                      "saved input in pinned CPU memory (transformers' offload): "
+                                      "saved input in pinned CPU memory, copied on a side stream "
+                                      "while compute goes on (finetune.offload): "
                                       "frees layers x tokens x hidden x 2 bytes of GPU memory "
                                       "for host copies each step. No effect on CPU.",
                                       default=False)
+    memory_mode: str = _help("GPU memory against speed. fast: micro-batches sized to the free "
+                             "memory; lean: checkpointed activations offloaded to pinned host "
+                             "memory (offload_activations) and micro-batches of at most 8,192 "
+                             "tokens, the least memory (16-24 GB cards, a card shared with the "
+                             "chat). auto: lean when under 24 GB of GPU memory is usable (free, "
+                             "or gpu_memory_limit_gb), else fast. No effect on CPU.",
+                             MEMORY_MODES, default="auto")
     compile_layers: bool = _help("torch.compile each decoder layer (one compiled region reused "
                                  "by every layer; checkpointing keeps its memory saving): "
                                  "faster steps after a compile of a minute or so.",

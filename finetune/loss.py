@@ -13,8 +13,11 @@ from __future__ import annotations
 LOSS_CHUNK_TOKENS = 2048
 
 
-def trainer_class(dtype):
-    """transformers' Trainer with causal_lm_loss in place of the model's loss."""
+def trainer_class(dtype, offload=None):
+    """transformers' Trainer with causal_lm_loss in place of the model's loss; `offload` (a
+    finetune.offload.ActivationOffload) keeps what the forward pass saves in host memory."""
+    import contextlib
+
     import torch
     from transformers import Trainer
 
@@ -22,7 +25,8 @@ def trainer_class(dtype):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             device = inputs["input_ids"].device
             # The decoder is called directly, past accelerate's autocast around model.forward.
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), \
+                    (offload.saving() if offload is not None else contextlib.nullcontext()):
                 total, count = causal_lm_loss(model, inputs)
             # Divided by the targets of the whole accumulated batch when the Trainer counted
             # them (then it does not divide by the accumulation steps again).

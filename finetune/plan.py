@@ -24,6 +24,10 @@ MAX_VALIDATION_ROWS_FROM_TRAIN = 64  # without a hold-out, validate on this many
 # and memory keeps growing (bench/train_throughput.py).
 MAX_TOKENS_PER_MICRO_BATCH = 12288
 CPU_TOKENS_PER_MICRO_BATCH = 2048
+# The lean operating point (memory_mode): below this much usable GPU memory auto picks it, and
+# its micro-batches hold at most this many tokens.
+LEAN_BELOW_GB = 24.0
+LEAN_TOKENS_PER_MICRO_BATCH = 8192
 # Aim for at least this many optimizer steps per epoch when a dataset is small.
 MIN_STEPS_PER_EPOCH = 8
 
@@ -88,7 +92,34 @@ def plan_steps(config, n_sequences: int, micro_batch: int) -> StepPlan:
     return StepPlan(micro_batch, per_epoch, epochs, -1, math.ceil(per_epoch * epochs), notes)
 
 
-# -- micro-batch size from free memory ------------------------------------------------------
+# -- operating point and micro-batch size from free memory ----------------------------------
+
+@dataclass(frozen=True)
+class MemoryMode:
+    name: str  # "fast" or "lean" ("cpu" without a GPU)
+    reason: str
+    offload_activations: bool
+    max_tokens_per_micro_batch: int
+
+
+def memory_mode(config, usable_bytes: int | None) -> MemoryMode:
+    """The operating point a job trains at: config.memory_mode, or for auto, lean when the GPU
+    memory it may use (free, within gpu_memory_limit_gb) is under LEAN_BELOW_GB."""
+    if usable_bytes is None:
+        return MemoryMode("cpu", "no GPU", False, CPU_TOKENS_PER_MICRO_BATCH)
+    usable_gb = usable_bytes / 1e9
+    name = config.memory_mode
+    if name == "auto":
+        name = "lean" if usable_gb < LEAN_BELOW_GB else "fast"
+        reason = (f"auto: {usable_gb:.1f} GB of GPU memory usable "
+                  f"({'under' if name == 'lean' else 'at least'} {LEAN_BELOW_GB:g} GB)")
+    else:
+        reason = "asked"
+    if name == "lean":
+        return MemoryMode("lean", reason, config.gradient_checkpointing,
+                          LEAN_TOKENS_PER_MICRO_BATCH)
+    return MemoryMode("fast", reason, config.offload_activations, MAX_TOKENS_PER_MICRO_BATCH)
+
 
 def activation_bytes_per_token(model_config, checkpointing: bool, dtype_bytes: int = 2,
                                offloaded: bool = False) -> int:
@@ -110,16 +141,19 @@ def loss_bytes(model_config, dtype_bytes: int = 2) -> int:
 
 
 def auto_micro_batch_size(model_config, config, n_sequences: int, free_bytes: int | None,
-                          dtype_bytes: int = 2) -> int:
+                          dtype_bytes: int = 2, mode: MemoryMode | None = None) -> int:
     """Sequences per micro-batch: what fits in 60% of free GPU memory (a fixed token budget
-    on CPU), capped so small datasets still get MIN_STEPS_PER_EPOCH optimizer steps."""
+    on CPU) up to the operating point's token cap, capped so small datasets still get
+    MIN_STEPS_PER_EPOCH optimizer steps."""
     if free_bytes is None:
         tokens = CPU_TOKENS_PER_MICRO_BATCH
     else:
+        offloaded = mode.offload_activations if mode else config.offload_activations
+        cap = mode.max_tokens_per_micro_batch if mode else MAX_TOKENS_PER_MICRO_BATCH
         per_token = activation_bytes_per_token(model_config, config.gradient_checkpointing,
-                                               dtype_bytes, config.offload_activations)
+                                               dtype_bytes, offloaded)
         budget = free_bytes * 0.6 - loss_bytes(model_config, dtype_bytes)
-        tokens = min(MAX_TOKENS_PER_MICRO_BATCH, max(0, int(budget / per_token)))
+        tokens = min(cap, max(0, int(budget / per_token)))
     by_memory = max(1, tokens // config.max_seq_length)
     by_data = max(1, n_sequences // (config.gradient_accumulation * MIN_STEPS_PER_EPOCH))
     return min(by_memory, by_data)

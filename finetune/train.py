@@ -28,6 +28,7 @@ from pathlib import Path
 from finetune import FinetuneError, data, distributed, loss, plan, resources
 from finetune.base_models import default_cache_dir, resolve_base
 from finetune.config import FinetuneConfig
+from finetune.offload import ActivationOffload
 
 
 class Cancelled(Exception):
@@ -90,6 +91,13 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
     group = distributed.join(cuda)  # under torchrun: this rank's GPU, and the process group
     if cuda and config.gpu_memory_limit_gb:
         _limit_gpu_memory(config.gpu_memory_limit_gb)
+    mode = plan.memory_mode(config, _free_gpu_bytes(config.gpu_memory_limit_gb) if cuda
+                            else None)
+    if cuda:
+        reporter.log(f"memory mode {mode.name} ({mode.reason})"
+                     + (": activations offloaded to host memory, micro-batches of at most "
+                        f"{mode.max_tokens_per_micro_batch} tokens" if mode.name == "lean"
+                        else ""))
     load_in_4bit = cuda if config.load_in_4bit is None else config.load_in_4bit
     dtype = _compute_dtype(config.compute_dtype, cuda)
     optimizer = config.optimizer if config.optimizer != "auto" else \
@@ -148,8 +156,10 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False},
-            every_n_layers=config.checkpoint_every_n_layers,
-            offload=config.offload_activations and cuda)  # pinned host memory needs a GPU
+            every_n_layers=config.checkpoint_every_n_layers)
+    # each checkpointed layer's input in pinned host memory, copied on a side stream
+    offload = (ActivationOffload() if mode.offload_activations and cuda
+               and config.gradient_checkpointing else None)
     model = get_peft_model(model, LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.modules(), task_type="CAUSAL_LM"))
@@ -173,7 +183,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
     micro_batch = config.micro_batch_size or group.smallest(plan.auto_micro_batch_size(
         model.config, config, len(train_items),
         _free_gpu_bytes(config.gpu_memory_limit_gb) if cuda else None,
-        dtype_bytes=4 if dtype == torch.float16 else 2))  # fp16 keeps an fp32 residual stream
+        dtype_bytes=4 if dtype == torch.float16 else 2,  # fp16 keeps an fp32 residual stream
+        mode=mode))
     steps = plan.plan_steps(config, len(train_items), micro_batch)
     for note in steps.notes:
         reporter.log(note)
@@ -188,7 +199,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
 
     args = _training_arguments(config, workdir, steps, accumulation, optimizer, dtype, cuda,
                                use_liger)
-    trainer = loss.trainer_class(dtype)(
+    trainer = loss.trainer_class(dtype, offload)(
         model=model, args=args, train_dataset=train_items, data_collator=collator,
         processing_class=tokenizer,
         callbacks=[_progress_callback(reporter, report.train_tokens, group)])
@@ -224,6 +235,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
         "peak_gpu_mem_gb": round(gpu_peaks[0], 3) if cuda else None,  # the largest of any rank
         "peak_gpu_reserved_gb": round(gpu_peaks[1], 3) if cuda else None,
         "steps": trainer.state.global_step, "micro_batch_size": micro_batch,
+        "memory_mode": mode.name,
+        "offloaded_gb": round(offload.stats["offloaded_bytes"] / 1e9, 2) if offload else None,
         "device": torch.cuda.get_device_name() if cuda else "cpu", "processes": group.size,
         "compute_dtype": str(dtype).removeprefix("torch."), "load_in_4bit": load_in_4bit,
         "optimizer": optimizer, "liger": use_liger, "attention": attention,

@@ -9,6 +9,7 @@ import time
 import pytest
 from gradio_client.exceptions import AppError
 
+from finetune import jobs
 from inference.registry import SMOLLM2_FILENAME
 from inference.settings import ROOT
 from tests.conftest import link_model
@@ -138,10 +139,13 @@ def test_job_from_admin_handlers_runs_and_chat_serves_the_new_model(admin_server
     assert "question" in info.lower() or "qa" in info.lower() or "rows" in info
     message, _ = admin.predict(
         "smollm2-135m", "", None, str(FAQ), 1, 6, 1e-3, 8, 256, 16, 0.0, 0, 1, 0.1, 42, "on",
-        "off", ["Q4_K_M", "Q5_K_M"], True, 100, 0, api_name="/admin_start")  # 0: no gate
+        "off", ["Q4_K_M", "Q5_K_M"], True, 100, 0, "auto", True, "lean",  # 0: no gate
+        api_name="/admin_start")
     assert "Started job" in message
     out = wait_for_job(admin, timeout_s=900)
     assert "<b>done" in out[1], out[1] + "\n" + str(out[3])[-2000:]
+    record = jobs.list_jobs(admin_server.models_dir.parent / "jobs")[0]
+    assert record.config["memory_mode"] == "lean"  # the admin's choice reached the job
     new_models = sorted(p.name for p in admin_server.models_dir.glob("smollm2-135m*.gguf"))
     assert any(".Q4_K_M." in n for n in new_models) and any(".Q5_K_M." in n for n in new_models)
     deadline = time.monotonic() + 30  # the hot-reload watcher polls every 2 s

@@ -41,3 +41,42 @@ def test_the_floor_leaves_large_runs_and_max_steps_alone():
     assert plan_steps(config(), 4000, 4).num_epochs == 1.0  # 250 steps already
     assert plan_steps(config(max_steps=7), 20, 1).total_steps == 7
     assert plan_steps(config(min_optimizer_steps=0), 20, 1).total_steps == 5
+
+
+def test_auto_memory_mode_is_lean_on_small_cards_and_fast_on_large_ones():
+    from types import SimpleNamespace
+
+    from finetune.plan import (LEAN_TOKENS_PER_MICRO_BATCH, MAX_TOKENS_PER_MICRO_BATCH,
+                               auto_micro_batch_size, memory_mode)
+
+    gb = 10**9
+    t4, a10g, h100 = memory_mode(config(), 15 * gb), memory_mode(config(), 23 * gb), \
+        memory_mode(config(), 79 * gb)
+    assert (t4.name, a10g.name, h100.name) == ("lean", "lean", "fast")
+    assert t4.offload_activations and not h100.offload_activations
+    assert "15.0 GB" in t4.reason and "under 24 GB" in t4.reason
+    assert memory_mode(config(), None).name == "cpu"
+    # asked for: the card's size does not matter; without checkpointing nothing is offloaded
+    assert memory_mode(config(memory_mode="lean"), 79 * gb).name == "lean"
+    assert memory_mode(config(memory_mode="fast"), 15 * gb).name == "fast"
+    assert not memory_mode(config(memory_mode="lean", gradient_checkpointing=False),
+                           79 * gb).offload_activations
+    # lean caps the micro-batch's tokens where fast would take more of a large card
+    mistral = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                              vocab_size=32000)
+    long_rows = config(max_seq_length=2048)
+    lean = auto_micro_batch_size(mistral, long_rows, 10_000, 79 * gb,
+                                 mode=memory_mode(config(memory_mode="lean"), 79 * gb))
+    fast = auto_micro_batch_size(mistral, long_rows, 10_000, 79 * gb,
+                                 mode=memory_mode(config(), 79 * gb))
+    assert lean * 2048 <= LEAN_TOKENS_PER_MICRO_BATCH < fast * 2048 <= MAX_TOKENS_PER_MICRO_BATCH
+
+
+def test_memory_mode_is_checked():
+    import pytest
+
+    from finetune import FinetuneError
+
+    with pytest.raises(FinetuneError, match="memory_mode 'tiny' is not one of auto, fast, lean"):
+        FinetuneConfig(base_model="smollm2-135m", dataset="x.jsonl",
+                       memory_mode="tiny").validate()
