@@ -180,11 +180,14 @@ def prose_rows(path: Path, chunk_chars: int = 1000) -> Path:
 # -- one run of the trainer --------------------------------------------------------------------
 
 class StepClock:
-    """A Reporter that timestamps every optimizer step."""
+    """A Reporter that timestamps every optimizer step; with `profile_after` N, the step after
+    the N-th runs under torch.profiler and its top kernels are kept (`top_kernels`)."""
 
-    def __init__(self):
+    def __init__(self, profile_after: int = 0):
         self.steps: list[tuple[float, int, int]] = []  # (time, tokens, sequences so far)
         self.tokens = self.sequences = 0
+        self.profile_after, self.top_kernels = profile_after, None
+        self._profiler = None
 
     def stage(self, stage: str, message: str = "") -> None:
         print(f"  [{stage}] {message}", flush=True)
@@ -196,12 +199,36 @@ class StepClock:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.steps.append((time.perf_counter(), self.tokens, self.sequences))
+            if self.profile_after and len(self.steps) == self.profile_after:
+                self._profiler = torch.profiler.profile(activities=[
+                    torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                self._profiler.__enter__()
+            elif self._profiler is not None:
+                self._profiler.__exit__(None, None, None)
+                self.top_kernels = top_kernels(self._profiler, self.steps[-1][0]
+                                               - self.steps[-2][0])
+                self._profiler = None
 
     def log(self, message: str) -> None:
         print(f"  {message}", flush=True)
 
     def cancelled(self) -> bool:
         return False
+
+
+def top_kernels(profiler, step_s: float, n: int = 15) -> list[dict]:
+    """The kernels (CUDA, or CPU ops without a GPU) that took most of one profiled step."""
+    import torch
+
+    events = profiler.key_averages()
+    cuda = torch.cuda.is_available()
+    def own(event):
+        return (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3  # ms
+
+    rows = sorted((e for e in events if own(e) > 0), key=own, reverse=True)[:n]
+    return [{"name": e.key[:120], "calls": e.count, "ms": round(own(e), 2),
+             "share_of_step": round(own(e) / 1e3 / step_s, 4) if step_s else None}
+            for e in rows]
 
 
 @contextlib.contextmanager
@@ -241,14 +268,19 @@ def patched(clock: StepClock, upcast: bool = False, chunked_loss: bool = True,
 
 
 def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_params: int,
-        warmup_steps: int, measured_steps: int, overrides: dict, path: dict) -> dict:
+        warmup_steps: int, measured_steps: int, overrides: dict, path: dict,
+        profile: bool = False) -> dict:
+    """One training run; `profile`: one more step after the measured ones, under the profiler
+    (not timed), its top kernels in the row."""
     import torch
 
     print(f"\n== {label}", flush=True)
-    clock = StepClock()
+    profile = profile and measured_steps > 0
+    clock = StepClock(profile_after=warmup_steps + measured_steps if profile else 0)
     values = {"base_model": str(base), "dataset": str(dataset), "eval_max_new_tokens": 0,
               "eval_prompts": [], "warmup_ratio": 0.0, "val_split": 0.01,
-              "max_steps": warmup_steps + measured_steps}  # measured_steps 0: as configured
+              # measured_steps 0: as configured
+              "max_steps": warmup_steps + measured_steps + profile}
     config = from_preset(preset, **{**values, **overrides})
     started = time.perf_counter()
     try:
@@ -261,10 +293,11 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    (t0, n0, q0), (t1, n1, q1) = clock.steps[warmup_steps - 1], clock.steps[-1]
+    (t0, n0, q0) = clock.steps[warmup_steps - 1]
+    (t1, n1, q1) = clock.steps[-2] if profile else clock.steps[-1]
     tokens_per_s = (n1 - n0) / (t1 - t0)
-    measured = {"measured_steps": len(clock.steps) - warmup_steps, "measured_tokens": n1 - n0,
-                "measured_sequences": q1 - q0, "measured_s": t1 - t0}
+    measured = {"measured_steps": len(clock.steps) - warmup_steps - profile,
+                "measured_tokens": n1 - n0, "measured_sequences": q1 - q0, "measured_s": t1 - t0}
     if result is None:  # a rank other than 0 under torchrun: its own share of the tokens
         return {"label": label, **measured}
     m = result.metrics
@@ -283,6 +316,11 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
            "val_loss_before": m["val_loss_before"], "val_loss_after": m["val_loss_after"],
            "wall_s": round(time.perf_counter() - started, 1), "overrides": overrides,
            "path": path}
+    if clock.top_kernels:
+        row["top_kernels_one_step"] = clock.top_kernels
+        for k in clock.top_kernels[:5]:
+            print(f"     {k['ms']:9.1f} ms {k['share_of_step'] or 0:6.1%}  {k['calls']:5}x  "
+                  f"{k['name'][:70]}", flush=True)
     print(f"  -> {tokens_per_s:,.0f} tok/s, peak {m['peak_gpu_mem_gb']} GB allocated, "
           f"{m['peak_gpu_reserved_gb']} GB reserved, micro-batch {m['micro_batch_size']}, "
           f"memory mode {m.get('memory_mode')}",
@@ -318,7 +356,7 @@ def measured_peak_tflops() -> float:
 # -- the models --------------------------------------------------------------------------------
 
 def bench_arch(arch: str, workdir: Path, levers: bool, deadline: float,
-               only: set[str] | None = None) -> dict:
+               only: set[str] | None = None, profile: bool = False) -> dict:
     from transformers import AutoConfig
 
     preset = ARCHS[arch]["preset"]
@@ -346,7 +384,7 @@ def bench_arch(arch: str, workdir: Path, levers: bool, deadline: float,
         if time.perf_counter() > deadline:
             out["runs"][key] = {"label": label, "skipped": "out of time in this call"}
             continue
-        out["runs"][key] = run(label, *args, warmup, measured, overrides, path)
+        out["runs"][key] = run(label, *args, warmup, measured, overrides, path, profile)
     return out
 
 
@@ -510,6 +548,9 @@ def main() -> None:
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--models", help="default: phi,mistral,smollm2; with --gpus phi,mistral")
     parser.add_argument("--levers", action="store_true", help="Phi-3.5 lever ladder")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more step per run under torch.profiler (not timed): its top "
+                             "kernels go into the row")
     parser.add_argument("--seeds", default="1,2,3", help="SmolLM2 parity: training seeds")
     parser.add_argument("--runs", default="", help="only these runs (seed,default,lever7,...)")
     parser.add_argument("--budget-s", type=float, default=560,
@@ -551,7 +592,7 @@ def main() -> None:
                                   [int(x) for x in args.seeds.split(",")], only)
         else:
             block = bench_arch(model, args.workdir, args.levers and model == "phi", deadline,
-                               only)
+                               only, args.profile)
         earlier = results.get(model, {}).get("runs", {})
         # Newer runs win, except where this call ran out of time before reaching them; runs of
         # one model can so be spread over several calls of at most 10 minutes.
