@@ -1,7 +1,7 @@
-"""Activation offload for the lean operating point: the tensors a training step saves for its
-backward pass (with checkpointing, each decoder layer's input) wait in pinned host memory, copied
-out on a side CUDA stream while the forward pass computes on, and copied back one layer ahead of
-the backward pass that needs them.
+"""Activation offload, the lean operating point: what a step saves waits in pinned host memory.
+
+With checkpointing that is each decoder layer's input: copied out on a side CUDA stream while the
+forward pass computes on, and copied back one layer ahead of the backward pass that needs it.
 
 PyTorch's `save_on_cpu` (what transformers' `offload=True` uses) copies on the compute stream
 and fetches each tensor only when the backward pass reaches it, so every layer waits for its
