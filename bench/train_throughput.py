@@ -374,7 +374,9 @@ def bench_arch(arch: str, workdir: Path, levers: bool, deadline: float,
              {}),
             ("lean", "lean operating point (memory_mode lean: activations offloaded, "
              f"micro-batches <= {LEAN_TOKENS_PER_MICRO_BATCH} tokens)", 1, 4,
-             {"memory_mode": "lean"}, {})]
+             {"memory_mode": "lean"}, {}),
+            ("lean3", "lean operating point at 3 sequences (6,144 tokens) per micro-batch", 1, 4,
+             {"memory_mode": "lean", "micro_batch_size": 3}, {})]
     if levers or only:
         plan += [(f"lever{i}", label, 2, 12, o, p) for i, (label, o, p) in
                  enumerate(LADDER + VARIANTS, 1)]
