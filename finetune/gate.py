@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune import resources
 from finetune.export import ADAPTER
 from finetune.llama_process import LlamaProcess
 
@@ -166,8 +167,9 @@ def run(result, config, staged: dict[str, Path], f16_path: Path, adapter: dict,
         label = _unchecked_choice(quants, config.serve_mode, ADAPTER in staged)
         return {"gate": {}, "serve": {"label": label, "file": staged[label].name if label else "",
                                       "reason": "not checked (gate_probes 0)"}}
+    # within the cap, less what this job still holds on the card (its CUDA context)
     numbers = child.call(evaluate, candidates, probes, result.validation_text,
-                         config.gpu_memory_limit_gb)
+                         resources.gpu_budget_gb(config.gpu_memory_limit_gb))
     for message in numbers.pop("messages"):
         log(message)
     label, reason = choose(numbers, quants, config.serve_mode)

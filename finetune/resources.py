@@ -170,6 +170,20 @@ def release_gpu_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def gpu_budget_gb(limit_gb: float) -> float:
+    """The GPU memory (GB) a llama.cpp process started now may take: the cap `limit_gb` (0: the
+    whole card) less what the card already holds (this job's CUDA context and cached memory,
+    other processes such as the chat's model), never more than is free. The cap stands for
+    the card's size: exact when it emulates a smaller card, on the safe side when others
+    share a bigger one. `limit_gb` itself where this process has no CUDA context to ask."""
+    torch = _cuda_torch()
+    if torch is None or not torch.cuda.is_initialized():
+        return limit_gb
+    free, card = torch.cuda.mem_get_info()
+    budget = min(free, limit_gb * GB - (card - free)) if limit_gb else free
+    return max(round(budget / GB, 2), 0.01)  # 0 would read as "no cap": nothing fits instead
+
+
 def gpu_layers_within(gguf_path: Path, requested: int, limit_gb: float,
                       headroom_gb: float = 1.0) -> int:
     """llama.cpp's n_gpu_layers for `gguf_path` on a card capped at `limit_gb` (0: no cap):

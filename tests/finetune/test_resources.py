@@ -152,3 +152,35 @@ def test_gpu_layers_within_a_cap_offload_the_share_of_layers_that_fits(smollm2_p
     assert half == 15
     assert resources.gpu_layers_within(smollm2_path, 7, 1.0 + size_gb / 2) == 7
     assert resources.gpu_layers_within(smollm2_path, -1, 0.5) == 0  # not even the headroom
+
+
+class _Card:
+    """torch.cuda as the budget sees it: a card of `total` bytes of which `used` are taken."""
+
+    def __init__(self, total: float, used: float):
+        self.total, self.used = total, used
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def mem_get_info(self) -> tuple[int, int]:
+        return int(self.total - self.used), int(self.total)
+
+
+def test_the_gates_gpu_budget_leaves_out_what_the_card_already_holds(monkeypatch, smollm2_path):
+    """Seen on the H100 with a 16 GB cap: the job's own CUDA context held 1.4 GB while the
+    gate's child took 15 GB for Mistral's f16, 16.5 GB in all. The budget is the cap less
+    what the card holds, and never more than is free."""
+    torch_here = type("Torch", (), {})()
+    monkeypatch.setattr(resources, "_cuda_torch", lambda: torch_here)
+    torch_here.cuda = _Card(80e9, 1.4e9)
+    assert resources.gpu_budget_gb(16.0) == 14.6
+    assert resources.gpu_budget_gb(0.0) == 78.6  # no cap: what is free
+    torch_here.cuda = _Card(80e9, 70e9)  # another process holds most of the card
+    assert resources.gpu_budget_gb(0.0) == 10.0
+    assert resources.gpu_budget_gb(16.0) == 0.01  # the cap is the card's size: it is full
+    torch_here.cuda = _Card(16e9, 16e9)  # full: nothing fits, which is not "no cap"
+    assert resources.gpu_budget_gb(16.0) == 0.01
+    assert resources.gpu_layers_within(smollm2_path, -1, resources.gpu_budget_gb(16.0)) == 0
+    monkeypatch.setattr(resources, "_cuda_torch", lambda: None)  # a CPU job
+    assert resources.gpu_budget_gb(16.0) == 16.0 and resources.gpu_budget_gb(0.0) == 0.0
