@@ -134,6 +134,13 @@ def summarize(chats: list[dict], wall_s: float, decode_s: float) -> dict:
             "tokens": tokens, "wall_s": wall_s}
 
 
+def gpu_offload() -> bool:
+    """Whether the llama.cpp library loaded here can offload to a GPU."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
 def llama_cpp_ceiling(model: Path, n_seq: int, n_threads: int, n_tokens: int,
                       n_gpu_layers: int = 0, flash_attn: bool = False,
                       kv_unified: bool = False) -> float:
@@ -238,12 +245,15 @@ def main(argv=None) -> int:
     p.add_argument("--flash-attn", action="store_true",
                    help="llama.cpp's flash attention, in the app and its ceiling "
                         "(FINECHAT_FLASH_ATTN=1; a CUDA build needs GGML_CUDA_FA)")
-    p.add_argument("--kv-unified", action="store_true",
-                   help="one KV buffer for every slot, in the app and its ceiling "
-                        "(FINECHAT_KV_UNIFIED=1)")
+    p.add_argument("--kv", choices=("auto", "unified", "split"), default="auto",
+                   help="one KV buffer for every slot or a stream per slot, in the app and its "
+                        "ceiling (FINECHAT_KV_UNIFIED; auto: unified where layers are offloaded "
+                        "to a GPU, as the app)")
     p.add_argument("--ceiling-only", action="store_true",
                    help="llama.cpp's own 1 and 8 sequence decode alone, per KV layout")
     args = p.parse_args(argv)
+    args.kv_unified = args.kv == "unified" or (args.kv == "auto" and args.n_gpu_layers != 0
+                                               and gpu_offload())
 
     model = args.model or smollm2_gguf(CACHE_DIR / "models")
     if args.ceiling_only:

@@ -103,6 +103,9 @@ VARIANTS = [  # tried on top of the last rung; liger last: it patches transforme
     ("+ liger-kernel (RMSNorm, SwiGLU, RoPE)", {**BEST, "use_liger": True}, {}),
     ("+ liger-kernel, micro-batch 8x2048", {**BEST, "use_liger": True, "micro_batch_size": 8},
      {}),
+    # after liger only in numbering: run alone (--runs lever14), liger patches the process
+    ("+ torch.compile (each decoder layer), SDPA instead of flex_attention",
+     {**BEST, "compile_layers": True, "attn_implementation": "sdpa"}, {}),
 ]
 
 

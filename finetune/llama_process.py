@@ -8,6 +8,10 @@ holds torch from training, so its llama.cpp inference runs in a fresh interprete
 that imports llama_cpp and the project's serving code only. Quantizing stays in the job
 process: it never touches the GPU.
 
+The job process itself keeps llama-cpp-python's own CPU library (`for_the_job_process`): it
+quantizes there, next to torch, and the CUDA build named by LLAMA_CPP_LIB_PATH goes to the
+child alone.
+
 If that process dies anyway while llama.cpp runs on the GPU, `with_cpu_fallback` runs the same
 work once more with llama.cpp's CPU library (the one llama-cpp-python ships): slower, but the
 finished training is not lost to a crash of the GPU build.
@@ -34,6 +38,7 @@ from finetune import FinetuneError, distributed
 T = TypeVar("T")
 LIB_PATH_ENV = "LLAMA_CPP_LIB_PATH"  # llama-cpp-python loads libllama from there (a CUDA build)
 GPU_LAYERS_ENV = "FINECHAT_N_GPU_LAYERS"
+KEPT_LIB_ENV = "FINECHAT_LLAMA_CHILD_LIB_PATH"  # the job's LLAMA_CPP_LIB_PATH, for children
 TRACE_TAIL_LINES = 8  # of llama.cpp's last log lines in a death's message
 STACK_LINES = 6  # of the Python stack at a fatal signal, innermost first
 GGML_LOG_DEBUG, GGML_LOG_CONT = 4, 5  # ggml_log_level
@@ -60,7 +65,7 @@ class LlamaProcess:
         self._trace = Path(trace)
         self._pool = concurrent.futures.ProcessPoolExecutor(
             1, mp_context=multiprocessing.get_context("spawn"), initializer=_child_setup,
-            initargs=(os.getpid(), self.on_cpu, trace))
+            initargs=(os.getpid(), self.on_cpu, trace, gpu_library()))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -131,15 +136,32 @@ def with_cpu_fallback(work: Callable[[LlamaProcess], T], log: Callable[[str], No
         if not gpu_configured():
             raise
         log(f"WARNING {exc} with llama.cpp on the GPU ({LIB_PATH_ENV}="
-            f"{os.environ.get(LIB_PATH_ENV, '')}, {GPU_LAYERS_ENV}="
+            f"{gpu_library()}, {GPU_LAYERS_ENV}="
             f"{os.environ.get(GPU_LAYERS_ENV, '')}): once more with llama.cpp on the CPU")
         with LlamaProcess(on_cpu=True) as child:
             return work(child)
 
 
+def for_the_job_process() -> None:
+    """In the job process, before anything imports llama_cpp: llama_cpp here (the quantizer,
+    the adapter's base GGUF, neither on the GPU) loads llama-cpp-python's own CPU library,
+    while the library named by LLAMA_CPP_LIB_PATH (a CUDA build) is kept, in KEPT_LIB_ENV,
+    for llama.cpp's own processes (also those of torchrun's ranks). A CUDA build of llama.cpp
+    and torch's CUDA libraries do not share a process, and the CUDA build quantized
+    Mistral-7B in 102 s on the H100 where the CPU library took 51 s."""
+    library = os.environ.pop(LIB_PATH_ENV, "")
+    if library:
+        os.environ[KEPT_LIB_ENV] = library
+
+
+def gpu_library() -> str:
+    """The llama.cpp library llama.cpp's own process loads ("": llama-cpp-python's own)."""
+    return os.environ.get(KEPT_LIB_ENV) or os.environ.get(LIB_PATH_ENV, "")
+
+
 def gpu_configured() -> bool:
-    """Whether llama.cpp here would load a library of its own or offload layers."""
-    return bool(os.environ.get(LIB_PATH_ENV)) or os.environ.get(GPU_LAYERS_ENV, "0") != "0"
+    """Whether llama.cpp's process would load a library of its own or offload layers."""
+    return bool(gpu_library()) or os.environ.get(GPU_LAYERS_ENV, "0") != "0"
 
 
 def torch_loaded() -> bool:
@@ -150,11 +172,14 @@ def torch_loaded() -> bool:
 _trace_callback = None  # llama.cpp keeps a pointer to it: it must outlive every call
 
 
-def _child_setup(parent_pid: int, on_cpu: bool, trace: str) -> None:
+def _child_setup(parent_pid: int, on_cpu: bool, trace: str, library: str) -> None:
     distributed.die_with_parent(parent_pid)  # kill -9 of the job must not leave llama.cpp
     if on_cpu:  # before anything imports llama_cpp
         os.environ.pop(LIB_PATH_ENV, None)
+        os.environ.pop(KEPT_LIB_ENV, None)
         os.environ[GPU_LAYERS_ENV] = "0"
+    elif library:
+        os.environ[LIB_PATH_ENV] = library
     trace_file = open(trace, "a", buffering=1, errors="replace")
     faulthandler.enable(file=trace_file)  # the Python stack on SIGSEGV, SIGABRT, ...
     _log_llama_to(trace_file)

@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-from finetune import FinetuneError, distributed, jobs, resources
+from finetune import FinetuneError, distributed, jobs, llama_process, resources
 
 log = logging.getLogger("finechat.job")
 EVAL_QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M")
@@ -209,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    llama_process.for_the_job_process()  # llama.cpp's CUDA build: only in its own process
     here = distributed.world()
     if here.size > 1:
         distributed.die_with_parent(jobs.read_status(Path(argv[0]))["pid"])

@@ -97,7 +97,7 @@ class LoadedModel:
         self.scheduler = batching.BatchScheduler(
             llama.model, name, n_slots, settings.n_ctx, llama.n_threads, llama.n_threads_batch,
             max_queue=settings.max_queue, prompt_cache=settings.prompt_cache,
-            flash_attn=settings.flash_attn, kv_unified=settings.kv_unified)
+            flash_attn=settings.flash_attn, kv_unified=kv_unified(settings))
 
     @property
     def n_ctx(self) -> int:
@@ -137,6 +137,15 @@ class LoadedModel:
                 adapter.handle = None
 
         self.scheduler.close(then=free_model)
+
+
+def kv_unified(settings: Settings) -> bool:
+    """One KV buffer for all slots: as set, else where llama.cpp offloads to a GPU."""
+    if settings.kv_unified is not None:
+        return settings.kv_unified
+    import llama_cpp
+
+    return settings.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
 
 
 def auto_slots(kv_bytes_per_token: int, settings: Settings) -> int:

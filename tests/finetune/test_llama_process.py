@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import os
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,29 @@ def test_a_death_says_what_killed_the_child_and_llama_cpps_last_words(smollm2_pa
     assert "compute buffer size" in message
     assert "load_then_crash" in message and "Segmentation fault" in message
     assert "llama_model_loader: - kv" not in message  # the per-key noise is left out
+
+
+def child_library() -> str:
+    """In llama.cpp's child: the library llama_cpp loads from ("": llama-cpp-python's own)."""
+    return os.environ.get("LLAMA_CPP_LIB_PATH", "")
+
+
+def test_the_job_process_quantizes_with_the_cpu_library_and_its_child_gets_the_build(
+        monkeypatch, smollm2_path):
+    """The job process (torch, the quantizer) must not load a CUDA build of llama.cpp: the
+    worker hands LLAMA_CPP_LIB_PATH to llama.cpp's own processes only (and a CPU retry gets
+    none). A folder with llama-cpp-python's own library stands in for the build here."""
+    import llama_cpp
+
+    build = str(Path(llama_cpp.__file__).parent / "lib")
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", build)
+    monkeypatch.setenv(llama_process.KEPT_LIB_ENV, "")
+    llama_process.for_the_job_process()
+    assert "LLAMA_CPP_LIB_PATH" not in os.environ and llama_process.gpu_configured()
+    with LlamaProcess() as child:
+        assert child.call(child_library) == build
+        answers = child.call(answer_conversations_gguf, smollm2_path.parent, [smollm2_path.name],
+                             [[{"role": "user", "content": "Say hello."}]], [8])
+    assert answers[0][0].strip()
+    with LlamaProcess(on_cpu=True) as child:
+        assert child.call(child_library) == ""

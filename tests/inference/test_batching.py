@@ -220,3 +220,24 @@ def test_chats_that_start_alike_share_the_prompt_cells_evaluated_once(models_dir
             assert "Berlin" in alone
     finally:
         eng.close()
+
+
+def test_one_kv_buffer_for_all_slots_where_llama_cpp_offloads_to_a_gpu(monkeypatch):
+    """FINECHAT_KV_UNIFIED: 1 / 0 as set; unset or auto, one buffer only where llama.cpp
+    offloads layers to a GPU (this CPU build cannot, so -1 layers still gets a stream per
+    slot); the scheduler's context is made that way."""
+    import llama_cpp
+
+    from inference import engine
+
+    for raw, expected in (("1", True), ("0", False), ("auto", None), ("", None)):
+        monkeypatch.setenv("FINECHAT_KV_UNIFIED", raw)
+        assert Settings.from_env().kv_unified is expected
+    assert engine.kv_unified(Settings(kv_unified=True)) is True
+    assert engine.kv_unified(Settings(n_gpu_layers=-1, kv_unified=False)) is False
+    assert engine.kv_unified(Settings(n_gpu_layers=0)) is False
+    assert not llama_cpp.llama_supports_gpu_offload()  # the CPU wheel of this machine
+    assert engine.kv_unified(Settings(n_gpu_layers=-1)) is False
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: True)  # a CUDA build
+    assert engine.kv_unified(Settings(n_gpu_layers=-1)) is True
+    assert engine.kv_unified(Settings(n_gpu_layers=0)) is False
