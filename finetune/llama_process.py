@@ -146,9 +146,8 @@ def for_the_job_process() -> None:
     """In the job process, before anything imports llama_cpp: llama_cpp here (the quantizer,
     the adapter's base GGUF, neither on the GPU) loads llama-cpp-python's own CPU library,
     while the library named by LLAMA_CPP_LIB_PATH (a CUDA build) is kept, in KEPT_LIB_ENV,
-    for llama.cpp's own processes (also those of torchrun's ranks). A CUDA build of llama.cpp
-    and torch's CUDA libraries do not share a process, and the CUDA build quantized
-    Mistral-7B in 102 s on the H100 where the CPU library took 51 s."""
+    for llama.cpp's own processes (also those of torchrun's ranks): a CUDA build of llama.cpp
+    and torch's CUDA libraries do not share a process."""
     library = os.environ.pop(LIB_PATH_ENV, "")
     if library:
         os.environ[KEPT_LIB_ENV] = library
