@@ -379,7 +379,12 @@ def bench_arch(arch: str, workdir: Path, levers: bool, deadline: float,
              f"micro-batches <= {LEAN_TOKENS_PER_MICRO_BATCH} tokens)", 1, 4,
              {"memory_mode": "lean"}, {}),
             ("lean3", "lean operating point at 3 sequences (6,144 tokens) per micro-batch", 1, 4,
-             {"memory_mode": "lean", "micro_batch_size": 3}, {})]
+             {"memory_mode": "lean", "micro_batch_size": 3}, {}),
+            # compile_layers on top of each point (2 warm-up steps: the first one compiles)
+            ("fastc", "fast operating point + compile_layers", 2, 4,
+             {"memory_mode": "fast", "compile_layers": True}, {}),
+            ("leanc", "lean operating point + compile_layers", 2, 4,
+             {"memory_mode": "lean", "compile_layers": True}, {})]
     if levers or only:
         plan += [(f"lever{i}", label, 2, 12, o, p) for i, (label, o, p) in
                  enumerate(LADDER + VARIANTS, 1)]

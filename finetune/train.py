@@ -164,8 +164,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.modules(), task_type="CAUSAL_LM"))
     if config.compile_layers:  # regional: the layers share one compiled graph
-        for layer in model.get_base_model().get_decoder().layers:
-            layer.compile()
+        compile_layers(model.get_base_model().get_decoder().layers)
     trainable, total = model.get_nb_trainable_parameters()
     reporter.log(f"LoRA: {trainable:,} trainable of {total:,} parameters")
 
@@ -273,6 +272,34 @@ def resolve_attention(config: FinetuneConfig, cuda: bool, packing: bool) -> str:
     flex = (cuda and packing and torch.cuda.get_device_capability() >= (8, 0)
             and importlib.util.find_spec("triton") is not None)
     return "flex_attention" if flex else "sdpa"
+
+
+def compile_layers(layers) -> None:
+    """torch.compile each decoder layer's forward, one graph for all of them. Under activation
+    checkpointing the checkpoint stays outside the compiled region and runs the compiled
+    forward (and again for the recompute): traced into the graph instead, the checkpoint lost
+    its memory saving on CUDA (Phi-3.5: 22.8 GB where eager needs 7). Layers that are not
+    checkpointed compile whole."""
+    import functools
+
+    import torch
+
+    compiled: dict = {}
+
+    def under(checkpoint_func):
+        def run(fn, *args, **kwargs):
+            if not isinstance(fn, functools.partial):  # not transformers' partial(forward, self)
+                return checkpoint_func(fn, *args, **kwargs)
+            inner = compiled.get(fn.func) or compiled.setdefault(fn.func, torch.compile(fn.func))
+            return checkpoint_func(functools.partial(inner, *fn.args, **fn.keywords), *args,
+                                   **kwargs)
+        return run
+
+    for layer in layers:
+        if getattr(layer, "gradient_checkpointing", False):
+            layer._gradient_checkpointing_func = under(layer._gradient_checkpointing_func)
+        else:
+            layer.compile()
 
 
 def _freeze_base(model, dtype) -> None:
