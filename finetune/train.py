@@ -92,12 +92,13 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
     if cuda and config.gpu_memory_limit_gb:
         _limit_gpu_memory(config.gpu_memory_limit_gb)
     mode = plan.memory_mode(config, _free_gpu_bytes(config.gpu_memory_limit_gb) if cuda
-                            else None)
+                            else None, torch.cuda.get_device_capability() if cuda else None)
     if cuda:
         reporter.log(f"memory mode {mode.name} ({mode.reason})"
                      + (": activations offloaded to host memory, micro-batches of at most "
                         f"{mode.max_tokens_per_micro_batch} tokens" if mode.name == "lean"
-                        else ""))
+                        else "")
+                     + ("; decoder layers compiled" if mode.compile_layers else ""))
     load_in_4bit = cuda if config.load_in_4bit is None else config.load_in_4bit
     dtype = _compute_dtype(config.compute_dtype, cuda)
     optimizer = config.optimizer if config.optimizer != "auto" else \
@@ -163,7 +164,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
     model = get_peft_model(model, LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.modules(), task_type="CAUSAL_LM"))
-    if config.compile_layers:  # regional: the layers share one compiled graph
+    if mode.compile_layers:  # regional: the layers share one compiled graph
         compile_layers(model.get_base_model().get_decoder().layers)
     trainable, total = model.get_nb_trainable_parameters()
     reporter.log(f"LoRA: {trainable:,} trainable of {total:,} parameters")
@@ -234,7 +235,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
         "peak_gpu_mem_gb": round(gpu_peaks[0], 3) if cuda else None,  # the largest of any rank
         "peak_gpu_reserved_gb": round(gpu_peaks[1], 3) if cuda else None,
         "steps": trainer.state.global_step, "micro_batch_size": micro_batch,
-        "memory_mode": mode.name,
+        "memory_mode": mode.name, "compile_layers": mode.compile_layers,
         "offloaded_gb": round(offload.stats["offloaded_bytes"] / 1e9, 2) if offload else None,
         "device": torch.cuda.get_device_name() if cuda else "cpu", "processes": group.size,
         "compute_dtype": str(dtype).removeprefix("torch."), "load_in_4bit": load_in_4bit,
@@ -285,6 +286,7 @@ def compile_layers(layers) -> None:
     import torch
 
     compiled: dict = {}
+    torch._dynamo.config.suppress_errors = True  # a layer that does not compile runs eagerly
 
     def under(checkpoint_func):
         def run(fn, *args, **kwargs):

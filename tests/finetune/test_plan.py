@@ -72,6 +72,24 @@ def test_auto_memory_mode_is_lean_on_small_cards_and_fast_on_large_ones():
     assert lean * 2048 <= LEAN_TOKENS_PER_MICRO_BATCH < fast * 2048 <= MAX_TOKENS_PER_MICRO_BATCH
 
 
+def test_lean_compiles_the_layers_on_ampere_and_newer_unless_told():
+    """compile_layers None (the default): on in lean on a GPU of compute capability 8.0+ (an
+    H100 measured 1.38x for Phi-3.5's lean steps), off in fast, on a T4 (7.5) and on CPU;
+    True / False as asked."""
+    from finetune.plan import memory_mode
+
+    gb = 10**9
+    assert memory_mode(config(), 15 * gb, (9, 0)).compile_layers  # lean on an H100-class card
+    assert memory_mode(config(), 23 * gb, (8, 6)).compile_layers  # an A10G
+    assert not memory_mode(config(), 15 * gb, (7, 5)).compile_layers  # a T4
+    assert not memory_mode(config(), 15 * gb).compile_layers  # capability unknown
+    assert not memory_mode(config(), 79 * gb, (9, 0)).compile_layers  # fast
+    assert not memory_mode(config(), None).compile_layers  # CPU
+    assert not memory_mode(config(compile_layers=False), 15 * gb, (9, 0)).compile_layers
+    assert memory_mode(config(compile_layers=True), 79 * gb, (9, 0)).compile_layers
+    assert memory_mode(config(compile_layers=True), None).compile_layers
+
+
 def test_memory_mode_is_checked():
     import pytest
 
