@@ -53,7 +53,6 @@ sys.path.insert(0, str(ROOT))
 from bench.standins import CONFIGS  # noqa: E402
 from finetune import FinetuneError, distributed  # noqa: E402
 from finetune import data as data_mod  # noqa: E402
-from finetune import loss as loss_mod  # noqa: E402
 from finetune import train as train_mod  # noqa: E402
 from finetune.config import from_preset  # noqa: E402
 from finetune.plan import LEAN_TOKENS_PER_MICRO_BATCH  # noqa: E402
@@ -76,16 +75,19 @@ ARCHS = {
 SEED = {"micro_batch_size": 1, "gradient_accumulation": 4, "max_seq_length": 512,
         "packing": False, "padding": "max_length", "compute_dtype": "fp16",
         "attn_implementation": "eager", "optimizer": "adamw_torch", "lora_dropout": 0.05,
-        "gradient_checkpointing": True, "use_liger": False}
-OLD_PATH = {"upcast": True, "chunked_loss": False}  # the recipe before issue 5
+        "gradient_checkpointing": True, "checkpoint_every_n_layers": 1, "use_liger": False,
+        "compile_layers": False, "loss_chunk_tokens": 0}
+OLD_PATH = {"upcast": True}  # the recipe before issue 5 (with the model's own loss)
+NO_CHUNKS = {"loss_chunk_tokens": 0}
 # The ladder (Phi-3.5, --levers): each rung adds one lever to the one before.
 PACKED = {"packing": True, "max_seq_length": 2048, "compute_dtype": "bf16",
           "attn_implementation": "sdpa", "optimizer": "paged_adamw_8bit", "lora_dropout": 0.05,
-          "micro_batch_size": 4, "gradient_accumulation": 1, "use_liger": False}
+          "micro_batch_size": 4, "gradient_accumulation": 1, "use_liger": False,
+          "checkpoint_every_n_layers": 1, "compile_layers": False}
 LADDER = [
-    ("packed 4x2048, bf16, sdpa, paged AdamW 8-bit", PACKED, OLD_PATH),
-    ("+ bf16 norms/embeddings (no fp32 upcast)", PACKED, {"chunked_loss": False}),
-    ("+ LoRA dropout 0", {**PACKED, "lora_dropout": 0.0}, {"chunked_loss": False}),
+    ("packed 4x2048, bf16, sdpa, paged AdamW 8-bit", {**PACKED, **NO_CHUNKS}, OLD_PATH),
+    ("+ bf16 norms/embeddings (no fp32 upcast)", {**PACKED, **NO_CHUNKS}, {}),
+    ("+ LoRA dropout 0", {**PACKED, "lora_dropout": 0.0, **NO_CHUNKS}, {}),
     ("+ chunked loss (targets only)", {**PACKED, "lora_dropout": 0.0}, {}),
     ("+ flex_attention", {**PACKED, "lora_dropout": 0.0, "attn_implementation": "flex_attention"},
      {}),
@@ -235,12 +237,11 @@ def top_kernels(profiler, step_s: float, n: int = 15) -> list[dict]:
 
 
 @contextlib.contextmanager
-def patched(clock: StepClock, upcast: bool = False, chunked_loss: bool = True,
-            split_seed: int | None = None):
+def patched(clock: StepClock, upcast: bool = False, split_seed: int | None = None):
     """Count collated tokens; optionally switch the trainer back to the pre-issue-5 path, or
     hold the validation split fixed while the training seed varies."""
     saved = (data_mod.PackedCollator.__call__, data_mod.PaddedCollator.__call__,
-             train_mod._freeze_base, loss_mod.LOSS_CHUNK_TOKENS, data_mod.split)
+             train_mod._freeze_base, data_mod.split)
 
     def counting(call):
         def wrapper(self, features):
@@ -259,15 +260,13 @@ def patched(clock: StepClock, upcast: bool = False, chunked_loss: bool = True,
             saved[2](model, dtype)
 
     train_mod._freeze_base = freeze
-    if not chunked_loss:
-        loss_mod.LOSS_CHUNK_TOKENS = 0
     if split_seed is not None:
-        data_mod.split = lambda rows, fraction, seed: saved[4](rows, fraction, split_seed)
+        data_mod.split = lambda rows, fraction, seed: saved[3](rows, fraction, split_seed)
     try:
         yield
     finally:
         (data_mod.PackedCollator.__call__, data_mod.PaddedCollator.__call__,
-         train_mod._freeze_base, loss_mod.LOSS_CHUNK_TOKENS, data_mod.split) = saved
+         train_mod._freeze_base, data_mod.split) = saved
 
 
 def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_params: int,
@@ -371,20 +370,22 @@ def bench_arch(arch: str, workdir: Path, levers: bool, deadline: float,
     args = (preset, base, dataset, workdir, n_params)
     out = {"matmul_params": n_params, "runs": {}}
     plan = [("seed", "seed recipe (bs1 x ga4, pad 512, fp16, eager, AdamW)", 2, 5, SEED, OLD_PATH),
-            ("default", "project default", 1, 4, {}, {}),
-            # the two operating points auto picks between (plan.memory_mode)
-            ("fast", "fast operating point (memory_mode fast)", 1, 4, {"memory_mode": "fast"},
-             {}),
+            ("default", "project default", 2, 4, {}, {}),
+            # the two operating points auto picks between (plan.memory_mode); on Ampere and
+            # newer both compile the decoder layers (2 warm-up steps: the first one compiles)
+            ("fast", "fast operating point (memory_mode fast: checkpointing as the free "
+             "memory needs)", 2, 4, {"memory_mode": "fast"}, {}),
+            ("fast_ckpt", "fast operating point, every layer checkpointed", 2, 4,
+             {"memory_mode": "fast", "checkpoint_every_n_layers": 1}, {}),
+            ("fast_nockpt", "fast operating point, no activation checkpointing", 2, 4,
+             {"memory_mode": "fast", "gradient_checkpointing": False}, {}),
             ("lean", "lean operating point (memory_mode lean: activations offloaded, "
-             f"micro-batches <= {LEAN_TOKENS_PER_MICRO_BATCH} tokens)", 1, 4,
-             {"memory_mode": "lean"}, {}),
-            ("lean3", "lean operating point at 3 sequences (6,144 tokens) per micro-batch", 1, 4,
-             {"memory_mode": "lean", "micro_batch_size": 3}, {}),
-            # compile_layers on top of each point (2 warm-up steps: the first one compiles)
-            ("fastc", "fast operating point + compile_layers", 2, 4,
-             {"memory_mode": "fast", "compile_layers": True}, {}),
-            ("leanc", "lean operating point + compile_layers", 2, 4,
-             {"memory_mode": "lean", "compile_layers": True}, {})]
+             f"micro-batches <= {LEAN_TOKENS_PER_MICRO_BATCH} tokens, loss in 1,024-token "
+             "chunks)", 2, 4, {"memory_mode": "lean"}, {}),
+            ("lean_chunk2048", "lean operating point, loss in 2,048-token chunks", 2, 4,
+             {"memory_mode": "lean", "loss_chunk_tokens": 2048}, {}),
+            ("lean3", "lean operating point at 3 sequences (6,144 tokens) per micro-batch", 2, 4,
+             {"memory_mode": "lean", "micro_batch_size": 3}, {})]
     if levers or only:
         plan += [(f"lever{i}", label, 2, 12, o, p) for i, (label, o, p) in
                  enumerate(LADDER + VARIANTS, 1)]
@@ -419,7 +420,10 @@ def bench_smollm2(workdir: Path, deadline: float, seeds: list[int], only: set[st
                   {**SEED, **epoch, "seed": seed}, {**OLD_PATH, "split_seed": 0}),
                  (f"parity_default_seed{seed}", f"default recipe, 1 epoch, seed {seed}", 2, 0,
                   {**epoch, "seed": seed, "micro_batch_size": 3, "gradient_accumulation": 1},
-                  {"split_seed": 0})]
+                  {"split_seed": 0}),
+                 (f"parity_lean_seed{seed}", f"lean operating point, 1 epoch, seed {seed}", 2, 0,
+                  {**epoch, "seed": seed, "micro_batch_size": 3, "gradient_accumulation": 1,
+                   "memory_mode": "lean"}, {"split_seed": 0})]
     for key, label, warmup, measured, overrides, path in plan:
         if only and key not in only:
             continue
@@ -512,27 +516,31 @@ def share(args) -> None:
         sys.exit(1)  # torchrun then ends the other ranks, which would wait at a collective
 
 
-def parity(runs: dict) -> dict:
-    """Default minus plain validation loss (same validation rows), against the seed-to-seed
-    noise of either recipe."""
-    def loss(recipe: str, seed: str):
-        return runs.get(f"parity_{recipe}_seed{seed}", {}).get("val_loss_after")
+def parity(runs: dict, recipe: str = "default") -> dict:
+    """`recipe` minus plain validation loss (same validation rows, paired seeds), against the
+    seed-to-seed noise of either; the default recipe's verdict also holds the lean point's."""
+    def loss(name: str, seed: str):
+        return runs.get(f"parity_{name}_seed{seed}", {}).get("val_loss_after")
 
     seeds = sorted(k.rsplit("seed", 1)[1] for k in runs if k.startswith("parity_plain_seed"))
-    pairs = [(loss("plain", s), loss("default", s)) for s in seeds
-             if loss("plain", s) is not None and loss("default", s) is not None]
-    if len(pairs) < 2:
-        return {"verdict": "not enough finished runs"}
-    plain, default = zip(*pairs)
-    diffs = [d - p for p, d in pairs]
-    mean = sum(diffs) / len(diffs)
-    # Noise: the spread of either recipe's result over seeds (sample standard deviation).
-    noise = max(statistics.stdev(plain), statistics.stdev(default))
-    tokens = {k: v.get("tokens_seen") for k, v in runs.items() if k.startswith("parity_")}
-    return {"val_loss_plain": list(plain), "val_loss_default": list(default),
-            "mean_difference": round(mean, 4), "seed_std": round(noise, 4),
-            "within_noise": abs(mean) <= 2 * noise, "tokens_seen": tokens,
-            "rule": "|mean(default - plain)| <= 2 x the larger seed-to-seed standard deviation"}
+    pairs = [(loss("plain", s), loss(recipe, s)) for s in seeds
+             if loss("plain", s) is not None and loss(recipe, s) is not None]
+    out = {"verdict": "not enough finished runs"}
+    if len(pairs) >= 2:
+        plain, other = zip(*pairs)
+        mean = sum(o - p for p, o in pairs) / len(pairs)
+        # Noise: the spread of either recipe's result over seeds (sample standard deviation).
+        noise = max(statistics.stdev(plain), statistics.stdev(other))
+        tokens = {k: v.get("tokens_seen") for k, v in runs.items()
+                  if k.startswith(("parity_plain", f"parity_{recipe}_"))}
+        out = {"val_loss_plain": list(plain), f"val_loss_{recipe}": list(other),
+               "mean_difference": round(mean, 4), "seed_std": round(noise, 4),
+               "within_noise": abs(mean) <= 2 * noise, "tokens_seen": tokens,
+               "rule": f"|mean({recipe} - plain)| <= 2 x the larger seed-to-seed standard "
+                       "deviation"}
+    if recipe == "default" and any(k.startswith("parity_lean_") for k in runs):
+        out["lean"] = parity(runs, "lean")
+    return out
 
 
 def print_table(results: dict) -> None:

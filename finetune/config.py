@@ -75,8 +75,11 @@ class FinetuneConfig:
                                      "with max_steps; 0 turns it off).", default=100)
     gradient_checkpointing: bool = _help("Recompute activations in the backward pass: much less "
                                          "memory, ~30% more compute.", default=True)
-    checkpoint_every_n_layers: int = _help("With gradient checkpointing, checkpoint only every "
-                                           "n-th layer (more memory, faster).", default=1)
+    checkpoint_every_n_layers: int = _help(
+        "With gradient checkpointing, checkpoint only every n-th layer (more memory, faster). "
+        "0 (auto): every layer in the lean memory mode and on CPU; in the fast mode as few "
+        "layers as the free GPU memory needs (none when an 8,192-token micro-batch fits with "
+        "all its activations kept).", default=0)
     offload_activations: bool = _help("With gradient checkpointing on a GPU, keep each layer's "
                                       "saved input in pinned CPU memory, copied on a side stream "
                                       "while compute goes on (finetune.offload): "
@@ -90,6 +93,10 @@ class FinetuneConfig:
                              "chat). auto: lean when under 24 GB of GPU memory is usable (free, "
                              "or gpu_memory_limit_gb), else fast. No effect on CPU.",
                              MEMORY_MODES, default="auto")
+    loss_chunk_tokens: int = _help(
+        "Target tokens projected onto the vocabulary at a time by the loss (each chunk "
+        "recomputed in the backward pass). -1 (auto): 1,024 in the lean memory mode, else "
+        "2,048; 0: all logits at once (the model's own loss).", default=-1)
     compile_layers: bool | None = _help(
         "torch.compile each decoder layer (one compiled region reused by every layer; "
         "checkpointing keeps its memory saving): faster steps after a compile of a minute or "
@@ -227,8 +234,10 @@ class FinetuneConfig:
         check(0 <= self.min_optimizer_steps <= 100_000, "min_optimizer_steps must be between 0 "
               f"and 100000 (got {self.min_optimizer_steps}).")
         check(self.seed >= 0, f"seed must be >= 0 (got {self.seed}).")
-        check(self.checkpoint_every_n_layers >= 1, "checkpoint_every_n_layers must be >= 1 "
-              f"(got {self.checkpoint_every_n_layers}).")
+        check(self.checkpoint_every_n_layers >= 0, "checkpoint_every_n_layers must be 0 "
+              f"(auto) or >= 1 (got {self.checkpoint_every_n_layers}).")
+        check(self.loss_chunk_tokens >= -1, "loss_chunk_tokens must be -1 (auto), 0 (all "
+              f"logits at once) or a token count (got {self.loss_chunk_tokens}).")
         check(self.gpu_memory_limit_gb >= 0, "gpu_memory_limit_gb must be >= 0 (0: no limit; "
               f"got {self.gpu_memory_limit_gb}).")
         check(0 <= self.num_processes <= 1024, "num_processes must be 0 (one per GPU) or "

@@ -13,9 +13,10 @@ from __future__ import annotations
 LOSS_CHUNK_TOKENS = 2048
 
 
-def trainer_class(dtype, offload=None):
-    """transformers' Trainer with causal_lm_loss in place of the model's loss; `offload` (a
-    finetune.offload.ActivationOffload) keeps what the forward pass saves in host memory."""
+def trainer_class(dtype, offload=None, chunk_tokens: int | None = None):
+    """transformers' Trainer with causal_lm_loss (`chunk_tokens` at a time) in place of the
+    model's loss; `offload` (a finetune.offload.ActivationOffload) keeps what the forward pass
+    saves in host memory."""
     import contextlib
 
     import torch
@@ -27,7 +28,7 @@ def trainer_class(dtype, offload=None):
             # The decoder is called directly, past accelerate's autocast around model.forward.
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), \
                     (offload.saving() if offload is not None else contextlib.nullcontext()):
-                total, count = causal_lm_loss(model, inputs)
+                total, count = causal_lm_loss(model, inputs, chunk_tokens)
             # Divided by the targets of the whole accumulated batch when the Trainer counted
             # them (then it does not divide by the accumulation steps again).
             loss = total / (num_items_in_batch if num_items_in_batch is not None

@@ -28,7 +28,11 @@ CPU_TOKENS_PER_MICRO_BATCH = 2048
 # its micro-batches hold at most this many tokens.
 LEAN_BELOW_GB = 24.0
 LEAN_TOKENS_PER_MICRO_BATCH = 8192
+# The fast point checkpoints as few layers as let a micro-batch of this many tokens keep the
+# rest of its activations (none where they all fit: no recompute, a third less work per token).
+FAST_MIN_TOKENS_PER_MICRO_BATCH = 8192
 COMPILE_FROM_CAPABILITY = (8, 0)  # Ampere: where flex_attention and bf16 run too
+LOSS_CHUNK_TOKENS = {"lean": 1024}  # the loss's target tokens at a time; other modes: loss.py's
 # Aim for at least this many optimizer steps per epoch when a dataset is small.
 MIN_STEPS_PER_EPOCH = 8
 
@@ -102,18 +106,20 @@ class MemoryMode:
     offload_activations: bool
     max_tokens_per_micro_batch: int
     compile_layers: bool = False
+    loss_chunk_tokens: int = loss.LOSS_CHUNK_TOKENS
 
 
 def memory_mode(config, usable_bytes: int | None,
                 capability: tuple[int, int] | None = None) -> MemoryMode:
     """The operating point a job trains at: config.memory_mode, or for auto, lean when the GPU
-    memory it may use (free, within gpu_memory_limit_gb) is under LEAN_BELOW_GB. Lean compiles
+    memory it may use (free, within gpu_memory_limit_gb) is under LEAN_BELOW_GB. Both compile
     the decoder layers unless config.compile_layers says otherwise, on a GPU of `capability`
-    COMPILE_FROM_CAPABILITY or newer: with its activations offloaded, Phi-3.5's steps went from
-    0.78x to 1.0x of the fast point's on an H100 (fast itself gains 8%)."""
+    COMPILE_FROM_CAPABILITY or newer (on an H100, Phi-3.5 lean 1.38x, fast 1.08x). Lean also
+    computes the loss in smaller chunks (LOSS_CHUNK_TOKENS)."""
     asked = config.compile_layers
     if usable_bytes is None:
-        return MemoryMode("cpu", "no GPU", False, CPU_TOKENS_PER_MICRO_BATCH, bool(asked))
+        return MemoryMode("cpu", "no GPU", False, CPU_TOKENS_PER_MICRO_BATCH, bool(asked),
+                          _loss_chunk(config, "cpu"))
     usable_gb = usable_bytes / 1e9
     name = config.memory_mode
     if name == "auto":
@@ -122,47 +128,88 @@ def memory_mode(config, usable_bytes: int | None,
                   f"({'under' if name == 'lean' else 'at least'} {LEAN_BELOW_GB:g} GB)")
     else:
         reason = "asked"
+    compiled = asked if asked is not None else \
+        capability is not None and tuple(capability) >= COMPILE_FROM_CAPABILITY
     if name == "lean":
-        compiled = asked if asked is not None else \
-            capability is not None and tuple(capability) >= COMPILE_FROM_CAPABILITY
         return MemoryMode("lean", reason, config.gradient_checkpointing,
-                          LEAN_TOKENS_PER_MICRO_BATCH, compiled)
+                          LEAN_TOKENS_PER_MICRO_BATCH, compiled, _loss_chunk(config, name))
     return MemoryMode("fast", reason, config.offload_activations, MAX_TOKENS_PER_MICRO_BATCH,
-                      bool(asked))
+                      compiled, _loss_chunk(config, name))
 
 
-def activation_bytes_per_token(model_config, checkpointing: bool, dtype_bytes: int = 2,
+def _loss_chunk(config, mode_name: str) -> int:
+    if config.loss_chunk_tokens >= 0:
+        return config.loss_chunk_tokens
+    return LOSS_CHUNK_TOKENS.get(mode_name, loss.LOSS_CHUNK_TOKENS)
+
+
+def checkpoint_every(model_config, config, mode: MemoryMode, free_bytes: int | None,
+                     dtype_bytes: int = 2) -> int:
+    """Every how many decoder layers activation checkpointing saves only the input (0: none).
+    config.checkpoint_every_n_layers when set; lean, CPU and offloaded runs: every layer; the
+    fast point: the fewest checkpointed layers that let FAST_MIN_TOKENS_PER_MICRO_BATCH tokens
+    fit the memory budget with every other layer's activations kept."""
+    if not config.gradient_checkpointing:
+        return 0
+    if config.checkpoint_every_n_layers:
+        return config.checkpoint_every_n_layers
+    if mode.name != "fast" or free_bytes is None or mode.offload_activations:
+        return 1
+    budget = _activation_budget(model_config, free_bytes, mode, dtype_bytes)
+    layers = model_config.num_hidden_layers
+    for every in (0, *range(layers // 2, 1, -1)):  # none, then ever more layers checkpointed
+        per_token = activation_bytes_per_token(model_config, every, dtype_bytes)
+        if per_token * FAST_MIN_TOKENS_PER_MICRO_BATCH <= budget:
+            return every
+    return 1
+
+
+def _activation_budget(model_config, free_bytes: int, mode: MemoryMode | None,
+                       dtype_bytes: int) -> float:
+    """What a micro-batch's activations may take: 60% of the free memory less the loss's."""
+    chunk = mode.loss_chunk_tokens if mode else loss.LOSS_CHUNK_TOKENS
+    return free_bytes * 0.6 - loss_bytes(model_config, dtype_bytes, chunk)
+
+
+def activation_bytes_per_token(model_config, checkpoint_every: int, dtype_bytes: int = 2,
                                offloaded: bool = False) -> int:
-    """A rough upper bound of training activation memory per token (on the GPU: `offloaded`
-    checkpoint inputs wait in host memory)."""
+    """A rough upper bound of training activation memory per token with every
+    `checkpoint_every`-th layer checkpointed (0: none, 1: all; a bool works too). `offloaded`:
+    checkpointed inputs wait in host memory."""
     hidden = model_config.hidden_size
     inter = getattr(model_config, "intermediate_size", 4 * hidden)
     layers = model_config.num_hidden_layers
     one_layer = (10 * hidden + 5 * inter) * dtype_bytes
-    if checkpointing:  # one saved input per layer, plus one layer recomputed at a time
-        return (0 if offloaded else layers * hidden * dtype_bytes) + 2 * one_layer
-    return layers * one_layer
+    if not checkpoint_every:
+        return layers * one_layer
+    checkpointed = math.ceil(layers / int(checkpoint_every))
+    saved_inputs = 0 if offloaded else checkpointed * hidden * dtype_bytes
+    # the kept layers' activations, plus one checkpointed layer recomputed at a time
+    return saved_inputs + (layers - checkpointed) * one_layer + 2 * one_layer
 
 
-def loss_bytes(model_config, dtype_bytes: int = 2) -> int:
+def loss_bytes(model_config, dtype_bytes: int = 2, chunk_tokens: int | None = None) -> int:
     """One loss chunk's logits: compute dtype, fp32 upcast and its gradient."""
-    return (loss.LOSS_CHUNK_TOKENS or MAX_TOKENS_PER_MICRO_BATCH) * model_config.vocab_size * (
-        dtype_bytes + 8)
+    chunk = loss.LOSS_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
+    return (chunk or MAX_TOKENS_PER_MICRO_BATCH) * model_config.vocab_size * (dtype_bytes + 8)
 
 
 def auto_micro_batch_size(model_config, config, n_sequences: int, free_bytes: int | None,
-                          dtype_bytes: int = 2, mode: MemoryMode | None = None) -> int:
+                          dtype_bytes: int = 2, mode: MemoryMode | None = None,
+                          checkpoint_every: int | None = None) -> int:
     """Sequences per micro-batch: what fits in 60% of free GPU memory (a fixed token budget
     on CPU) up to the operating point's token cap, capped so small datasets still get
-    MIN_STEPS_PER_EPOCH optimizer steps."""
+    MIN_STEPS_PER_EPOCH optimizer steps. `checkpoint_every`: as checkpoint_every() chose
+    (default: every layer when config.gradient_checkpointing)."""
     if free_bytes is None:
         tokens = CPU_TOKENS_PER_MICRO_BATCH
     else:
         offloaded = mode.offload_activations if mode else config.offload_activations
         cap = mode.max_tokens_per_micro_batch if mode else MAX_TOKENS_PER_MICRO_BATCH
-        per_token = activation_bytes_per_token(model_config, config.gradient_checkpointing,
-                                               dtype_bytes, offloaded)
-        budget = free_bytes * 0.6 - loss_bytes(model_config, dtype_bytes)
+        every = int(config.gradient_checkpointing) if checkpoint_every is None \
+            else checkpoint_every
+        per_token = activation_bytes_per_token(model_config, every, dtype_bytes, offloaded)
+        budget = _activation_budget(model_config, free_bytes, mode, dtype_bytes)
         tokens = min(cap, max(0, int(budget / per_token)))
     by_memory = max(1, tokens // config.max_seq_length)
     by_data = max(1, n_sequences // (config.gradient_accumulation * MIN_STEPS_PER_EPOCH))

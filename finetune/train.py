@@ -154,13 +154,19 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
         model.set_attn_implementation(attention)
     if load_in_4bit:
         _freeze_base(model, dtype)
-    if config.gradient_checkpointing:
+    dtype_bytes = 4 if dtype == torch.float16 else 2  # fp16 keeps an fp32 residual stream
+    free_after_load = _free_gpu_bytes(config.gpu_memory_limit_gb) if cuda else None
+    every = plan.checkpoint_every(model.config, config, mode, free_after_load, dtype_bytes)
+    if every:
         model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False},
-            every_n_layers=config.checkpoint_every_n_layers)
+            activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every)
+    if cuda:
+        reporter.log("activation checkpointing: " + (
+            "off (every layer keeps its activations)" if not every else "every layer"
+            if every == 1 else f"one layer in {every} (of {model.config.num_hidden_layers})"))
     # each checkpointed layer's input in pinned host memory, copied on a side stream
     offload = (ActivationOffload() if mode.offload_activations and cuda
-               and config.gradient_checkpointing else None)
+               and every == 1 else None)
     model = get_peft_model(model, LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.modules(), task_type="CAUSAL_LM"))
@@ -182,9 +188,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
                                        if config.padding == "max_length" else 0)
     micro_batch = config.micro_batch_size or group.smallest(plan.auto_micro_batch_size(
         model.config, config, len(train_items),
-        _free_gpu_bytes(config.gpu_memory_limit_gb) if cuda else None,
-        dtype_bytes=4 if dtype == torch.float16 else 2,  # fp16 keeps an fp32 residual stream
-        mode=mode))
+        _free_gpu_bytes(config.gpu_memory_limit_gb) if cuda else None, dtype_bytes, mode,
+        every))
     steps = plan.plan_steps(config, len(train_items), micro_batch)
     for note in steps.notes:
         reporter.log(note)
@@ -199,7 +204,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
 
     args = _training_arguments(config, workdir, steps, accumulation, optimizer, dtype, cuda,
                                use_liger)
-    trainer = loss.trainer_class(dtype, offload)(
+    trainer = loss.trainer_class(dtype, offload, mode.loss_chunk_tokens)(
         model=model, args=args, train_dataset=train_items, data_collator=collator,
         processing_class=tokenizer,
         callbacks=[_progress_callback(reporter, report.train_tokens, group)])
@@ -236,6 +241,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
         "peak_gpu_reserved_gb": round(gpu_peaks[1], 3) if cuda else None,
         "steps": trainer.state.global_step, "micro_batch_size": micro_batch,
         "memory_mode": mode.name, "compile_layers": mode.compile_layers,
+        "checkpoint_every": every, "loss_chunk_tokens": mode.loss_chunk_tokens,
         "offloaded_gb": round(offload.stats["offloaded_bytes"] / 1e9, 2) if offload else None,
         "device": torch.cuda.get_device_name() if cuda else "cpu", "processes": group.size,
         "compute_dtype": str(dtype).removeprefix("torch."), "load_in_4bit": load_in_4bit,

@@ -72,22 +72,68 @@ def test_auto_memory_mode_is_lean_on_small_cards_and_fast_on_large_ones():
     assert lean * 2048 <= LEAN_TOKENS_PER_MICRO_BATCH < fast * 2048 <= MAX_TOKENS_PER_MICRO_BATCH
 
 
-def test_lean_compiles_the_layers_on_ampere_and_newer_unless_told():
-    """compile_layers None (the default): on in lean on a GPU of compute capability 8.0+ (an
-    H100 measured 1.38x for Phi-3.5's lean steps), off in fast, on a T4 (7.5) and on CPU;
-    True / False as asked."""
+def test_both_points_compile_the_layers_on_ampere_and_newer_unless_told():
+    """compile_layers None (the default): on for lean and fast on a GPU of compute capability
+    8.0+ (an H100 measured 1.38x for Phi-3.5's lean steps, 1.08x for fast), off on a T4 (7.5),
+    where the capability is unknown and on CPU; True / False as asked."""
     from finetune.plan import memory_mode
 
     gb = 10**9
     assert memory_mode(config(), 15 * gb, (9, 0)).compile_layers  # lean on an H100-class card
     assert memory_mode(config(), 23 * gb, (8, 6)).compile_layers  # an A10G
+    assert memory_mode(config(), 79 * gb, (9, 0)).compile_layers  # fast
     assert not memory_mode(config(), 15 * gb, (7, 5)).compile_layers  # a T4
     assert not memory_mode(config(), 15 * gb).compile_layers  # capability unknown
-    assert not memory_mode(config(), 79 * gb, (9, 0)).compile_layers  # fast
     assert not memory_mode(config(), None).compile_layers  # CPU
     assert not memory_mode(config(compile_layers=False), 15 * gb, (9, 0)).compile_layers
-    assert memory_mode(config(compile_layers=True), 79 * gb, (9, 0)).compile_layers
+    assert not memory_mode(config(compile_layers=False), 79 * gb, (9, 0)).compile_layers
     assert memory_mode(config(compile_layers=True), None).compile_layers
+
+
+def test_the_fast_point_checkpoints_only_as_many_layers_as_memory_needs():
+    """Fast on a large card: Phi-3.5 keeps every activation of an 8,192-token micro-batch (no
+    recompute); Mistral-7B's do not all fit, so one layer in a few is checkpointed, and on a
+    smaller budget more are; the micro-batch then still holds 8,192 tokens. Lean, CPU, an
+    explicit checkpoint_every_n_layers and gradient_checkpointing off are obeyed as set."""
+    from types import SimpleNamespace
+
+    from finetune.plan import (FAST_MIN_TOKENS_PER_MICRO_BATCH, activation_bytes_per_token,
+                               auto_micro_batch_size, checkpoint_every, memory_mode)
+
+    gb = 10**9
+    phi = SimpleNamespace(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+                          vocab_size=32064)
+    mistral = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                              vocab_size=32000)
+    rows = config(max_seq_length=2048)
+    fast, lean = memory_mode(rows, 77 * gb, (9, 0)), memory_mode(rows, 15 * gb, (9, 0))
+    assert checkpoint_every(phi, rows, fast, 77 * gb) == 0
+    mistral_every = checkpoint_every(mistral, rows, fast, 74 * gb)
+    assert mistral_every >= 2
+    assert 1 <= checkpoint_every(mistral, rows, fast, 50 * gb) < mistral_every
+    assert checkpoint_every(mistral, rows, fast, 20 * gb) == 1  # nothing less fits
+    micro = auto_micro_batch_size(mistral, rows, 10_000, 74 * gb, mode=fast,
+                                  checkpoint_every=mistral_every)
+    assert micro * 2048 >= FAST_MIN_TOKENS_PER_MICRO_BATCH
+    # fewer checkpointed layers keep more activations
+    assert activation_bytes_per_token(mistral, 1) < activation_bytes_per_token(mistral, 4) \
+        < activation_bytes_per_token(mistral, 0)
+    assert checkpoint_every(phi, rows, lean, 15 * gb) == 1
+    assert checkpoint_every(phi, rows, memory_mode(rows, None), None) == 1
+    assert checkpoint_every(phi, config(checkpoint_every_n_layers=2), fast, 77 * gb) == 2
+    assert checkpoint_every(phi, config(gradient_checkpointing=False), lean, 15 * gb) == 0
+
+
+def test_lean_computes_the_loss_in_smaller_chunks():
+    from finetune.loss import LOSS_CHUNK_TOKENS
+    from finetune.plan import memory_mode
+
+    gb = 10**9
+    assert memory_mode(config(), 15 * gb).loss_chunk_tokens == 1024
+    assert memory_mode(config(), 79 * gb).loss_chunk_tokens == LOSS_CHUNK_TOKENS
+    assert memory_mode(config(), None).loss_chunk_tokens == LOSS_CHUNK_TOKENS
+    assert memory_mode(config(loss_chunk_tokens=0), 15 * gb).loss_chunk_tokens == 0
+    assert memory_mode(config(loss_chunk_tokens=512), 79 * gb).loss_chunk_tokens == 512
 
 
 def test_memory_mode_is_checked():

@@ -86,20 +86,27 @@ def test_packing_leaves_the_validation_loss_unchanged(tiny_llama_dir, faq_path, 
 
 def test_compiled_layers_and_offload_train_as_the_plain_recipe(tiny_llama_dir, faq_path,
                                                                tmp_path):
-    """compile_layers (torch.compile per decoder layer, under checkpointing) and
-    offload_activations (a no-op without a GPU) learn exactly what the eager recipe learns."""
+    """compile_layers (torch.compile per decoder layer, under checkpointing, or whole where a
+    layer is not checkpointed), offload_activations (a no-op without a GPU) and the loss in
+    small chunks learn exactly what the eager recipe learns."""
     from torch._dynamo.utils import counters
 
     metrics, graphs = {}, {}
     for name, overrides in (("eager", {}), ("compiled", {"compile_layers": True}),
-                            ("offload", {"offload_activations": True})):
+                            ("compiled_half", {"compile_layers": True,
+                                               "checkpoint_every_n_layers": 2}),
+                            ("offload", {"offload_activations": True}),
+                            ("chunks", {"loss_chunk_tokens": 8})):
         before = counters["stats"]["unique_graphs"]
         metrics[name] = train(tiny_config(tiny_llama_dir, faq_path, max_steps=2,
                                           eval_max_new_tokens=0, **overrides),
                               tmp_path / name, RecordingReporter()).metrics
         graphs[name] = counters["stats"]["unique_graphs"] - before
-    assert graphs["compiled"] > 0 and graphs["eager"] == graphs["offload"] == 0
-    for name in ("compiled", "offload"):
+    assert graphs["compiled"] > 0 and graphs["compiled_half"] > 0
+    assert graphs["eager"] == graphs["offload"] == graphs["chunks"] == 0
+    assert (metrics["compiled_half"]["checkpoint_every"], metrics["chunks"]["loss_chunk_tokens"],
+            metrics["eager"]["loss_chunk_tokens"]) == (2, 8, 2048)
+    for name in ("compiled", "compiled_half", "offload", "chunks"):
         for key in ("train_loss", "val_loss_after"):
             assert metrics[name][key] == pytest.approx(metrics["eager"][key], rel=1e-4), (
                 name, key)
@@ -148,13 +155,12 @@ def test_auto_micro_batch_size():
     assert auto_micro_batch_size(mistral, config, 12, free_bytes=70 * 2**30) == 1
 
 
-def test_chunked_loss_matches_the_models_own_loss(tiny_llama_dir, monkeypatch):
+def test_chunked_loss_matches_the_models_own_loss(tiny_llama_dir):
     """Targets-only, chunked, recomputed logits give the model's own loss and gradients."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from finetune import data
-    from finetune import loss as loss_mod
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     generator = torch.Generator().manual_seed(0)
@@ -166,8 +172,7 @@ def test_chunked_loss_matches_the_models_own_loss(tiny_llama_dir, monkeypatch):
     reference.backward()
     expected_grad, weight.grad = weight.grad.clone(), None
 
-    monkeypatch.setattr(loss_mod, "LOSS_CHUNK_TOKENS", 16)  # several chunks
-    total, count = causal_lm_loss(model, batch)
+    total, count = causal_lm_loss(model, batch, chunk_tokens=16)  # several chunks
     (total / count).backward()
     assert count == int((batch["labels"][:, 1:] != -100).sum())
     assert float(total / count) == pytest.approx(float(reference), abs=1e-5)
