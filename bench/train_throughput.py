@@ -188,11 +188,14 @@ class StepClock:
     """A Reporter that timestamps every optimizer step; with `profile_after` N, the step after
     the N-th runs under torch.profiler and its top kernels are kept (`top_kernels`)."""
 
-    def __init__(self, profile_after: int = 0):
+    def __init__(self, profile_after: int = 0, warmup_steps: int = 0):
         self.steps: list[tuple[float, int, int]] = []  # (time, tokens, sequences so far)
         self.tokens = self.sequences = 0
         self.profile_after, self.top_kernels = profile_after, None
         self._profiler = None
+        self.warmup_steps = warmup_steps  # the peak after them: without compiling's own
+        self.peak_after_warmup_gb = None
+        self.warmup_peaks_gb = (0.0, 0.0)  # (allocated, reserved) until the reset
 
     def stage(self, stage: str, message: str = "") -> None:
         print(f"  [{stage}] {message}", flush=True)
@@ -204,6 +207,13 @@ class StepClock:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.steps.append((time.perf_counter(), self.tokens, self.sequences))
+            if torch.cuda.is_available() and len(self.steps) == self.warmup_steps:
+                self.warmup_peaks_gb = (torch.cuda.max_memory_allocated() / 1e9,
+                                        torch.cuda.max_memory_reserved() / 1e9)
+                torch.cuda.reset_peak_memory_stats()
+            elif torch.cuda.is_available() and len(self.steps) > self.warmup_steps and \
+                    self._profiler is None:
+                self.peak_after_warmup_gb = round(torch.cuda.max_memory_allocated() / 1e9, 3)
             if self.profile_after and len(self.steps) == self.profile_after:
                 self._profiler = torch.profiler.profile(activities=[
                     torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
@@ -278,13 +288,16 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
 
     print(f"\n== {label}", flush=True)
     profile = profile and measured_steps > 0
-    clock = StepClock(profile_after=warmup_steps + measured_steps if profile else 0)
+    clock = StepClock(profile_after=warmup_steps + measured_steps if profile else 0,
+                      warmup_steps=warmup_steps)
     values = {"base_model": str(base), "dataset": str(dataset), "eval_max_new_tokens": 0,
               "eval_prompts": [], "warmup_ratio": 0.0, "val_split": 0.01,
               # measured_steps 0: as configured
               "max_steps": warmup_steps + measured_steps + profile}
     config = from_preset(preset, **{**values, **overrides})
     started = time.perf_counter()
+    if torch.cuda.is_available():  # compile as a job does, not reusing an earlier run's graphs
+        torch._dynamo.reset()
     try:
         with patched(clock, **path):
             result = train_mod.train(config, Path(tempfile.mkdtemp(dir=workdir)), clock)
@@ -303,8 +316,16 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
     if result is None:  # a rank other than 0 under torchrun: its own share of the tokens
         return {"label": label, **measured}
     m = result.metrics
+    if clock.warmup_peaks_gb[0]:  # the job's own peak counts from the reset after warm-up
+        m["peak_gpu_mem_gb"] = round(max(m["peak_gpu_mem_gb"], clock.warmup_peaks_gb[0]), 3)
+        m["peak_gpu_reserved_gb"] = round(max(m["peak_gpu_reserved_gb"],
+                                              clock.warmup_peaks_gb[1]), 3)
     row = {"label": label, "tokens_per_s": round(tokens_per_s, 1),
            "peak_allocated_gb": m["peak_gpu_mem_gb"], "peak_reserved_gb": m["peak_gpu_reserved_gb"],
+           "peak_allocated_after_warmup_gb": clock.peak_after_warmup_gb,
+           "checkpoint_every": m.get("checkpoint_every"),
+           "loss_chunk_tokens": m.get("loss_chunk_tokens"),
+           "compile_layers": m.get("compile_layers"),
            "mfu_6n": round(6 * n_params * tokens_per_s / (PEAK_TFLOPS * 1e12), 4),
            "micro_batch_size": m["micro_batch_size"], "memory_mode": m.get("memory_mode"),
            "offloaded_gb": m.get("offloaded_gb"),
@@ -324,7 +345,8 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
             print(f"     {k['ms']:9.1f} ms {k['share_of_step'] or 0:6.1%}  {k['calls']:5}x  "
                   f"{k['name'][:70]}", flush=True)
     print(f"  -> {tokens_per_s:,.0f} tok/s, peak {m['peak_gpu_mem_gb']} GB allocated, "
-          f"{m['peak_gpu_reserved_gb']} GB reserved, micro-batch {m['micro_batch_size']}, "
+          f"{m['peak_gpu_reserved_gb']} GB reserved ({clock.peak_after_warmup_gb} GB allocated "
+          f"after warm-up), micro-batch {m['micro_batch_size']}, "
           f"memory mode {m.get('memory_mode')}",
           flush=True)
     return row
@@ -385,7 +407,19 @@ def bench_arch(arch: str, workdir: Path, levers: bool, deadline: float,
             ("lean_chunk2048", "lean operating point, loss in 2,048-token chunks", 2, 4,
              {"memory_mode": "lean", "loss_chunk_tokens": 2048}, {}),
             ("lean3", "lean operating point at 3 sequences (6,144 tokens) per micro-batch", 2, 4,
-             {"memory_mode": "lean", "micro_batch_size": 3}, {})]
+             {"memory_mode": "lean", "micro_batch_size": 3}, {}),
+            ("lean2", "lean operating point at 2 sequences (4,096 tokens) per micro-batch", 2, 4,
+             {"memory_mode": "lean", "micro_batch_size": 2}, {}),
+            ("fast6", "fast operating point at 6 sequences (12,288 tokens) per micro-batch", 2,
+             4, {"memory_mode": "fast", "micro_batch_size": 6}, {}),
+            # without liger's kernels inductor fuses the norms, SwiGLU and RoPE itself (liger
+            # patches transformers for the whole process: run these in a process of their own)
+            ("fast_noliger", "fast operating point, no liger kernels", 2, 4,
+             {"memory_mode": "fast", "use_liger": False}, {}),
+            ("fast6_noliger", "fast operating point at 12,288 tokens, no liger kernels", 2, 4,
+             {"memory_mode": "fast", "use_liger": False, "micro_batch_size": 6}, {}),
+            ("lean_noliger", "lean operating point, no liger kernels", 2, 4,
+             {"memory_mode": "lean", "use_liger": False}, {})]
     if levers or only:
         plan += [(f"lever{i}", label, 2, 12, o, p) for i, (label, o, p) in
                  enumerate(LADDER + VARIANTS, 1)]
@@ -423,7 +457,8 @@ def bench_smollm2(workdir: Path, deadline: float, seeds: list[int], only: set[st
                   {"split_seed": 0}),
                  (f"parity_lean_seed{seed}", f"lean operating point, 1 epoch, seed {seed}", 2, 0,
                   {**epoch, "seed": seed, "micro_batch_size": 3, "gradient_accumulation": 1,
-                   "memory_mode": "lean"}, {"split_seed": 0})]
+                   # the preset leaves a 135M model uncheckpointed: lean's offload needs it
+                   "memory_mode": "lean", "gradient_checkpointing": True}, {"split_seed": 0})]
     for key, label, warmup, measured, overrides, path in plan:
         if only and key not in only:
             continue

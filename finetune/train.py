@@ -193,7 +193,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
     steps = plan.plan_steps(config, len(train_items), micro_batch)
     for note in steps.notes:
         reporter.log(note)
-    use_liger = _liger_wanted(config.use_liger, cuda, reporter)
+    use_liger = _liger_wanted(config.use_liger, cuda, reporter, mode.liger_by_default)
     layout = "packed" if data_plan.packing else "one row each"
     accumulation = group.accumulation(config.gradient_accumulation)
     processes = f" x {group.size} processes" if group.size > 1 else ""
@@ -377,12 +377,13 @@ def _limit_gpu_memory(limit_gb: float) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, limit_gb * 1e9 / total))
 
 
-def _liger_wanted(wanted: bool | None, cuda: bool, reporter) -> bool:
-    """None (the default) uses liger wherever it can run; True says so when it cannot."""
+def _liger_wanted(wanted: bool | None, cuda: bool, reporter, by_default: bool = True) -> bool:
+    """None (the default) uses liger wherever it can run and the operating point wants it
+    (`by_default`); True says so when it cannot."""
     available = cuda and importlib.util.find_spec("liger_kernel") is not None
     if wanted and not available:
         reporter.log("liger kernels need CUDA and the liger-kernel package: continuing without")
-    return available and wanted is not False
+    return available and (by_default if wanted is None else wanted)
 
 
 def _validation_loss(model, items, collator, batch_size, dtype, reporter, group, when):

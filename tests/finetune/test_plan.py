@@ -91,13 +91,15 @@ def test_both_points_compile_the_layers_on_ampere_and_newer_unless_told():
 
 
 def test_the_fast_point_checkpoints_only_as_many_layers_as_memory_needs():
-    """Fast on a large card: Phi-3.5 keeps every activation of an 8,192-token micro-batch (no
-    recompute); Mistral-7B's do not all fit, so one layer in a few is checkpointed, and on a
-    smaller budget more are; the micro-batch then still holds 8,192 tokens. Lean, CPU, an
-    explicit checkpoint_every_n_layers and gradient_checkpointing off are obeyed as set."""
+    """Fast on an 80 GB card (85e9 bytes, less the 4-bit base): Phi-3.5 keeps every activation
+    of a 12,288-token micro-batch (no recompute); Mistral-7B's do not all fit, so one layer in
+    a few is checkpointed, and on a smaller budget more are; its micro-batch then still holds
+    at least 8,192 tokens. Lean, CPU, an explicit checkpoint_every_n_layers and
+    gradient_checkpointing off are obeyed as set."""
     from types import SimpleNamespace
 
-    from finetune.plan import (FAST_MIN_TOKENS_PER_MICRO_BATCH, activation_bytes_per_token,
+    from finetune.plan import (FAST_MIN_TOKENS_PER_MICRO_BATCH, MAX_TOKENS_PER_MICRO_BATCH,
+                               activation_bytes_per_token,
                                auto_micro_batch_size, checkpoint_every, memory_mode)
 
     gb = 10**9
@@ -106,22 +108,39 @@ def test_the_fast_point_checkpoints_only_as_many_layers_as_memory_needs():
     mistral = SimpleNamespace(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                               vocab_size=32000)
     rows = config(max_seq_length=2048)
-    fast, lean = memory_mode(rows, 77 * gb, (9, 0)), memory_mode(rows, 15 * gb, (9, 0))
-    assert checkpoint_every(phi, rows, fast, 77 * gb) == 0
-    mistral_every = checkpoint_every(mistral, rows, fast, 74 * gb)
+    fast, lean = memory_mode(rows, 82 * gb, (9, 0)), memory_mode(rows, 15 * gb, (9, 0))
+    assert checkpoint_every(phi, rows, fast, 82 * gb) == 0
+    assert auto_micro_batch_size(phi, rows, 10_000, 82 * gb, mode=fast, checkpoint_every=0) \
+        * 2048 == MAX_TOKENS_PER_MICRO_BATCH
+    mistral_every = checkpoint_every(mistral, rows, fast, 80 * gb)
     assert mistral_every >= 2
     assert 1 <= checkpoint_every(mistral, rows, fast, 50 * gb) < mistral_every
     assert checkpoint_every(mistral, rows, fast, 20 * gb) == 1  # nothing less fits
-    micro = auto_micro_batch_size(mistral, rows, 10_000, 74 * gb, mode=fast,
-                                  checkpoint_every=mistral_every)
-    assert micro * 2048 >= FAST_MIN_TOKENS_PER_MICRO_BATCH
+    for free in (80, 50):
+        every = checkpoint_every(mistral, rows, fast, free * gb)
+        micro = auto_micro_batch_size(mistral, rows, 10_000, free * gb, mode=fast,
+                                      checkpoint_every=every)
+        assert micro * 2048 >= FAST_MIN_TOKENS_PER_MICRO_BATCH
+    # eager layers keep more: the same card checkpoints more of them
+    eager = memory_mode(rows, 80 * gb, (7, 5))
+    assert checkpoint_every(mistral, rows, eager, 80 * gb) < mistral_every
     # fewer checkpointed layers keep more activations
     assert activation_bytes_per_token(mistral, 1) < activation_bytes_per_token(mistral, 4) \
         < activation_bytes_per_token(mistral, 0)
     assert checkpoint_every(phi, rows, lean, 15 * gb) == 1
     assert checkpoint_every(phi, rows, memory_mode(rows, None), None) == 1
-    assert checkpoint_every(phi, config(checkpoint_every_n_layers=2), fast, 77 * gb) == 2
+    assert checkpoint_every(phi, config(checkpoint_every_n_layers=2), fast, 82 * gb) == 2
     assert checkpoint_every(phi, config(gradient_checkpointing=False), lean, 15 * gb) == 0
+
+
+def test_liger_by_default_except_where_the_fast_point_compiles_its_layers():
+    from finetune.plan import memory_mode
+
+    gb = 10**9
+    assert not memory_mode(config(), 82 * gb, (9, 0)).liger_by_default  # inductor fuses them
+    assert memory_mode(config(), 82 * gb, (7, 5)).liger_by_default  # eager on a T4
+    assert memory_mode(config(), 15 * gb, (9, 0)).liger_by_default  # lean: less memory
+    assert memory_mode(config(compile_layers=False), 82 * gb, (9, 0)).liger_by_default
 
 
 def test_lean_computes_the_loss_in_smaller_chunks():
