@@ -8,7 +8,13 @@ cannot be downloaded here) and on SmolLM2-135M, the offline preset (real weights
 
   throughput  non-padding tokens/s over the optimizer steps after the first (compilation,
               allocator warm-up), counted exactly as the collator hands tokens over
-  memory      peak allocated / reserved CUDA memory during training (torch.cuda.max_memory_*)
+  memory      peak allocated / reserved CUDA memory during training (torch.cuda.max_memory_*),
+              the first step's compile included (each run compiles afresh), and the peak
+              after the warm-up steps
+  points      rows fast / lean (the two operating points as the defaults pick them on this
+              card) and their variants: fast_ckpt, fast_nockpt, fast6, fast_noliger, lean3,
+              lean2, lean_chunk2048, lean_noliger (--runs; liger patches transformers for the
+              whole process, so run the *_noliger rows in a call of their own, first)
   MFU         6 * N * tokens/s / 989 TFLOP/s (H100 SXM dense bf16), N = weights of all linear
               layers incl. lm_head (embedding lookups and attention scores not counted). For
               LoRA with full activation checkpointing 6N is the work really done per token:
