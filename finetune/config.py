@@ -78,7 +78,7 @@ class FinetuneConfig:
     checkpoint_every_n_layers: int = _help(
         "With gradient checkpointing, checkpoint only every n-th layer (more memory, faster). "
         "0 (auto): every layer in the lean memory mode and on CPU; in the fast mode as few "
-        "layers as the free GPU memory needs (none when an 8,192-token micro-batch fits with "
+        "layers as the free GPU memory needs (none where a 12,288-token micro-batch fits with "
         "all its activations kept).", default=0)
     offload_activations: bool = _help("With gradient checkpointing on a GPU, keep each layer's "
                                       "saved input in pinned CPU memory, copied on a side stream "
@@ -86,8 +86,8 @@ class FinetuneConfig:
                                       "frees layers x tokens x hidden x 2 bytes of GPU memory "
                                       "for host copies each step. No effect on CPU.",
                                       default=False)
-    memory_mode: str = _help("GPU memory against speed. fast: micro-batches sized to the free "
-                             "memory; lean: checkpointed activations offloaded to pinned host "
+    memory_mode: str = _help("GPU memory against speed. fast: micro-batches and activation "
+                             "checkpointing sized to the free memory; lean: checkpointed activations offloaded to pinned host "
                              "memory (offload_activations) and micro-batches of at most 8,192 "
                              "tokens, the least memory (16-24 GB cards, a card shared with the "
                              "chat). auto: lean when under 24 GB of GPU memory is usable (free, "
