@@ -165,8 +165,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
             "off (every layer keeps its activations)" if not every else "every layer"
             if every == 1 else f"one layer in {every} (of {model.config.num_hidden_layers})"))
     # each checkpointed layer's input in pinned host memory, copied on a side stream
-    offload = (ActivationOffload() if mode.offload_activations and cuda
-               and every == 1 else None)
+    offload = ActivationOffload() if mode.offload_activations and cuda and every else None
     model = get_peft_model(model, LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
         target_modules=config.modules(), task_type="CAUSAL_LM"))
