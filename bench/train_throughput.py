@@ -56,6 +56,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.memory_trace import MemoryTrace  # noqa: E402
 from bench.standins import CONFIGS  # noqa: E402
 from finetune import FinetuneError, distributed  # noqa: E402
 from finetune import data as data_mod  # noqa: E402
@@ -287,9 +288,10 @@ def patched(clock: StepClock, upcast: bool = False, split_seed: int | None = Non
 
 def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_params: int,
         warmup_steps: int, measured_steps: int, overrides: dict, path: dict,
-        profile: bool = False) -> dict:
+        profile: bool = False, memory_trace: bool = False) -> dict:
     """One training run; `profile`: one more step after the measured ones, under the profiler
-    (not timed), its top kernels in the row."""
+    (not timed), its top kernels in the row; `memory_trace`: what was live at the peak, by
+    allocating code (bench/memory_trace.py; slows the run)."""
     import torch
 
     print(f"\n== {label}", flush=True)
@@ -304,8 +306,9 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
     started = time.perf_counter()
     if torch.cuda.is_available():  # compile as a job does, not reusing an earlier run's graphs
         torch._dynamo.reset()
+    trace = MemoryTrace() if memory_trace and torch.cuda.is_available() else None
     try:
-        with patched(clock, **path):
+        with patched(clock, **path), trace or contextlib.nullcontext():
             result = train_mod.train(config, Path(tempfile.mkdtemp(dir=workdir)), clock)
     except Exception as exc:  # an OOM or an unsupported combination is a result too
         print(f"  FAILED: {type(exc).__name__}: {exc}"[:600], flush=True)
@@ -345,6 +348,10 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
            "val_loss_before": m["val_loss_before"], "val_loss_after": m["val_loss_after"],
            "wall_s": round(time.perf_counter() - started, 1), "overrides": overrides,
            "path": path}
+    if trace is not None:
+        row["memory_at_peak"] = trace.breakdown()
+        for site in row["memory_at_peak"]["at_peak"][:8]:
+            print(f"     {site['gb']:7.3f} GB {site['blocks']:6}x  {site['site'][:90]}", flush=True)
     if clock.top_kernels:
         row["top_kernels_one_step"] = clock.top_kernels
         for k in clock.top_kernels[:5]:
@@ -386,7 +393,8 @@ def measured_peak_tflops() -> float:
 # -- the models --------------------------------------------------------------------------------
 
 def bench_arch(arch: str, workdir: Path, levers: bool, deadline: float,
-               only: set[str] | None = None, profile: bool = False) -> dict:
+               only: set[str] | None = None, profile: bool = False,
+               memory_trace: bool = False) -> dict:
     from transformers import AutoConfig
 
     preset = ARCHS[arch]["preset"]
@@ -435,7 +443,8 @@ def bench_arch(arch: str, workdir: Path, levers: bool, deadline: float,
         if time.perf_counter() > deadline:
             out["runs"][key] = {"label": label, "skipped": "out of time in this call"}
             continue
-        out["runs"][key] = run(label, *args, warmup, measured, overrides, path, profile)
+        out["runs"][key] = run(label, *args, warmup, measured, overrides, path, profile,
+                               memory_trace)
     return out
 
 
@@ -610,6 +619,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="one more step per run under torch.profiler (not timed): its top "
                              "kernels go into the row")
+    parser.add_argument("--memory-trace", action="store_true",
+                        help="each run records CUDA allocations: what was live at its peak, by "
+                             "allocating code, goes into the row (memory_at_peak)")
     parser.add_argument("--seeds", default="1,2,3", help="SmolLM2 parity: training seeds")
     parser.add_argument("--runs", default="", help="only these runs (seed,default,lever7,...)")
     parser.add_argument("--budget-s", type=float, default=560,
@@ -651,7 +663,7 @@ def main() -> None:
                                   [int(x) for x in args.seeds.split(",")], only)
         else:
             block = bench_arch(model, args.workdir, args.levers and model == "phi", deadline,
-                               only, args.profile)
+                               only, args.profile, args.memory_trace)
         earlier = results.get(model, {}).get("runs", {})
         # Newer runs win, except where this call ran out of time before reaching them; runs of
         # one model can so be spread over several calls of at most 10 minutes.
