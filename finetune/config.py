@@ -101,7 +101,8 @@ class FinetuneConfig:
         "torch.compile each decoder layer (one compiled region reused by every layer; "
         "checkpointing keeps its memory saving): faster steps after a compile of a minute or "
         "less. Default: on with Ampere and newer GPUs (on an H100 Phi-3.5's lean steps 1.38x, "
-        "fast 1.08x faster), off on older GPUs and CPU.", default=None)
+        "fast 1.08x faster) where every micro-batch has one shape (packed rows, or padding "
+        "max_length); off on older GPUs, CPU and rows padded to their longest.", default=None)
     load_in_4bit: bool | None = _help("Quantize the base to NF4 (QLoRA). Default: on with CUDA, "
                                       "off on CPU.", default=None)
     compute_dtype: str = _help("Compute dtype; auto is bf16 on Ampere+, fp16 on older GPUs, "

@@ -119,11 +119,14 @@ class MemoryMode:
 
 
 def memory_mode(config, usable_bytes: int | None,
-                capability: tuple[int, int] | None = None) -> MemoryMode:
+                capability: tuple[int, int] | None = None,
+                fixed_shapes: bool = True) -> MemoryMode:
     """The operating point a job trains at: config.memory_mode, or for auto, lean when the GPU
     memory it may use (free, within gpu_memory_limit_gb) is under LEAN_BELOW_GB. Both compile
     the decoder layers unless config.compile_layers says otherwise, on a GPU of `capability`
-    COMPILE_FROM_CAPABILITY or newer (on an H100, Phi-3.5 lean 1.38x, fast 1.08x). Lean also
+    COMPILE_FROM_CAPABILITY or newer (on an H100, Phi-3.5 lean 1.38x, fast 1.08x) when every
+    micro-batch has one shape (`fixed_shapes`: packed bins, or rows padded to max_seq_length;
+    rows padded to their longest would recompile the layers shape after shape). Lean also
     computes the loss in smaller chunks (LOSS_CHUNK_TOKENS)."""
     asked = config.compile_layers
     if usable_bytes is None:
@@ -137,7 +140,7 @@ def memory_mode(config, usable_bytes: int | None,
                   f"({'under' if name == 'lean' else 'at least'} {LEAN_BELOW_GB:g} GB)")
     else:
         reason = "asked"
-    compiled = asked if asked is not None else \
+    compiled = asked if asked is not None else fixed_shapes and \
         capability is not None and tuple(capability) >= COMPILE_FROM_CAPABILITY
     if name == "lean":
         return MemoryMode("lean", reason, config.gradient_checkpointing,

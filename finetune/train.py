@@ -92,7 +92,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
     if cuda and config.gpu_memory_limit_gb:
         _limit_gpu_memory(config.gpu_memory_limit_gb)
     mode = plan.memory_mode(config, _free_gpu_bytes(config.gpu_memory_limit_gb) if cuda
-                            else None, torch.cuda.get_device_capability() if cuda else None)
+                            else None, torch.cuda.get_device_capability() if cuda else None,
+                            fixed_shapes=data_plan.packing or config.padding == "max_length")
     if cuda:
         reporter.log(f"memory mode {mode.name} ({mode.reason})"
                      + (": activations offloaded to host memory, micro-batches of at most "

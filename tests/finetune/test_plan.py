@@ -74,8 +74,9 @@ def test_auto_memory_mode_is_lean_on_small_cards_and_fast_on_large_ones():
 
 def test_both_points_compile_the_layers_on_ampere_and_newer_unless_told():
     """compile_layers None (the default): on for lean and fast on a GPU of compute capability
-    8.0+ (an H100 measured 1.38x for Phi-3.5's lean steps, 1.08x for fast), off on a T4 (7.5),
-    where the capability is unknown and on CPU; True / False as asked."""
+    8.0+ (an H100 measured 1.38x for Phi-3.5's lean steps, 1.08x for fast) where micro-batches
+    have one shape; off on a T4 (7.5), where the capability is unknown, on CPU and for rows
+    padded to their longest; True / False as asked."""
     from finetune.plan import memory_mode
 
     gb = 10**9
@@ -88,6 +89,11 @@ def test_both_points_compile_the_layers_on_ampere_and_newer_unless_told():
     assert not memory_mode(config(compile_layers=False), 15 * gb, (9, 0)).compile_layers
     assert not memory_mode(config(compile_layers=False), 79 * gb, (9, 0)).compile_layers
     assert memory_mode(config(compile_layers=True), None).compile_layers
+    # rows padded to their longest (a small dataset's default) would recompile shape by shape
+    assert not memory_mode(config(), 79 * gb, (9, 0), fixed_shapes=False).compile_layers
+    assert memory_mode(config(), 79 * gb, (9, 0), fixed_shapes=False).liger_by_default
+    assert memory_mode(config(compile_layers=True), 79 * gb, (9, 0),
+                       fixed_shapes=False).compile_layers
 
 
 def test_the_fast_point_checkpoints_only_as_many_layers_as_memory_needs():
