@@ -30,10 +30,10 @@ LEAN_BELOW_GB = 24.0
 LEAN_TOKENS_PER_MICRO_BATCH = 8192
 # The fast point checkpoints as few layers as let a micro-batch of MAX_TOKENS_PER_MICRO_BATCH
 # (else of this many) tokens keep the rest of its activations (none where they all fit: no
-# recompute, a third less work per token), within this share of the free memory.
+# recompute, a third less work per token).
 FAST_MIN_TOKENS_PER_MICRO_BATCH = 8192
-FAST_MEMORY_SHARE = 0.7
-MEMORY_SHARE = 0.6  # elsewhere
+MEMORY_SHARE = 0.6  # of the free memory, for the estimated activations
+COMPILED_FAST_MEMORY_SHARE = 0.7  # compiled layers, whose estimate is itself on the safe side
 # Compiled layers keep less than the eager estimate (fused elementwise ops): measured on an
 # H100, 0.62-0.80 of it (Phi-3.5 with no layer checkpointed, Mistral-7B with one in 3).
 COMPILED_ACTIVATION_SHARE = 0.8
@@ -181,10 +181,12 @@ def checkpoint_every(model_config, config, mode: MemoryMode, free_bytes: int | N
 
 def _activation_budget(model_config, free_bytes: int, mode: MemoryMode | None,
                        dtype_bytes: int) -> float:
-    """What a micro-batch's activations may take: a share of the free memory (FAST_MEMORY_SHARE
-    at the fast point, else MEMORY_SHARE) less the loss's."""
+    """What a micro-batch's activations may take: a share of the free memory
+    (COMPILED_FAST_MEMORY_SHARE at the fast point with compiled layers, else MEMORY_SHARE) less
+    the loss's."""
     chunk = mode.loss_chunk_tokens if mode else loss.LOSS_CHUNK_TOKENS
-    share = FAST_MEMORY_SHARE if mode and mode.name == "fast" else MEMORY_SHARE
+    share = COMPILED_FAST_MEMORY_SHARE if mode and mode.name == "fast" and mode.compile_layers \
+        else MEMORY_SHARE
     return free_bytes * share - loss_bytes(model_config, dtype_bytes, chunk)
 
 
