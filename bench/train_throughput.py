@@ -13,8 +13,9 @@ cannot be downloaded here) and on SmolLM2-135M, the offline preset (real weights
               after the warm-up steps
   points      rows fast / lean (the two operating points as the defaults pick them on this
               card) and their variants: fast_ckpt, fast_nockpt, fast6, fast_noliger, lean3,
-              lean2, lean_chunk2048, lean_noliger (--runs; liger patches transformers for the
-              whole process, so run the *_noliger rows in a call of their own, first)
+              lean2, lean_chunk2048, lean_device_tables, lean_noliger (--runs; liger patches
+              transformers for the whole process, so run the *_noliger rows in a call of their
+              own, first)
   MFU         6 * N * tokens/s / 989 TFLOP/s (H100 SXM dense bf16), N = weights of all linear
               layers incl. lm_head (embedding lookups and attention scores not counted). For
               LoRA with full activation checkpointing 6N is the work really done per token:
@@ -56,7 +57,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.memory_trace import MemoryTrace  # noqa: E402
 from bench.standins import CONFIGS  # noqa: E402
 from finetune import FinetuneError, distributed  # noqa: E402
 from finetune import data as data_mod  # noqa: E402
@@ -288,10 +288,9 @@ def patched(clock: StepClock, upcast: bool = False, split_seed: int | None = Non
 
 def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_params: int,
         warmup_steps: int, measured_steps: int, overrides: dict, path: dict,
-        profile: bool = False, memory_trace: bool = False) -> dict:
+        profile: bool = False) -> dict:
     """One training run; `profile`: one more step after the measured ones, under the profiler
-    (not timed), its top kernels in the row; `memory_trace`: what was live at the peak, by
-    allocating code (bench/memory_trace.py; slows the run)."""
+    (not timed), its top kernels in the row."""
     import torch
 
     print(f"\n== {label}", flush=True)
@@ -306,9 +305,8 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
     started = time.perf_counter()
     if torch.cuda.is_available():  # compile as a job does, not reusing an earlier run's graphs
         torch._dynamo.reset()
-    trace = MemoryTrace() if memory_trace and torch.cuda.is_available() else None
     try:
-        with patched(clock, **path), trace or contextlib.nullcontext():
+        with patched(clock, **path):
             result = train_mod.train(config, Path(tempfile.mkdtemp(dir=workdir)), clock)
     except Exception as exc:  # an OOM or an unsupported combination is a result too
         print(f"  FAILED: {type(exc).__name__}: {exc}"[:600], flush=True)
@@ -334,6 +332,7 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
            "peak_allocated_after_warmup_gb": clock.peak_after_warmup_gb,
            "checkpoint_every": m.get("checkpoint_every"),
            "loss_chunk_tokens": m.get("loss_chunk_tokens"),
+           "host_embeddings": m.get("host_embeddings"),
            "compile_layers": m.get("compile_layers"),
            "mfu_6n": round(6 * n_params * tokens_per_s / (PEAK_TFLOPS * 1e12), 4),
            "micro_batch_size": m["micro_batch_size"], "memory_mode": m.get("memory_mode"),
@@ -348,10 +347,6 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
            "val_loss_before": m["val_loss_before"], "val_loss_after": m["val_loss_after"],
            "wall_s": round(time.perf_counter() - started, 1), "overrides": overrides,
            "path": path}
-    if trace is not None:
-        row["memory_at_peak"] = trace.breakdown()
-        for site in row["memory_at_peak"]["at_peak"][:8]:
-            print(f"     {site['gb']:7.3f} GB {site['blocks']:6}x  {site['site'][:90]}", flush=True)
     if clock.top_kernels:
         row["top_kernels_one_step"] = clock.top_kernels
         for k in clock.top_kernels[:5]:
@@ -393,8 +388,7 @@ def measured_peak_tflops() -> float:
 # -- the models --------------------------------------------------------------------------------
 
 def bench_arch(arch: str, workdir: Path, levers: bool, deadline: float,
-               only: set[str] | None = None, profile: bool = False,
-               memory_trace: bool = False) -> dict:
+               only: set[str] | None = None, profile: bool = False) -> dict:
     from transformers import AutoConfig
 
     preset = ARCHS[arch]["preset"]
@@ -418,6 +412,8 @@ def bench_arch(arch: str, workdir: Path, levers: bool, deadline: float,
             ("lean", "lean operating point (memory_mode lean: activations offloaded, "
              f"micro-batches <= {LEAN_TOKENS_PER_MICRO_BATCH} tokens, loss in 1,024-token "
              "chunks)", 2, 4, {"memory_mode": "lean"}, {}),
+            ("lean_device_tables", "lean operating point, embedding tables on the GPU", 2, 4,
+             {"memory_mode": "lean", "host_embeddings": False}, {}),
             ("lean_chunk2048", "lean operating point, loss in 2,048-token chunks", 2, 4,
              {"memory_mode": "lean", "loss_chunk_tokens": 2048}, {}),
             ("lean3", "lean operating point at 3 sequences (6,144 tokens) per micro-batch", 2, 4,
@@ -443,8 +439,7 @@ def bench_arch(arch: str, workdir: Path, levers: bool, deadline: float,
         if time.perf_counter() > deadline:
             out["runs"][key] = {"label": label, "skipped": "out of time in this call"}
             continue
-        out["runs"][key] = run(label, *args, warmup, measured, overrides, path, profile,
-                               memory_trace)
+        out["runs"][key] = run(label, *args, warmup, measured, overrides, path, profile)
     return out
 
 
@@ -619,9 +614,6 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="one more step per run under torch.profiler (not timed): its top "
                              "kernels go into the row")
-    parser.add_argument("--memory-trace", action="store_true",
-                        help="each run records CUDA allocations: what was live at its peak, by "
-                             "allocating code, goes into the row (memory_at_peak)")
     parser.add_argument("--seeds", default="1,2,3", help="SmolLM2 parity: training seeds")
     parser.add_argument("--runs", default="", help="only these runs (seed,default,lever7,...)")
     parser.add_argument("--budget-s", type=float, default=560,
@@ -663,7 +655,7 @@ def main() -> None:
                                   [int(x) for x in args.seeds.split(",")], only)
         else:
             block = bench_arch(model, args.workdir, args.levers and model == "phi", deadline,
-                               only, args.profile, args.memory_trace)
+                               only, args.profile)
         earlier = results.get(model, {}).get("runs", {})
         # Newer runs win, except where this call ran out of time before reaching them; runs of
         # one model can so be spread over several calls of at most 10 minutes.

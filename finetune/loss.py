@@ -59,6 +59,8 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None):
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
+    from finetune.host_tables import HostHead
+
     chunk_tokens = LOSS_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
     labels = batch["labels"]
     targets = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
@@ -75,6 +77,13 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None):
         causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
     hidden, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
     head = causal_lm.get_output_embeddings()
+    if isinstance(head, HostHead):
+        # the table copied to the device once for this micro-batch's chunks: the copy is freed
+        # when their backward is done, before the decoder layers' backward begins
+        weight, bias = head.on(hidden.device)
+
+        def head(states):
+            return F.linear(states, weight, bias)
     total = hidden.sum() * 0.0  # a zero that keeps the graph when no token is a target
     for start in range(0, count, chunk_tokens):
         piece = (head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens])

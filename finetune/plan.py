@@ -116,6 +116,7 @@ class MemoryMode:
     # liger's kernels unless asked otherwise; not where inductor fuses the fast point's layers
     # itself (H100: Phi-3.5 24,297 vs 21,309 tokens/s, Mistral-7B 12,057 vs 11,543)
     liger_by_default: bool = True
+    host_embeddings: bool = False  # frozen embedding tables in host memory (host_tables.py)
 
 
 def memory_mode(config, usable_bytes: int | None,
@@ -127,11 +128,13 @@ def memory_mode(config, usable_bytes: int | None,
     COMPILE_FROM_CAPABILITY or newer (on an H100, Phi-3.5 lean 1.38x, fast 1.08x) when every
     micro-batch has one shape (`fixed_shapes`: packed bins, or rows padded to max_seq_length;
     rows padded to their longest would recompile the layers shape after shape). Lean also
-    computes the loss in smaller chunks (LOSS_CHUNK_TOKENS)."""
+    computes the loss in smaller chunks (LOSS_CHUNK_TOKENS) and keeps the frozen embedding
+    tables in host memory (config.host_embeddings, host_tables.py)."""
     asked = config.compile_layers
     if usable_bytes is None:
         return MemoryMode("cpu", "no GPU", False, CPU_TOKENS_PER_MICRO_BATCH, bool(asked),
-                          _loss_chunk(config, "cpu"))
+                          _loss_chunk(config, "cpu"),
+                          host_embeddings=bool(config.host_embeddings))
     usable_gb = usable_bytes / 1e9
     name = config.memory_mode
     if name == "auto":
@@ -144,9 +147,11 @@ def memory_mode(config, usable_bytes: int | None,
         capability is not None and tuple(capability) >= COMPILE_FROM_CAPABILITY
     if name == "lean":
         return MemoryMode("lean", reason, config.gradient_checkpointing,
-                          LEAN_TOKENS_PER_MICRO_BATCH, compiled, _loss_chunk(config, name))
+                          LEAN_TOKENS_PER_MICRO_BATCH, compiled, _loss_chunk(config, name),
+                          host_embeddings=config.host_embeddings is not False)
     return MemoryMode("fast", reason, config.offload_activations, MAX_TOKENS_PER_MICRO_BATCH,
-                      compiled, _loss_chunk(config, name), liger_by_default=not compiled)
+                      compiled, _loss_chunk(config, name), liger_by_default=not compiled,
+                      host_embeddings=bool(config.host_embeddings))
 
 
 def _loss_chunk(config, mode_name: str) -> int:

@@ -73,6 +73,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from finetune import host_tables
     from finetune.evaluate import answer_prompts_hf
 
     workdir = Path(workdir)
@@ -155,6 +156,12 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
         model.set_attn_implementation(attention)
     if load_in_4bit:
         _freeze_base(model, dtype)
+    if mode.host_embeddings and group.size == 1:  # (DDP wants every parameter on its GPU)
+        moved = host_tables.move_to_host(model, config.modules())
+        if cuda:
+            torch.cuda.empty_cache()  # what the tables held counts as free for the sizing below
+        reporter.log(f"embedding tables in host memory: {' and '.join(moved)}" if moved else
+                     "embedding tables stay on the device (tied, or trained)")
     dtype_bytes = 4 if dtype == torch.float16 else 2  # fp16 keeps an fp32 residual stream
     free_after_load = _free_gpu_bytes(config.gpu_memory_limit_gb) if cuda else None
     every = plan.checkpoint_every(model.config, config, mode, free_after_load, dtype_bytes)
@@ -242,6 +249,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
         "steps": trainer.state.global_step, "micro_batch_size": micro_batch,
         "memory_mode": mode.name, "compile_layers": mode.compile_layers,
         "checkpoint_every": every, "loss_chunk_tokens": mode.loss_chunk_tokens,
+        "host_embeddings": isinstance(model.get_base_model().get_output_embeddings(),
+                                      host_tables.HostHead),
         "offloaded_gb": round(offload.stats["offloaded_bytes"] / 1e9, 2) if offload else None,
         "device": torch.cuda.get_device_name() if cuda else "cpu", "processes": group.size,
         "compute_dtype": str(dtype).removeprefix("torch."), "load_in_4bit": load_in_4bit,

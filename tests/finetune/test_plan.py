@@ -165,6 +165,17 @@ def test_lean_computes_the_loss_in_smaller_chunks():
     assert memory_mode(config(loss_chunk_tokens=512), 79 * gb).loss_chunk_tokens == 512
 
 
+def test_lean_keeps_the_embedding_tables_in_host_memory_unless_told():
+    from finetune.plan import memory_mode
+
+    gb = 10**9
+    assert memory_mode(config(), 15 * gb).host_embeddings
+    assert not memory_mode(config(host_embeddings=False), 15 * gb).host_embeddings
+    assert not memory_mode(config(), 79 * gb).host_embeddings  # fast: memory is plentiful
+    assert memory_mode(config(host_embeddings=True), 79 * gb).host_embeddings
+    assert not memory_mode(config(), None).host_embeddings  # CPU: already in host memory
+
+
 def test_memory_mode_is_checked():
     import pytest
 

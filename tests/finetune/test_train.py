@@ -112,6 +112,32 @@ def test_compiled_layers_and_offload_train_as_the_plain_recipe(tiny_llama_dir, f
                 name, key)
 
 
+def test_embedding_tables_in_host_memory_train_as_the_plain_recipe(tiny_untied_llama_dir,
+                                                                   faq_path, tmp_path):
+    """host_embeddings (the lean point's default): the input table looked up where it lives and
+    the output table copied for the loss (chunked, or the model's own) learn exactly what
+    tables on the device learn, and the adapter holds the LoRA weights only."""
+    from safetensors import safe_open
+
+    results = {}
+    for name, overrides in (("device", {}), ("host", {"host_embeddings": True}),
+                            ("host_own_loss", {"host_embeddings": True, "loss_chunk_tokens": 0}),
+                            ("device_own_loss", {"loss_chunk_tokens": 0})):
+        reporter = RecordingReporter()
+        results[name] = train(tiny_config(tiny_untied_llama_dir, faq_path, max_steps=2,
+                                          eval_max_new_tokens=0, **overrides),
+                              tmp_path / name, reporter)
+        assert ("embedding tables in host memory: input and output" in reporter.logs) \
+            == name.startswith("host"), name
+    metrics = {name: result.metrics for name, result in results.items()}
+    assert [metrics[name]["host_embeddings"] for name in metrics] == [False, True, True, False]
+    for name, plain in (("host", "device"), ("host_own_loss", "device_own_loss")):
+        for key in ("train_loss", "val_loss_before", "val_loss_after"):
+            assert metrics[name][key] == pytest.approx(metrics[plain][key], rel=1e-5), (name, key)
+    with safe_open(results["host"].adapter_dir / "adapter_model.safetensors", "pt") as saved:
+        assert saved.keys() and all("lora_" in key for key in saved.keys())
+
+
 def test_cancel_stops_cleanly(tiny_llama_dir, faq_path, tmp_path):
     reporter = RecordingReporter(cancel_at_step=1)
     with pytest.raises(Cancelled):
