@@ -72,6 +72,20 @@ class HostHead(nn.Module):
         return F.linear(hidden, *self.on(hidden.device))
 
 
+def free_after_backward(tensor: torch.Tensor, copies) -> None:
+    """Give the device memory of `copies` (tensors nothing reads after `tensor`'s gradient is
+    computed) back as soon as that gradient is: what holds them (checkpointed loss chunks keep
+    their inputs for the recompute) can sit in a reference cycle until the next garbage
+    collection, and a micro-batch's copy would still be there in the next one's."""
+    def free(grad):
+        for copy in copies:
+            if copy is not None:
+                copy.untyped_storage().resize_(0)
+        return grad
+
+    tensor.register_hook(free)
+
+
 def move_to_host(model, trained_modules) -> list[str]:
     """Put `model`'s frozen, untied embedding tables in host memory; returns which ("input",
     "output"). `trained_modules` is the LoRA target list (or "all-linear", which never takes

@@ -59,7 +59,7 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None):
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    from finetune.host_tables import HostHead
+    from finetune.host_tables import HostHead, free_after_backward
 
     chunk_tokens = LOSS_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
     labels = batch["labels"]
@@ -81,6 +81,8 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None):
         # the table copied to the device once for this micro-batch's chunks: the copy is freed
         # when their backward is done, before the decoder layers' backward begins
         weight, bias = head.on(hidden.device)
+        if weight is not head.weight and hidden.requires_grad:
+            free_after_backward(hidden, (weight, bias))
 
         def head(states):
             return F.linear(states, weight, bias)

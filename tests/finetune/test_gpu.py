@@ -14,6 +14,7 @@ import pytest
 from finetune.config import from_preset
 from finetune.train import train
 from inference.settings import ROOT
+from tests.finetune.conftest import RecordingReporter
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,
@@ -70,3 +71,30 @@ def test_qlora_4bit_phi3_architecture(tmp_path, faq_path, reporter, smollm2_toke
     assert m["val_loss_after"] < m["val_loss_before"]
     adapter = json.loads((result.adapter_dir / "adapter_config.json").read_text())
     assert {"qkv_proj", "gate_up_proj"} <= set(adapter["target_modules"])
+
+
+def test_lean_keeps_the_embedding_tables_in_host_memory(tmp_path, faq_path, smollm2_tokenizer):
+    """The lean point's host tables on CUDA: the losses of tables on the GPU, at least one
+    table's worth (vocab x hidden x 2 bytes) less at the peak (the input table never comes to
+    the GPU; the output table only for the loss)."""
+    import gc
+
+    base = build_phi3_like(tmp_path / "phi3-like", smollm2_tokenizer, layers=2)
+    metrics, grown = {}, {}
+    for host in (False, True):
+        # an earlier run's model may still be allocated until collected: measure from here
+        gc.collect()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated() / 1e9
+        config = from_preset("phi-3.5-mini", base_model=str(base), dataset=str(faq_path),
+                             max_steps=4, load_in_4bit=True, max_seq_length=512,
+                             eval_prompts=[], memory_mode="lean",
+                             host_embeddings=host).validate()
+        metrics[host] = train(config, tmp_path / f"host-{host}", RecordingReporter()).metrics
+        grown[host] = metrics[host]["peak_gpu_mem_gb"] - before
+    record("phi3-architecture-2-layers_lean_host_tables", metrics[True])
+    table_gb = len(smollm2_tokenizer) * 3072 * 2 / 1e9
+    assert metrics[True]["host_embeddings"] and not metrics[False]["host_embeddings"]
+    assert grown[True] <= grown[False] - 0.9 * table_gb, grown
+    for key in ("train_loss", "val_loss_before", "val_loss_after"):
+        assert metrics[True][key] == pytest.approx(metrics[False][key], rel=1e-3), key

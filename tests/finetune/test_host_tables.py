@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from finetune.host_tables import HostEmbedding, HostHead, move_to_host
+from finetune.host_tables import HostEmbedding, HostHead, free_after_backward, move_to_host
 
 
 def tiny_model(tied: bool):
@@ -44,3 +44,13 @@ def test_tied_or_trained_tables_stay(tied, targets, moved):
     assert move_to_host(model, targets) == moved
     assert isinstance(model.get_input_embeddings(), HostEmbedding) == ("input" in moved)
     assert isinstance(model.get_output_embeddings(), HostHead) == ("output" in moved)
+
+
+def test_a_device_copy_is_freed_once_the_gradient_it_feeds_is_computed():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    states = hidden * 2
+    copy = torch.randn(16, 8)
+    free_after_backward(states, (copy, None))
+    torch.nn.functional.linear(states, copy).sum().backward()
+    assert copy.untyped_storage().size() == 0  # released, though `copy` is still referenced
+    assert hidden.grad is not None and hidden.grad.shape == (4, 8)
