@@ -1,7 +1,7 @@
 """finechat: chat with a local GGUF model, fine-tune it from the Admin tab.
 
-Thin on purpose: read settings, start the engine, compose the tabs, serve them and the
-OpenAI-compatible API (/v1) on one port.
+Thin on purpose: read settings, start the engine process, compose the tabs, serve them and
+the OpenAI-compatible API (/v1) on one port. llama.cpp never runs in this process.
 """
 from __future__ import annotations
 
@@ -24,14 +24,14 @@ from finetune.hot_reload import start_watcher
 from finetune.uploads import MAX_UPLOAD_BYTES
 from inference import limits
 from inference.chat_tab import build_chat_tab
-from inference.engine import ChatEngine
 from inference.openai_api import build_openai_router
 from inference.settings import Settings
+from inference.supervisor import EngineSupervisor
 
 log = logging.getLogger("finechat")
 
 
-def build_app(settings: Settings, engine: ChatEngine, auth: AdminAuth) -> gr.Blocks:
+def build_app(settings: Settings, engine: EngineSupervisor, auth: AdminAuth) -> gr.Blocks:
     # Gradio's upload cache is open to anyone: files older than upload_ttl_s are deleted.
     with gr.Blocks(title="finechat", delete_cache=limits.delete_cache(settings.upload_ttl_s)) \
             as demo:
@@ -72,7 +72,7 @@ def main(argv=None) -> None:
         host=args.host, port=args.port, hub_model=args.hub_model, n_ctx=args.n_ctx,
         n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers,
         models_dir=Path(args.models_dir) if args.models_dir else None)
-    engine = ChatEngine(settings)
+    engine = EngineSupervisor(settings)  # llama.cpp runs in a process of its own
     engine.start()
     auth = AdminAuth(settings.admin_password)
     start_watcher(engine, settings.jobs_dir)

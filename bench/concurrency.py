@@ -205,15 +205,18 @@ def serve_over_http(workdir: Path, models_dir: Path, env: dict):
 
 
 @contextlib.contextmanager
-def serve_in_process(workdir: Path, models_dir: Path, env: dict):
-    """(send, pause): requests to the chat engine in this process (idle while paused)."""
+def serve_in_process(workdir: Path, models_dir: Path, env: dict, split: bool = False):
+    """(send, pause): requests to the chat engine in this process (idle while paused), or
+    with `split` to the engine process as the app runs it (EngineSupervisor here)."""
     from inference.engine import ChatEngine
     from inference.settings import Settings
+    from inference.supervisor import EngineSupervisor
 
     os.environ.update(env)
-    engine = ChatEngine(Settings.from_env().with_overrides(models_dir=models_dir))
+    engine = (EngineSupervisor if split else ChatEngine)(
+        Settings.from_env().with_overrides(models_dir=models_dir))
     try:
-        engine.swap(next(p.name for p in models_dir.glob("*.gguf")))
+        engine.start()
         def send_all(bodies: list[dict], t0: float) -> list[dict]:
             with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
                 return list(pool.map(lambda b: stream_in_process(engine, b, t0), bodies))

@@ -19,8 +19,8 @@ from finetune.config import MEMORY_MODES, PRESETS, SERVE_MODES, FinetuneConfig, 
 from finetune.data import inspect_dataset
 from finetune.transfers import Transfers
 from finetune.uploads import store_upload
-from inference.engine import ChatEngine
 from inference.registry import InferenceError
+from inference.supervisor import EngineSupervisor
 
 CUSTOM = "custom (HF id or local path)"
 _FINAL = {"done", "failed", "cancelled"}
@@ -157,7 +157,7 @@ def _rows_frame(conversations: list[list[dict]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def build_admin_tab(engine: ChatEngine, auth: AdminAuth, jobs_dir: Path) -> None:
+def build_admin_tab(engine: EngineSupervisor, auth: AdminAuth, jobs_dir: Path) -> None:
     tab = SimpleNamespace(engine=engine, auth=auth, guard=_Guard(auth), jobs_dir=jobs_dir,
                           models_dir=engine.settings.models_dir, token=gr.State(""),
                           transfers=Transfers())

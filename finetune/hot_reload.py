@@ -11,8 +11,8 @@ import threading
 from pathlib import Path
 
 from finetune import jobs
-from inference.engine import ChatEngine
 from inference.registry import InferenceError
+from inference.supervisor import EngineSupervisor
 
 log = logging.getLogger("finechat.hot_reload")
 PREFERRED_QUANTS = ("Q4_K_M", "Q5_K_M")
@@ -26,7 +26,7 @@ def pick_model(model_names: list[str]) -> str:
     return model_names[0] if model_names else ""
 
 
-def activate_finished_jobs(engine: ChatEngine, jobs_dir: Path) -> list[str]:
+def activate_finished_jobs(engine: EngineSupervisor, jobs_dir: Path) -> list[str]:
     """One pass: activate each newly finished job's model. Returns what was activated."""
     activated = []
     for record in jobs.list_jobs(jobs_dir):
@@ -54,7 +54,7 @@ def activate_finished_jobs(engine: ChatEngine, jobs_dir: Path) -> list[str]:
     return activated
 
 
-def start_watcher(engine: ChatEngine, jobs_dir: Path, interval_s: float = 2.0,
+def start_watcher(engine: EngineSupervisor, jobs_dir: Path, interval_s: float = 2.0,
                   stop: threading.Event | None = None) -> threading.Thread:
     stop = stop or threading.Event()
 

@@ -45,18 +45,11 @@ class Sampling:
     seed: int | None = None
 
 
-@dataclass(eq=False)
-class Request:
-    """One answer: prompt tokens in, text pieces out through `out`.
-
-    `out` receives str pieces, then one final item: None when the answer ended
-    (`finish_reason` set) or an InferenceError."""
-    tokens: list[int]
-    sampling: Sampling
-    max_tokens: int
-    stop: tuple[str, ...] = ()
-    adapter: object = None  # the engine's LoadedAdapter (or None: the plain base)
-    on_done: object = None  # called once, from the scheduler, when the slot is freed
+@dataclass(eq=False, kw_only=True)
+class AnswerStream:
+    """An answer's text as it is produced, for its reader: str pieces through `out`, then one
+    final item, None when the answer ended (`finish_reason` set) or an InferenceError.
+    (The engine process's Request; in the web process, its mirror: inference/supervisor.py.)"""
     out: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens reused from the slot's earlier conversation
@@ -87,6 +80,17 @@ class Request:
                 except queue.Empty:
                     break
             self._sink = sink
+
+
+@dataclass(eq=False)
+class Request(AnswerStream):
+    """One answer: prompt tokens in, text pieces out (AnswerStream)."""
+    tokens: list[int]
+    sampling: Sampling
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    adapter: object = None  # the engine's LoadedAdapter (or None: the plain base)
+    on_done: object = None  # called once, from the scheduler, when the slot is freed
 
 
 class _Slot:
@@ -502,13 +506,13 @@ class BatchScheduler:
             then()
 
 
-def wait_ended(request: Request, timeout_s: float = 30.0) -> bool:
+def wait_ended(request: AnswerStream, timeout_s: float = 30.0) -> bool:
     """Cancel and wait until the scheduler has freed the request's slot (one step at most)."""
     request.cancel()
     return request.ended.wait(timeout_s)
 
 
-async def read_stream_async(request: Request, pump: handoff.LoopPump | None = None):
+async def read_stream_async(request: AnswerStream, pump: handoff.LoopPump | None = None):
     """The request's text as it comes, for an event loop: no thread waits on it, and what
     arrived since the last piece comes as one (`pump`, shared by the loop's answers, sets how
     often). Raises its InferenceError, if any."""
@@ -538,7 +542,7 @@ async def read_stream_async(request: Request, pump: handoff.LoopPump | None = No
             return
 
 
-def read_stream(request: Request, timeout_s: float | None = None, interval_s: float = 0.0):
+def read_stream(request: AnswerStream, timeout_s: float | None = None, interval_s: float = 0.0):
     """The request's text as it comes (what is already queued joined into one piece); raises
     its InferenceError, if any. With `interval_s` the reader sleeps that long after each
     piece, so the tokens meanwhile come as one piece instead of waking it once each."""

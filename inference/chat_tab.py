@@ -5,27 +5,30 @@ import time
 
 import gradio as gr
 
-from inference.engine import ChatEngine, GenerationParams
+from inference.engine import GenerationParams
 from inference.prompt import build_messages
 from inference.registry import InferenceError
 from inference.settings import DEFAULT_SYSTEM_PROMPT
+from inference.supervisor import EngineSupervisor
 
 ACTIVE = ""  # picker value meaning "whatever the admin made active" (follows hot reloads)
 _DEFAULTS = GenerationParams()
 
 
-def model_choices(engine: ChatEngine) -> list[tuple[str, str]]:
+def model_choices(engine: EngineSupervisor) -> list[tuple[str, str]]:
     active = engine.active_name or "none loaded"
     usable = [(info.label, info.name) for info in engine.models() if info.usable]
     return [(f"Active model ({active})", ACTIVE)] + usable
 
 
-def model_status(engine: ChatEngine) -> str:
+def model_status(engine: EngineSupervisor) -> str:
     infos = engine.models()
     lines = [f"**Serving:** `{engine.active_name or 'no model'}`"]
     if info := engine.serving_info():
         lines[0] += (f" — {info['slots']} answers at once, {info['n_ctx']} tokens of context "
                      f"each (now {info['busy']} busy, {info['waiting']} waiting)")
+    if note := engine.status_note():
+        lines.append(f"**Engine:** {note}")
     bad = [f"`{i.name}` ({i.error})" for i in infos if not i.usable]
     if bad:
         lines.append("**Unusable files in models/:** " + ", ".join(bad))
@@ -34,7 +37,7 @@ def model_status(engine: ChatEngine) -> str:
     return "  \n".join(lines)
 
 
-def make_chat_fn(engine: ChatEngine):
+def make_chat_fn(engine: EngineSupervisor):
     interval = engine.settings.stream_interval_ms / 1000
 
     def chat(message: str, history: list, system_prompt: str = DEFAULT_SYSTEM_PROMPT,
@@ -45,11 +48,12 @@ def make_chat_fn(engine: ChatEngine):
         """Stream the model's answer to `message`, given the earlier `history`."""
         if not isinstance(message, str) or not message.strip():
             raise gr.Error("Type a message first.")
+        answer = ""
         try:
             params = GenerationParams(float(temperature), float(top_p), int(top_k),
                                       float(repeat_penalty), int(max_new_tokens))
             messages = build_messages(system_prompt, history, message)
-            answer, sent, last_sent = "", "", 0.0
+            sent, last_sent = "", 0.0
             for piece in engine.stream_chat(messages, params, model or ACTIVE, interval):
                 answer += piece
                 if time.monotonic() - last_sent >= interval:
@@ -60,11 +64,14 @@ def make_chat_fn(engine: ChatEngine):
             if not answer:
                 yield "(the model returned an empty answer)"
         except InferenceError as exc:
-            raise gr.Error(str(exc)) from None
+            if not answer:
+                raise gr.Error(str(exc)) from None
+            # cut off mid-answer (the engine crashed): keep what came, say why it stops
+            yield f"{answer}\n\n⚠️ *{exc}*"
     return chat
 
 
-def build_chat_tab(engine: ChatEngine, concurrency_limit: int) -> gr.ChatInterface:
+def build_chat_tab(engine: EngineSupervisor, concurrency_limit: int) -> gr.ChatInterface:
     """Render the chat inside the current Blocks context (call within `gr.Tab`)."""
     with gr.Row():
         status = gr.Markdown(model_status(engine))

@@ -155,8 +155,14 @@ def auto_slots(kv_bytes_per_token: int, settings: Settings) -> int:
 
 
 class ChatEngine:
-    def __init__(self, settings: Settings):
+    """In the engine process (inference/engine_process.py; the web process talks to it through
+    inference/supervisor.py), and in-process in jobs, benchmarks and tests."""
+
+    def __init__(self, settings: Settings, on_load=None):
         self.settings = settings
+        # on_load(name, "start" | "end"): around reading a file into llama.cpp and a swap's
+        # test run (the engine process reports them: a crash meanwhile blames that file)
+        self._on_load = on_load or (lambda name, phase: None)
         self._lock = threading.RLock()  # guards the cache, the active name and ref counts
         self._loaded: "OrderedDict[str, LoadedModel]" = OrderedDict()  # base GGUFs by file name
         self._adapters: dict[str, LoadedAdapter] = {}  # adapters by file name, on their bases
@@ -169,11 +175,14 @@ class ChatEngine:
 
     def start(self) -> str:
         """Pick and load the first model; a failure is logged and the app still starts."""
+        models_dir = self.settings.models_dir
+        return self.serve_first(registry.ensure_default_model(
+            models_dir, hub.fetch_default(self.settings.hub_model, models_dir)))
+
+    def serve_first(self, name: str) -> str:
+        """Load `name` ("" for none) as the first served model; a failure is logged."""
         llama_build.guard_amx()
         log.info("%s", llama_build.startup_line())
-        models_dir = self.settings.models_dir
-        name = registry.ensure_default_model(
-            models_dir, hub.fetch_default(self.settings.hub_model, models_dir))
         if name:
             try:
                 self.swap(name)
@@ -185,6 +194,9 @@ class ChatEngine:
         from llama_cpp import Llama
 
         llama_build.guard_amx()  # never llama.cpp's AMX path (#20824)
+        # llama.cpp validates the tensor data as it loads (NaN/Inf, bad quant blocks): a
+        # corrupted file is refused instead of answering garbage
+        llama_build.set_model_defaults(check_tensors=True)
         started = time.monotonic()
         try:
             # The Llama object's own context is not used to answer (the scheduler has its
@@ -225,18 +237,25 @@ class ChatEngine:
                     return hit
             info = registry.resolve(self.settings.models_dir, name)
             if info.kind != "adapter":
-                model = self._load(info)
+                self._on_load(name, "start")
+                try:
+                    model = self._load(info)
+                finally:
+                    self._on_load(name, "end")
                 with self._lock:
                     model.users += 1
                     self._loaded[name] = model
                     self._evict()
                     return model, None
             base, _ = self._get(info.base)  # shared with the base and its other adapters
+            self._on_load(name, "start")
             try:
                 adapter = self._load_adapter(base, info)
             except BaseException:
                 self._release(base)
                 raise
+            finally:
+                self._on_load(name, "end")
             with self._lock:
                 adapter.users += 1
                 if base.retired:  # evicted meanwhile: serve this request, cache nothing
@@ -312,6 +331,13 @@ class ChatEngine:
 
     def swap(self, name: str) -> LoadedModel:
         """Make `name` the served model: load and test it first, then switch atomically."""
+        self._on_load(name, "start")
+        try:
+            return self._swap(name)
+        finally:
+            self._on_load(name, "end")
+
+    def _swap(self, name: str) -> LoadedModel:
         model, adapter = self._get(name)
         try:  # a model that cannot produce one token is refused
             self._sweep(model)
@@ -405,9 +431,10 @@ class Generation:
     close() stops it and frees its slot (so does leaving the iteration early); it may be called
     from another thread while one is reading: it only cancels and waits."""
 
-    def __init__(self, name: str, request: batching.Request):
+    def __init__(self, name: str, request: batching.AnswerStream,
+                 prompt_tokens: int | None = None):
         self.model, self._request = name, request
-        self.prompt_tokens = len(request.tokens)
+        self.prompt_tokens = len(request.tokens) if prompt_tokens is None else prompt_tokens
 
     @property
     def completion_tokens(self) -> int:

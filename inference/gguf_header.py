@@ -5,11 +5,21 @@ gguf-py's GGUFReader builds a numpy view for every element of every metadata arr
 49k-token vocabulary that is ~6 s per file on a small CPU, paid on every new file (the hot
 reload of a fresh fine-tune included). llama.cpp parses the same header in C, and a file it
 cannot parse here is one it would refuse to load.
+
+The web process reads headers through `read_isolated`: ggml's GGUF parser runs in a short-lived
+child (`python -m inference.gguf_header FILE...`), so a file dropped into models/ that crashes
+it (the parser has had memory-safety bugs) takes down that child, not the app, and is reported
+as unusable.
 """
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 _GGUF_TYPE_UINT32, _GGUF_TYPE_STRING = 4, 8  # enum gguf_type (gguf.h)
@@ -34,12 +44,30 @@ class GGUFError(Exception):
 _api = None
 
 
+def _lib_dir() -> Path:
+    """Where llama-cpp-python's libraries are (LLAMA_CPP_LIB_PATH first, as llama_cpp): found
+    without importing llama_cpp, which would load every backend."""
+    if os.environ.get("LLAMA_CPP_LIB_PATH"):
+        return Path(os.environ["LLAMA_CPP_LIB_PATH"])
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        raise GGUFError("llama-cpp-python is not installed")
+    return Path(list(spec.submodule_search_locations)[0]) / "lib"
+
+
 def _lib():
     global _api
     if _api is None:
-        from llama_cpp import llama_cpp as ll  # honours LLAMA_CPP_LIB_PATH (e.g. a CUDA build)
-
-        lib = ll._lib  # libllama: dlsym finds ggml-base's gguf_* through its dependencies
+        lib_dir = _lib_dir()
+        # ggml-base holds the gguf_* API and no compute backend (no CPU-specific code runs)
+        candidates = [lib_dir / n for n in ("libggml-base.so", "libggml-base.dylib",
+                                            "ggml-base.dll", "libllama.so")]
+        path = next((c for c in candidates if c.is_file()), None)
+        if path is None:
+            raise GGUFError(f"no ggml library in {lib_dir}")
+        lib = ctypes.CDLL(str(path))
         for name, restype, argtypes in (
                 ("gguf_init_from_file", ctypes.c_void_p, [ctypes.c_char_p, _InitParams]),
                 ("gguf_free", None, [ctypes.c_void_p]),
@@ -84,3 +112,60 @@ def _value(lib, ctx, key: str, kind: int):
     if kind == _GGUF_TYPE_STRING:
         return lib.gguf_get_val_str(ctx, key_id).decode("utf-8", "replace")
     return lib.gguf_get_val_u32(ctx, key_id)
+
+
+READ_TIMEOUT_S = 120  # a batch of headers (milliseconds each; seconds for a cold disk)
+
+
+def exit_reason(returncode: int) -> str:
+    """A child's exit status in words: "killed by SIGSEGV", "exit code 1"."""
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def read_isolated(paths: list[Path]) -> dict[Path, Header | str]:
+    """Each file's Header, or why it cannot be read, parsed in a child process."""
+    if not paths:
+        return {}
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "inference.gguf_header",
+                               *map(str, paths)], capture_output=True, text=True, env=env,
+                              timeout=READ_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc = None
+    if proc is not None and proc.returncode == 0:
+        out: dict[Path, Header | str] = {}
+        for line in proc.stdout.splitlines():
+            entry = json.loads(line)
+            path = Path(entry["path"])
+            out[path] = Header(**entry["header"]) if "header" in entry else entry["error"]
+        return {p: out.get(p, "llama.cpp gave no answer for it") for p in paths}
+    if len(paths) > 1:  # which one? one child each
+        return {p: r for path in paths for p, r in read_isolated([path]).items()}
+    why = "timed out" if proc is None else exit_reason(proc.returncode)
+    if proc is not None and proc.returncode > 0:
+        tail = (proc.stderr or "").strip().splitlines()
+        return {paths[0]: f"could not read its header ({tail[-1][:160] if tail else why})"}
+    return {paths[0]: f"llama.cpp crashed reading its header ({why})"}
+
+
+def main(argv: list[str]) -> int:
+    for arg in argv:
+        try:
+            entry = {"path": arg, "header": asdict(read(Path(arg)))}
+        except Exception as exc:  # any parse failure means llama.cpp would refuse it too
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            entry = {"path": arg, "error": reason}
+        print(json.dumps(entry), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,5 +1,6 @@
-"""Hands text from the batching thread to event loops: one wake-up per loop per decode step,
-however many answers that loop is streaming.
+"""Hands text from the batching thread to event loops (and, in the engine process, to the
+pipe to the web process): one wake-up per loop per decode step, however many answers it is
+streaming.
 
 Waking an event loop for every token of every answer costs little CPU but many context
 switches, and on a small CPU box each one preempts a llama.cpp thread mid-step (the step then
@@ -42,10 +43,7 @@ class LoopPump:
             if self._wake_due or (self._paced and not urgent):
                 return
             self._wake_due = True
-        pending = getattr(_deferred, "pumps", None)
-        if pending is not None:
-            pending.add(self)
-        else:
+        if not wake_after_step(self):
             self._wake()
 
     def _wake(self) -> None:
@@ -67,6 +65,16 @@ class LoopPump:
             answers = len({id(target) for target, _ in items})
             self._timer = self.loop.call_later(
                 self._interval_s * max(1.0, answers / STREAMS_PER_INTERVAL), self._deliver)
+
+
+def wake_after_step(pump) -> bool:
+    """Inside one_wakeup_per_loop() on this thread: `pump._wake()` is called once at the
+    block's end (True); outside it (False) the caller wakes it now."""
+    pending = getattr(_deferred, "pumps", None)
+    if pending is None:
+        return False
+    pending.add(pump)
+    return True
 
 
 @contextlib.contextmanager

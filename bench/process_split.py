@@ -1,0 +1,88 @@
+"""What running the engine in a process of its own costs: the same chats through the chat
+engine in this process (as before the split) and through the engine process as the app runs
+it (EngineSupervisor), 1 and 8 at once, alternating run by run in one call.
+
+    python -m bench.process_split [--runs 5] [--max-tokens 128] [--n-threads 2] [--model F.gguf]
+
+Targets (issue 25): the split costs <= 3% of decode tokens/s and <= 10 ms of median time to
+first token, with one chat and with 8. Each side is idle (blocked, no polling) while the other
+runs. Writes bench/results/process_split.json.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.chat_overhead import machine_info, serving_args, write_result  # noqa: E402
+from bench.concurrency import at_once, serve_in_process  # noqa: E402
+from inference.registry import smollm2_gguf  # noqa: E402
+from tests.conftest import CACHE_DIR, link_model  # noqa: E402
+
+LEVELS = (1, 8)
+DECODE_RATIO_MIN, TTFT_OVERHEAD_MAX_S = 0.97, 0.010
+
+
+def main(argv=None) -> int:
+    p = serving_args(__doc__, runs=5, max_tokens=128, out="process_split.json")
+    p.add_argument("--n-gpu-layers", type=int, default=0)
+    args = p.parse_args(argv)
+    model = args.model or smollm2_gguf(CACHE_DIR / "models")
+    rows: dict[str, dict[int, list[dict]]] = {"in-process": {}, "engine process": {}}
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
+        models_dir = Path(tmp) / "models"
+        link_model(model, models_dir)
+        env = {"FINECHAT_N_THREADS": str(args.n_threads), "FINECHAT_PARALLEL": str(max(LEVELS)),
+               "FINECHAT_N_CTX": "1024", "FINECHAT_PROMPT_CACHE": "0",
+               "FINECHAT_N_GPU_LAYERS": str(args.n_gpu_layers)}
+        sends = {name: stack.enter_context(serve_in_process(Path(tmp), models_dir, env,
+                                                            split=name == "engine process"))[0]
+                 for name in rows}
+        for send in sends.values():
+            at_once(send, 2, 16)  # warm-up
+        for run in range(args.runs):
+            order = list(rows) if run % 2 == 0 else list(reversed(rows))
+            for n in LEVELS:
+                for name in order:
+                    rows[name].setdefault(n, []).append(at_once(sends[name], n, args.max_tokens))
+    load_after = os.getloadavg()
+    median = {name: {n: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+                     for n, runs in by_n.items()} for name, by_n in rows.items()}
+    print(f"{'chats':>5} {'path':15} {'decode tok/s':>13} {'TTFT median ms':>15}")
+    verdict = {}
+    for n in LEVELS:
+        for name in rows:
+            m = median[name][n]
+            print(f"{n:5} {name:15} {m['aggregate_decode_tok_s']:13.1f} "
+                  f"{m['ttft_median_s'] * 1e3:15.1f}")
+        before, after = median["in-process"][n], median["engine process"][n]
+        ratio = after["aggregate_decode_tok_s"] / before["aggregate_decode_tok_s"]
+        ttft = after["ttft_median_s"] - before["ttft_median_s"]
+        verdict[n] = {"decode_ratio": ratio, "ttft_overhead_s": ttft,
+                      "met": ratio >= DECODE_RATIO_MIN and ttft <= TTFT_OVERHEAD_MAX_S}
+        print(f"{n} at once: engine process / in-process decode x{ratio:.3f}, TTFT "
+              f"{ttft * 1e3:+.1f} ms (targets >= {DECODE_RATIO_MIN}, <= "
+              f"{TTFT_OVERHEAD_MAX_S * 1e3:.0f} ms): {'MET' if verdict[n]['met'] else 'NOT met'}")
+    write_result(args.out, {
+        "benchmark": "process_split", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {**machine_info(), "loadavg_before": load_before, "loadavg_after": load_after},
+        "settings": {"model": model.name, "max_tokens": args.max_tokens,
+                     "n_threads": args.n_threads, "parallel": max(LEVELS), "runs": args.runs,
+                     "n_gpu_layers": args.n_gpu_layers, "temperature": 0.0,
+                     "prompt_cache": False, "alternating": True},
+        "targets": {"decode_ratio_min": DECODE_RATIO_MIN,
+                    "ttft_overhead_max_s": TTFT_OVERHEAD_MAX_S},
+        "median": median, "verdict": verdict, "runs": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
