@@ -31,18 +31,20 @@ ENV HOME=/home/user \
 WORKDIR /home/user/app
 
 COPY --chown=user requirements.txt requirements-gpu.txt inference/llama_build.py ./
-# llama.cpp is compiled for a baseline, not for the builder's CPU (the image may run elsewhere),
-# and never with AMX (llama.cpp #20824): `portable` runs on any x86-64 CPU with AVX2; `cuda` adds
-# sm_75/80/86/89/90 (T4, A100, A10G, L4, H100/H200) and builds without a GPU. CPU: torch's small
-# CPU wheel; CUDA: PyPI's CUDA torch.
+# llama.cpp is compiled for no particular CPU (the image may run on another machine than the
+# one that builds it), and never with AMX (llama.cpp #20824). CPU: `portable`, llama.cpp's own
+# way (GGML_BACKEND_DL): its CPU code once per CPU level, from plain x86-64 to AVX-512 BF16,
+# and at start the best one this CPU runs; torch's small CPU wheel. CUDA: `cuda`, an AVX2
+# baseline plus sm_75/80/86/89/90 (T4, A100, A10G, L4, H100/H200), built without a GPU; PyPI's
+# CUDA torch. Built from the source distribution, never a cached wheel.
 RUN python3 -m venv "$VIRTUAL_ENV" \
     && if [ "$ACCEL" = "cuda" ]; then \
          CMAKE_ARGS="$(python3 llama_build.py cmake-args cuda)" \
            pip install --no-binary llama-cpp-python -r requirements-gpu.txt; \
        else \
-         CMAKE_ARGS="$(python3 llama_build.py cmake-args portable)" \
-           pip install --no-binary llama-cpp-python \
-             --extra-index-url https://download.pytorch.org/whl/cpu -r requirements.txt; \
+         python3 llama_build.py install portable \
+         && pip install --extra-index-url https://download.pytorch.org/whl/cpu \
+              -r requirements.txt; \
        fi \
     && rm llama_build.py
 

@@ -235,9 +235,9 @@ def main(argv=None) -> int:
 
     from llama_cpp import Llama
 
-    from inference.llama_build import guard_amx
+    from inference.llama_build import prepare
 
-    guard_amx()  # never llama.cpp's AMX path (#20824)
+    prepare()  # backends loaded, never llama.cpp's AMX path (#20824)
     model = args.model or smollm2_gguf(CACHE_DIR / "models")
     params = {"temperature": 0.0, "top_p": 0.95, "top_k": 40, "repeat_penalty": 1.0,
               "max_tokens": args.max_tokens}

@@ -149,9 +149,9 @@ def llama_cpp_ceiling(model: Path, n_seq: int, n_threads: int, n_tokens: int,
     import llama_cpp as ll
     from llama_cpp import Llama
 
-    from inference.llama_build import guard_amx
+    from inference.llama_build import prepare
 
-    guard_amx()  # never llama.cpp's AMX path (#20824)
+    prepare()  # backends loaded, never llama.cpp's AMX path (#20824)
     llm = Llama(str(model), n_ctx=64, n_threads=n_threads, n_gpu_layers=n_gpu_layers,
                 verbose=False)
     params = ll.llama_context_default_params()

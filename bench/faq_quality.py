@@ -69,9 +69,9 @@ def decode_tokens_per_s(path: Path, lora: Path | None = None) -> float:
     """Greedy decode speed after a short prompt, EOS ignored so every run decodes as much."""
     from llama_cpp import Llama
 
-    from inference.llama_build import guard_amx
+    from inference.llama_build import prepare
 
-    guard_amx()  # never llama.cpp's AMX path (#20824)
+    prepare()  # backends loaded, never llama.cpp's AMX path (#20824)
     llm = Llama(str(path), lora_path=str(lora) if lora else None, n_ctx=512, verbose=False,
                 n_threads=Settings.from_env().n_threads or None)
     try:

@@ -79,12 +79,15 @@ def run_job(model: str, workdir: Path, models: Path, limit_gb: float) -> jobs.Jo
 
 
 def first_answer(models: Path, name: str) -> float:
-    """Load `name` as the hot reload does (load, test-run, swap) and stream one answer."""
-    from inference.engine import ChatEngine, GenerationParams
+    """Load `name` as the app's hot reload does (the engine process loads, test-runs and
+    swaps it) and stream one answer."""
+    from inference.engine import GenerationParams
+    from inference.supervisor import EngineSupervisor
 
     started = time.perf_counter()
-    engine = ChatEngine(Settings.from_env().with_overrides(models_dir=models, n_ctx=2048))
+    engine = EngineSupervisor(Settings.from_env().with_overrides(models_dir=models, n_ctx=2048))
     try:
+        engine.start()
         engine.swap(name)
         messages = [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
                     {"role": "user", "content": "Who founded Quillmere Aviation?"}]

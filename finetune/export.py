@@ -331,6 +331,9 @@ def quantize_many(f16_path: Path, targets: dict[str, Path], parallel: bool = Tru
 def _quantize_one(f16_path: Path, out_path: Path, quant: str, n_threads: int) -> None:
     import llama_cpp
 
+    from inference.llama_build import prepare
+
+    prepare()  # a portable build's backends (the quantizer reads the model through them)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype_of(quant)
     params.nthread = n_threads

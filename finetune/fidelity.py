@@ -13,9 +13,9 @@ def _llama(*args, **kwargs):
     """llama.cpp's Llama, never on its AMX path (llama.cpp #20824)."""
     from llama_cpp import Llama
 
-    from inference.llama_build import guard_amx
+    from inference.llama_build import prepare
 
-    guard_amx()
+    prepare()
     return Llama(*args, **kwargs)
 
 

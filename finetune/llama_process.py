@@ -182,9 +182,9 @@ def _child_setup(parent_pid: int, on_cpu: bool, trace: str, library: str) -> Non
     trace_file = open(trace, "a", buffering=1, errors="replace")
     faulthandler.enable(file=trace_file)  # the Python stack on SIGSEGV, SIGABRT, ...
     _log_llama_to(trace_file)
-    from inference.llama_build import guard_amx
+    from inference.llama_build import prepare
 
-    guard_amx()  # never llama.cpp's AMX path (#20824)
+    prepare()  # backends loaded (portable builds), never llama.cpp's AMX path (#20824)
 
 
 def _log_llama_to(trace_file) -> None:

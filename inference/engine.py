@@ -181,7 +181,7 @@ class ChatEngine:
 
     def serve_first(self, name: str) -> str:
         """Load `name` ("" for none) as the first served model; a failure is logged."""
-        llama_build.guard_amx()
+        llama_build.prepare()
         log.info("%s", llama_build.startup_line())
         if name:
             try:
@@ -193,7 +193,7 @@ class ChatEngine:
     def _load(self, info: registry.ModelInfo) -> LoadedModel:
         from llama_cpp import Llama
 
-        llama_build.guard_amx()  # never llama.cpp's AMX path (#20824)
+        llama_build.prepare()  # backends loaded, never llama.cpp's AMX path (#20824)
         # llama.cpp validates the tensor data as it loads (NaN/Inf, bad quant blocks): a
         # corrupted file is refused instead of answering garbage
         llama_build.set_model_defaults(check_tensors=True)

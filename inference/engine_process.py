@@ -14,35 +14,27 @@ When the socket closes (the web process is gone) this process exits.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # llama.cpp's libraries first, before anything loads numpy: on the H200 machine (numpy 2.5
+    # with its bundled scipy-openblas64 and gfortran) a process that loaded numpy before
+    # libllama segfaulted in llama_model_load_from_file, on the CPU as on the GPU.
+    import llama_cpp.llama_cpp  # noqa: F401,I001
+
 import json
 import logging
 import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields
 from multiprocessing.connection import Connection
-from pathlib import Path
 
 from inference import handoff
 from inference.engine import ChatEngine, GenerationParams
 from inference.registry import InferenceError
-from inference.settings import Settings
+from inference.settings import Settings, settings_from_dict
 
 log = logging.getLogger("finechat.engine_process")
 COMMAND_THREADS = 8  # generate / swap / rollback run here: a model load must not stall cancels
-# never sent to the engine process: it has no use for them
-SECRET_SETTINGS = ("admin_password", "api_key")
-
-
-def settings_to_dict(settings: Settings) -> dict:
-    return {f.name: (str(v) if isinstance(v := getattr(settings, f.name), Path) else v)
-            for f in fields(settings) if f.name not in SECRET_SETTINGS}
-
-
-def settings_from_dict(data: dict) -> Settings:
-    paths = {f.name for f in fields(Settings) if f.name.endswith("_dir")}
-    return Settings(**{k: Path(v) if k in paths else v for k, v in data.items()})
 
 
 def error_dict(exc: InferenceError) -> dict:
@@ -200,7 +192,7 @@ def main(argv: list[str]) -> int:
     server = EngineServer(channel, settings_from_dict(hello["settings"]))
     from inference import llama_build
 
-    llama_build.guard_amx()  # never llama.cpp's AMX path (#20824)
+    llama_build.prepare()  # backends loaded, never llama.cpp's AMX path (#20824)
     channel.send({"t": "hello", "pid": os.getpid(), "build": llama_build.startup_line()})
     active = server.engine.serve_first(hello.get("serve") or "")
     channel.send({"t": "ready", "active": active})

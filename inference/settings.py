@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,3 +112,17 @@ class Settings:
 
     def with_overrides(self, **changes) -> "Settings":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+SECRET_SETTINGS = ("admin_password", "api_key")  # never handed to another process
+
+
+def settings_to_dict(settings: Settings) -> dict:
+    """The settings as JSON values, less the secrets (for the engine process)."""
+    return {f.name: (str(v) if isinstance(v := getattr(settings, f.name), Path) else v)
+            for f in fields(settings) if f.name not in SECRET_SETTINGS}
+
+
+def settings_from_dict(data: dict) -> Settings:
+    paths = {f.name for f in fields(Settings) if f.name.endswith("_dir")}
+    return Settings(**{k: Path(v) if k in paths else v for k, v in data.items()})

@@ -29,10 +29,9 @@ from typing import Iterator
 
 from inference import batching, hub, registry
 from inference.engine import Generation, GenerationParams
-from inference.engine_process import settings_to_dict
 from inference.gguf_header import exit_reason
 from inference.registry import InferenceError
-from inference.settings import ROOT, Settings
+from inference.settings import ROOT, Settings, settings_to_dict
 
 log = logging.getLogger("finechat.supervisor")
 ENGINE_CRASHED = "The model crashed and is restarting: send the message again in a few seconds."

@@ -19,9 +19,9 @@ ARTIFACTS = ROOT / "tests" / "artifacts"
 def _no_amx_path():
     """Tests that build their own Llama objects get the engine's guard against llama.cpp's AMX
     path too (a no-op on the project's own builds, which have no AMX compiled in)."""
-    from inference.llama_build import guard_amx
+    from inference.llama_build import prepare
 
-    guard_amx()
+    prepare()
 
 
 @pytest.fixture(scope="session")

@@ -86,47 +86,63 @@ def test_guard_leaves_a_build_without_amx_alone(monkeypatch):
     assert lib.llama_model_default_params().use_extra_bufts
 
 
+PORTABLE_VARIANTS = ("x64", "haswell")  # two CPU levels prove the pick (the image builds all)
+
+
 def portable_build() -> Path:
-    """llama-cpp-python built once for the portable target, unpacked under .cache/."""
-    pin = next(line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
-               if line.startswith("llama-cpp-python=="))
-    args = llama_build.cmake_args("portable")
+    """llama-cpp-python built once for the portable target (as the CPU image: its GGML_BACKEND_DL
+    libraries and CPU variant modules), under .cache/."""
+    version = llama_build.pinned_version(ROOT / "requirements.txt")
+    key = f"{version} {llama_build.cmake_args('portable')} {','.join(PORTABLE_VARIANTS)}"
     stamp = PORTABLE_CACHE / "stamp"
-    if stamp.exists() and stamp.read_text() == f"{pin} {args}":
+    if stamp.exists() and stamp.read_text() == key:
         return PORTABLE_CACHE / "site"
     shutil.rmtree(PORTABLE_CACHE, ignore_errors=True)
     PORTABLE_CACHE.mkdir(parents=True)
-    env = {**os.environ, "CMAKE_ARGS": args}
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-cache-dir",
-                    "--no-deps", "--no-binary", "llama-cpp-python", "--target",
-                    str(PORTABLE_CACHE / "site"), pin], check=True, env=env, timeout=1800)
-    stamp.write_text(f"{pin} {args}")
+    llama_build.install("portable", version, PORTABLE_CACHE / "site", PORTABLE_VARIANTS,
+                        work=PORTABLE_CACHE)
+    stamp.write_text(key)
     return PORTABLE_CACHE / "site"
 
 
 CHAT_TURN = """
 import sys
 from llama_cpp import Llama
+from inference.llama_build import cpu_backend, prepare
+prepare()
 llm = Llama(sys.argv[1], n_ctx=128, n_threads=1, verbose=False)
 out = llm.create_chat_completion([{"role": "user", "content": "Say hi."}], max_tokens=4,
                                  temperature=0)
-print("ANSWER", repr(out["choices"][0]["message"]["content"]))
+print("ANSWER", repr(out["choices"][0]["message"]["content"]), "CPU", cpu_backend())
 """
 
 
+def test_no_build_has_the_amx_variant():
+    assert not set(llama_build.AMX_VARIANTS) & set(llama_build.CPU_VARIANTS)
+    assert {"x64", "haswell", "skylakex", "icelake", "zen4"} <= set(llama_build.CPU_VARIANTS)
+    assert "-DGGML_BACKEND_DL=ON" in llama_build.cmake_args("portable")
+    with pytest.raises(SystemExit, match="20824"):
+        llama_build.install("portable", "0", None, ("haswell", "sapphirerapids"))
+
+
 @pytest.mark.timeout(3600)
-def test_portable_build_answers_as_a_haswell_cpu(smollm2_path, tmp_path):
-    """The portable build (the CPU image's) claims AVX2 as its baseline: a chat turn under QEMU
-    emulating a Haswell CPU (no AVX-512, no AMX) must answer. QEMU's TCG cannot run AVX-512, so
-    an instruction beyond the baseline dies here with SIGILL."""
+@pytest.mark.parametrize("cpu, variant", [("Haswell", "haswell"), ("Nehalem", "x64")])
+def test_portable_build_runs_each_cpus_best_code(smollm2_path, tmp_path, cpu, variant):
+    """The portable build (the CPU image's), run under QEMU as an older CPU: llama.cpp loads
+    the best CPU module that CPU runs (AVX2 code on a Haswell, plain x86-64 on a Nehalem,
+    which has no AVX) and answers a chat turn. QEMU's TCG cannot run AVX-512, so an
+    instruction beyond what the emulated CPU has dies here with SIGILL."""
     qemu = shutil.which("qemu-x86_64")
     if qemu is None:
         pytest.skip("qemu-x86_64 missing: apt-get install qemu-user (CI installs it)")
     site = portable_build()
+    libs = sorted(p.name for p in (site / "llama_cpp" / "lib").glob("libggml-cpu-*.so"))
+    assert libs == sorted(f"libggml-cpu-{v}.so" for v in PORTABLE_VARIANTS)
     script = tmp_path / "turn.py"
     script.write_text(CHAT_TURN)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path[1:]])}
-    run = subprocess.run([qemu, "-cpu", "Haswell", sys.executable, str(script),
-                          str(smollm2_path)], capture_output=True, text=True, env=env,
-                         timeout=1800)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), *sys.path[1:]])}
+    env.pop("LLAMA_CPP_LIB_PATH", None)
+    run = subprocess.run([qemu, "-cpu", cpu, sys.executable, str(script), str(smollm2_path)],
+                         capture_output=True, text=True, env=env, timeout=1800)
     assert run.returncode == 0 and "ANSWER" in run.stdout, (run.returncode, run.stderr[-2000:])
+    assert f"CPU libggml-cpu-{variant}.so" in run.stdout, run.stdout
