@@ -137,10 +137,12 @@ def load_backends() -> int:
     """A GGML_BACKEND_DL build (portable) registers no backend by itself, and llama-cpp-python
     does not call ggml_backend_load_all: load the best CPU variant (and any GPU module) from
     its library folder. A no-op on other builds. Returns the number of devices."""
-    import llama_cpp.llama_cpp  # noqa: F401  (loads libllama, libggml, libggml-base)
+    import llama_cpp.llama_cpp as lib
 
     folder = lib_dir()
-    ggml = ctypes.CDLL(str(folder / "libggml.so"))  # already loaded: the same handle
+    # through libllama's handle: dlsym finds the libggml it was linked with (pip copies the
+    # libggml.so symlink as a second file, and opening that would load a second registry)
+    ggml = lib._lib
     ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
     if ggml.ggml_backend_dev_count() == 0:
         ggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
@@ -271,7 +273,9 @@ def build_cpu_variants(llama_cpp_src: Path, build: Path, dest: Path,
                     "-DGGML_BACKEND_DL=ON", "-DGGML_CPU_ALL_VARIANTS=ON", "-DGGML_NATIVE=OFF",
                     "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
                     "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-                    "-DLLAMA_BUILD_COMMON=OFF"], check=True, stdout=subprocess.DEVNULL)
+                    "-DLLAMA_BUILD_COMMON=OFF", "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",
+                    "-DCMAKE_INSTALL_RPATH=$ORIGIN"],  # as llama-cpp-python's own libraries
+                   check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(build), "--parallel", str(os.cpu_count() or 2),
                     "--target", *(f"ggml-cpu-{v}" for v in variants)], check=True,
                    stdout=subprocess.DEVNULL)

@@ -93,7 +93,8 @@ def portable_build() -> Path:
     """llama-cpp-python built once for the portable target (as the CPU image: its GGML_BACKEND_DL
     libraries and CPU variant modules), under .cache/."""
     version = llama_build.pinned_version(ROOT / "requirements.txt")
-    key = f"{version} {llama_build.cmake_args('portable')} {','.join(PORTABLE_VARIANTS)}"
+    key = (f"{version} {llama_build.cmake_args('portable')} {','.join(PORTABLE_VARIANTS)} "
+           "rpath=$ORIGIN")
     stamp = PORTABLE_CACHE / "stamp"
     if stamp.exists() and stamp.read_text() == key:
         return PORTABLE_CACHE / "site"
@@ -138,6 +139,9 @@ def test_portable_build_runs_each_cpus_best_code(smollm2_path, tmp_path, cpu, va
     site = portable_build()
     libs = sorted(p.name for p in (site / "llama_cpp" / "lib").glob("libggml-cpu-*.so"))
     assert libs == sorted(f"libggml-cpu-{v}.so" for v in PORTABLE_VARIANTS)
+    runpath = subprocess.run(["readelf", "-d", str(site / "llama_cpp" / "lib" / libs[0])],
+                             capture_output=True, text=True).stdout
+    assert "[$ORIGIN]" in runpath  # no build folder left in the library search path
     script = tmp_path / "turn.py"
     script.write_text(CHAT_TURN)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(ROOT), *sys.path[1:]])}
