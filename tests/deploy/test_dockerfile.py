@@ -41,7 +41,7 @@ def test_spaces_contract():
     assert "python -m inference.registry models" in text  # the baked default model
     assert "ARG ACCEL=cpu" in text
     # llama.cpp for a baseline, never the builder's CPU, never AMX (inference/llama_build.py)
-    assert "cmake-args cuda" in text and "cmake-args portable" in text
+    assert "cmake-args cuda" in text and "llama_build.py install portable" in text
     assert "GGML_NATIVE" not in text.replace("-DGGML_NATIVE=OFF", "")
     assert 'CMD ["python", "app.py"]' in text
 
