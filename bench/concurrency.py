@@ -90,15 +90,16 @@ def stream_over_http(url: str, bodies: list[dict], t0: float) -> list[dict]:
     return list(asyncio.run(run()))
 
 
-def stream_in_process(engine, body: dict, t0: float) -> dict:
-    """stream_one's measurements, through the chat engine in this process."""
+def stream_in_process(engine, body: dict, t0: float, interval_s: float = 0.0) -> dict:
+    """stream_one's measurements, through the chat engine in this process (read as the Chat
+    tab does: with `interval_s`, what arrives meanwhile comes as one piece)."""
     from inference.engine import GenerationParams
 
     first = last = None
     generation = engine.generate(body["messages"], GenerationParams(
         temperature=body["temperature"], repeat_penalty=body["repeat_penalty"],
         max_new_tokens=body["max_tokens"]))
-    for piece in generation:
+    for piece in generation.pieces(interval_s):
         if piece:
             last = time.monotonic()
             first = first or last
@@ -205,21 +206,25 @@ def serve_over_http(workdir: Path, models_dir: Path, env: dict):
 
 
 @contextlib.contextmanager
-def serve_in_process(workdir: Path, models_dir: Path, env: dict, split: bool = False):
-    """(send, pause): requests to the chat engine in this process (idle while paused), or
-    with `split` to the engine process as the app runs it (EngineSupervisor here)."""
+def serve_in_process(workdir: Path, models_dir: Path, env: dict, split: bool | None = None):
+    """(send, pause): requests to the chat engine in this process (idle while paused), read
+    every token; with `split` False or True, read at the app's stream interval as the Chat tab
+    does, from the engine in this process (False) or in its own process as the app runs it
+    (True: EngineSupervisor here)."""
     from inference.engine import ChatEngine
     from inference.settings import Settings
     from inference.supervisor import EngineSupervisor
 
     os.environ.update(env)
-    engine = (EngineSupervisor if split else ChatEngine)(
-        Settings.from_env().with_overrides(models_dir=models_dir))
+    settings = Settings.from_env().with_overrides(models_dir=models_dir)
+    engine = (EngineSupervisor if split else ChatEngine)(settings)
+    interval_s = settings.stream_interval_ms / 1000 if split is not None else 0.0
     try:
         engine.start()
         def send_all(bodies: list[dict], t0: float) -> list[dict]:
             with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-                return list(pool.map(lambda b: stream_in_process(engine, b, t0), bodies))
+                return list(pool.map(lambda b: stream_in_process(engine, b, t0, interval_s),
+                                     bodies))
 
         yield send_all, lambda run: run()
     finally:

@@ -4,9 +4,12 @@ it (EngineSupervisor), 1 and 8 at once, alternating run by run in one call.
 
     python -m bench.process_split [--runs 5] [--max-tokens 128] [--n-threads 2] [--model F.gguf]
 
-Targets (issue 25): the split costs <= 3% of decode tokens/s and <= 10 ms of median time to
-first token, with one chat and with 8. Each side is idle (blocked, no polling) while the other
-runs. Writes bench/results/process_split.json.
+Both sides are read as the Chat tab reads, at the app's stream interval (50 ms by default,
+`--stream-interval-ms`: 0 reads every token), and the engine process hands text over at that
+interval too. Targets (issue 25): the split costs <= 3% of decode tokens/s and <= 10 ms of
+median time to first token, with one chat and with 8. Each side is idle (blocked, no polling)
+while the other runs. Writes bench/results/process_split.json (process_split_<ms>ms.json for
+another interval).
 """
 from __future__ import annotations
 
@@ -32,8 +35,15 @@ DECODE_RATIO_MIN, TTFT_OVERHEAD_MAX_S = 0.97, 0.010
 
 def main(argv=None) -> int:
     p = serving_args(__doc__, runs=5, max_tokens=128, out="process_split.json")
+    p.set_defaults(out=None)
     p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--stream-interval-ms", type=int, default=50,
+                   help="the app's FINECHAT_STREAM_INTERVAL_MS (its default: 50); both sides "
+                        "are read at it, as the Chat tab reads")
     args = p.parse_args(argv)
+    if args.out is None:
+        suffix = "" if args.stream_interval_ms == 50 else f"_{args.stream_interval_ms}ms"
+        args.out = ROOT / "bench" / "results" / f"process_split{suffix}.json"
     model = args.model or smollm2_gguf(CACHE_DIR / "models")
     rows: dict[str, dict[int, list[dict]]] = {"in-process": {}, "engine process": {}}
     load_before = os.getloadavg()
@@ -42,10 +52,11 @@ def main(argv=None) -> int:
         link_model(model, models_dir)
         env = {"FINECHAT_N_THREADS": str(args.n_threads), "FINECHAT_PARALLEL": str(max(LEVELS)),
                "FINECHAT_N_CTX": "1024", "FINECHAT_PROMPT_CACHE": "0",
-               "FINECHAT_N_GPU_LAYERS": str(args.n_gpu_layers)}
+               "FINECHAT_N_GPU_LAYERS": str(args.n_gpu_layers),
+               "FINECHAT_STREAM_INTERVAL_MS": str(args.stream_interval_ms)}
         sends = {name: stack.enter_context(serve_in_process(Path(tmp), models_dir, env,
                                                             split=name == "engine process"))[0]
-                 for name in rows}
+                 for name in rows}  # both read at the app's stream interval
         for send in sends.values():
             at_once(send, 2, 16)  # warm-up
         for run in range(args.runs):
@@ -77,6 +88,7 @@ def main(argv=None) -> int:
         "settings": {"model": model.name, "max_tokens": args.max_tokens,
                      "n_threads": args.n_threads, "parallel": max(LEVELS), "runs": args.runs,
                      "n_gpu_layers": args.n_gpu_layers, "temperature": 0.0,
+                     "stream_interval_ms": args.stream_interval_ms,
                      "prompt_cache": False, "alternating": True},
         "targets": {"decode_ratio_min": DECODE_RATIO_MIN,
                     "ttft_overhead_max_s": TTFT_OVERHEAD_MAX_S},

@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
@@ -59,26 +60,60 @@ class Channel:
 
 class PipePump:
     """Answers' items for the web process, gathered while a decode step hands out its tokens
-    and sent as one `out` message at its end (at once outside a step)."""
+    and sent as one `out` message at its end (at once outside a step). With `interval_s` (the
+    app's stream interval) a message goes at most once per interval while text keeps coming
+    (a timer thread sends what gathered meanwhile); an answer's first piece and its end go at
+    once. The web process delivers text at that interval anyway, so this only saves it a
+    wake-up per decode step, which on a small CPU preempts llama.cpp's threads."""
 
-    def __init__(self, channel: Channel):
-        self._channel = channel
-        self._lock = threading.Lock()
+    def __init__(self, channel: Channel, interval_s: float = 0.0):
+        self._channel, self._interval_s = channel, interval_s
+        self._lock = threading.Condition()
+        self._order = threading.Lock()  # taken before the items, held through their send
         self._items: list = []
-        self._due = False
+        self._due = False  # a send is coming (at the step's end): later items ride along
+        self._paced = False  # the timer sends next
+        self._deadline = 0.0
+        if interval_s > 0:
+            threading.Thread(target=self._timer, name="engine-pump", daemon=True).start()
 
-    def put(self, rid: int, item) -> None:
+    def put(self, rid: int, item, urgent: bool = False) -> None:
         with self._lock:
             self._items.append([rid, item])
-            if self._due:
+            if self._due or (self._paced and not urgent):
                 return
             self._due = True
         if not handoff.wake_after_step(self):
             self._wake()
 
     def _wake(self) -> None:
-        with self._lock:
-            items, self._items, self._due = self._items, [], False
+        with self._order:
+            with self._lock:
+                items, self._items, self._due = self._items, [], False
+                if self._interval_s > 0 and items:
+                    self._paced, self._deadline = True, time.monotonic() + self._interval_s
+                    self._lock.notify()
+            self._send(items)
+
+    def _timer(self) -> None:
+        while True:
+            with self._lock:
+                while not self._paced:
+                    self._lock.wait()
+                wait_s = self._deadline - time.monotonic()
+                if wait_s > 0:
+                    self._lock.wait(wait_s)
+                    continue  # re-check: an urgent send may have moved the deadline
+            with self._order:
+                with self._lock:
+                    if self._deadline > time.monotonic():  # a send came first
+                        continue
+                    items, self._items = self._items, []
+                    self._paced = bool(items)
+                    self._deadline = time.monotonic() + self._interval_s
+                self._send(items)
+
+    def _send(self, items: list) -> None:
         if items:
             try:
                 self._channel.send({"t": "out", "items": items})
@@ -89,7 +124,7 @@ class PipePump:
 class EngineServer:
     def __init__(self, channel: Channel, settings: Settings):
         self.channel = channel
-        self.pump = PipePump(channel)
+        self.pump = PipePump(channel, settings.stream_interval_ms / 1000)
         self.engine = ChatEngine(settings, on_load=self._report_load)
         self._pool = ThreadPoolExecutor(COMMAND_THREADS, thread_name_prefix="engine-cmd")
         self._lock = threading.Lock()
@@ -126,9 +161,13 @@ class EngineServer:
         generation = self.engine.generate(cmd["messages"], params, cmd.get("model") or "")
         request = generation._request
 
+        first = True
+
         def sink(item) -> None:
+            nonlocal first
             if isinstance(item, str):
-                self.pump.put(rid, item)
+                self.pump.put(rid, item, urgent=first)
+                first = False
                 return
             end = {"finish_reason": request.finish_reason,
                    "completion_tokens": request.completion_tokens,
@@ -138,7 +177,7 @@ class EngineServer:
             with self._lock:
                 self._generations.pop(rid, None)
                 self._cancelled.discard(rid)
-            self.pump.put(rid, {"end": end})
+            self.pump.put(rid, {"end": end}, urgent=True)
 
         with self._lock:
             self._generations[rid] = generation
