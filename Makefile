@@ -37,7 +37,7 @@ setup: $(VENV)/.installed
 setup-dev: $(VENV)/.installed-dev
 
 model: setup  ## fetch the offline default model (SmolLM2) into models/ when it is empty
-	$(BIN)/python -m inference.registry
+	$(BIN)/python -m inference.default_model
 
 run: model
 	$(BIN)/python app.py

@@ -18,10 +18,10 @@ import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 
-from finetune.admin_tab import build_admin_tab
-from finetune.auth import AdminAuth
-from finetune.hot_reload import start_watcher
-from finetune.uploads import MAX_UPLOAD_BYTES
+from finetune.ui.admin_tab import build_admin_tab
+from finetune.ui.auth import AdminAuth
+from finetune.ui.hot_reload import start_watcher
+from finetune.ui.uploads import MAX_UPLOAD_BYTES
 from inference import limits
 from inference.chat_tab import build_chat_tab
 from inference.openai_api import build_openai_router

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from inference.registry import smollm2_gguf  # noqa: E402
+from inference.default_model import smollm2_gguf  # noqa: E402
 from inference.settings import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from tests.conftest import CACHE_DIR, link_model  # noqa: E402
 from tests.e2e.conftest import run_app  # noqa: E402
@@ -153,7 +153,6 @@ def measure(args, params: dict, llm, tokenize, workdir: Path, models_dir: Path) 
 
     from inference.engine import ChatEngine
     from inference.settings import Settings
-
     from inference.supervisor import EngineSupervisor
 
     settings = Settings(models_dir=models_dir, n_ctx=args.n_ctx, n_threads=args.n_threads,

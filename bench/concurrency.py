@@ -34,9 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.chat_overhead import (machine_info, paused, serving_args,  # noqa: E402
-                                 write_result)
-from inference.registry import smollm2_gguf  # noqa: E402
+from bench.chat_overhead import machine_info, paused, serving_args, write_result  # noqa: E402
+from inference.default_model import smollm2_gguf  # noqa: E402
 from inference.settings import DEFAULT_SYSTEM_PROMPT  # noqa: E402
 from tests.conftest import CACHE_DIR, link_model  # noqa: E402
 from tests.e2e.conftest import run_app  # noqa: E402

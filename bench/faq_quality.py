@@ -28,9 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from finetune import jobs
-from finetune.evaluate import answer_conversations_gguf
-from inference.registry import SMOLLM2_FILENAME, read_card, smollm2_gguf
+from finetune.jobs import records
+from finetune.quality.answers import answer_conversations_gguf
+from inference.default_model import SMOLLM2_FILENAME, smollm2_gguf
+from inference.registry import read_card
 from inference.settings import DEFAULT_SYSTEM_PROMPT, ROOT, Settings
 from tests.conftest import CACHE_DIR, link_model
 
@@ -49,7 +50,7 @@ def score(answers: list[str], keys: list[str]) -> dict:
     return {"right": sum(hits), "of": len(hits), "accuracy": round(sum(hits) / len(hits), 3)}
 
 
-def fine_tune(data: Path, models: Path, jobs_dir: Path) -> jobs.JobRecord:
+def fine_tune(data: Path, models: Path, jobs_dir: Path) -> records.JobRecord:
     """The CLI run with default training settings; returns the finished job."""
     command = [sys.executable, "-m", "finetune", "run", "--preset", "smollm2-135m",
                "--data", str(data), "--quant-types", *QUANTS, "--keep-intermediates",
@@ -60,7 +61,7 @@ def fine_tune(data: Path, models: Path, jobs_dir: Path) -> jobs.JobRecord:
                           env={**os.environ, "FINECHAT_CACHE_DIR": str(CACHE_DIR)})
     if done.returncode:
         sys.exit(f"fine-tune failed (exit {done.returncode})")
-    record = jobs.list_jobs(jobs_dir)[0]
+    record = records.list_jobs(jobs_dir)[0]
     record.status["pipeline_seconds"] = round(time.monotonic() - started, 1)
     return record
 

@@ -1,4 +1,4 @@
-"""Peak RAM and seconds of the streaming merge (finetune/merge.py) on a synthetic large model.
+"""Peak RAM and seconds of the streaming merge (finetune/export/merge.py) on a synthetic large model.
 
     python -m bench.merge_memory                # Mistral-7B's shape with 16 of its 32 layers
     python -m bench.merge_memory --layers 32    # all of Mistral-7B (14.5 GB on disk, twice)
@@ -43,7 +43,7 @@ def shapes_of(config: dict) -> dict[str, tuple[int, ...]]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from finetune import merge
+    from finetune.export import merge
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
@@ -56,7 +56,7 @@ def write_base(dest: Path, config: dict, seed: int = 0,
     """A random bf16 checkpoint (norms 1, the rest N(0, 0.02)); returns its size in bytes."""
     import torch
 
-    from finetune.tensorfile import write_sharded
+    from finetune.export.tensorfile import write_sharded
 
     shapes, generator = shapes_of(config), torch.Generator().manual_seed(seed)
 
@@ -76,7 +76,7 @@ def _copy_tokenizer(dest: Path) -> None:
     """The merge saves the base's tokenizer with the weights: SmolLM2's stands in (offline)."""
     from transformers import AutoTokenizer
 
-    from finetune.base_models import resolve_base
+    from finetune.recipe.bases import resolve_base
 
     AutoTokenizer.from_pretrained(resolve_base("smollm2-135m")).save_pretrained(dest)
 
@@ -87,7 +87,7 @@ def write_adapter(dest: Path, base_dir: Path, config: dict, r: int = 16, alpha: 
     import torch
     from peft import LoraConfig
 
-    from finetune.tensorfile import write_safetensors
+    from finetune.export.tensorfile import write_safetensors
 
     dest.mkdir(parents=True, exist_ok=True)
     shapes = shapes_of(config)
@@ -106,19 +106,20 @@ def write_adapter(dest: Path, base_dir: Path, config: dict, r: int = 16, alpha: 
 
 
 def merge_under_meter(base: Path, adapter: Path, out: Path) -> dict:
-    """The merge as the job runs it (export.merge_adapter), measured; this process only. The
+    """The merge as the job runs it (pipeline.merge_adapter), measured; this process only. The
     libraries are imported first, as in the job process (training imported them)."""
     import peft  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from finetune import export, resources
+    from finetune import resources
+    from finetune.export import pipeline
 
     before = resources.rss_bytes(os.getpid())
     peaks = resources.StagePeaks()
     started = time.monotonic()
     with peaks.measure("merge"):
-        export.merge_adapter(str(base), adapter, out)
+        pipeline.merge_adapter(str(base), adapter, out)
     return {"seconds": round(time.monotonic() - started, 1),
             "rss_before_gb": round(before / 1e9, 3), **peaks["merge"]}
 

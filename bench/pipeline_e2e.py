@@ -24,9 +24,10 @@ import sys
 import time
 from pathlib import Path
 
-from finetune import jobs
-from finetune.base_models import default_cache_dir
-from inference.registry import SMOLLM2_FILENAME, read_card, smollm2_gguf
+from finetune.jobs import records
+from finetune.recipe.bases import default_cache_dir
+from inference.default_model import SMOLLM2_FILENAME, smollm2_gguf
+from inference.registry import read_card
 from inference.settings import DEFAULT_SYSTEM_PROMPT, ROOT, Settings
 
 CACHE_DIR = default_cache_dir()  # not tests.conftest: the GPU machine has no pytest
@@ -61,7 +62,7 @@ def base_for(model: str, workdir: Path) -> list[str]:
     return ["--base-model", str(folder)]
 
 
-def run_job(model: str, workdir: Path, models: Path, limit_gb: float) -> jobs.JobRecord:
+def run_job(model: str, workdir: Path, models: Path, limit_gb: float) -> records.JobRecord:
     jobs_dir = workdir / "jobs"
     command = [sys.executable, "-m", "finetune", "run", *base_for(model, workdir),
                "--data", str(DATA), "--models-dir", str(models), "--jobs-dir", str(jobs_dir),
@@ -71,7 +72,7 @@ def run_job(model: str, workdir: Path, models: Path, limit_gb: float) -> jobs.Jo
     print("$", " ".join(command[1:]), flush=True)
     done = subprocess.run(command, cwd=ROOT, env={**os.environ,
                                                   "FINECHAT_CACHE_DIR": str(CACHE_DIR)})
-    record = jobs.list_jobs(jobs_dir)[0]
+    record = records.list_jobs(jobs_dir)[0]
     if done.returncode:
         print(record.log_tail(40), file=sys.stderr)
         sys.exit(f"job failed (exit {done.returncode}): {record.status.get('error')}")
@@ -99,7 +100,7 @@ def first_answer(models: Path, name: str) -> float:
     return time.perf_counter() - started
 
 
-def stage_table(record: jobs.JobRecord, card: dict, reload_s: float) -> dict:
+def stage_table(record: records.JobRecord, card: dict, reload_s: float) -> dict:
     metrics, timings = card.get("metrics") or {}, card.get("timings_s") or {}
     peaks = record.status.get("peaks") or card.get("peaks") or {}
     seconds = {"load": metrics.get("load_seconds"), "train": metrics.get("train_seconds"),
@@ -134,7 +135,7 @@ def main() -> None:
         models.mkdir(parents=True, exist_ok=True)
         (models / SMOLLM2_FILENAME).symlink_to(smollm2_gguf(CACHE_DIR / "models"))
     started = time.time()
-    record = (jobs.list_jobs(workdir / "jobs")[0] if args.from_job
+    record = (records.list_jobs(workdir / "jobs")[0] if args.from_job
               else run_job(args.model, workdir, models, args.gpu_memory_limit_gb))
     card = read_card(models, record.status["version"])
     # What the gate chose; when it chose nothing (a random-init stand-in learns little that

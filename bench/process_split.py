@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.chat_overhead import machine_info, serving_args, write_result  # noqa: E402
 from bench.concurrency import at_once, serve_in_process  # noqa: E402
-from inference.registry import smollm2_gguf  # noqa: E402
+from inference.default_model import smollm2_gguf  # noqa: E402
 from tests.conftest import CACHE_DIR, link_model  # noqa: E402
 
 LEVELS = (1, 8)

@@ -27,8 +27,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from finetune import export, fidelity, train  # noqa: E402
 from finetune.config import from_preset  # noqa: E402
+from finetune.export import llama_tools, pipeline
+from finetune.quality import fidelity
+from finetune.recipe import train  # noqa: E402
 
 # Prompts the merged HF model and the f16 GGUF continue greedily (plain text and chat turns).
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ",
@@ -85,7 +87,7 @@ def main() -> int:
         tmp = Path(tmp)
         reporter = train.ConsoleReporter()
         result = train.train(config, tmp / "train", reporter)
-        exported = export.export(result, config, tmp / "models", tmp / "export", reporter)
+        exported = pipeline.export(result, config, tmp / "models", tmp / "export", reporter)
         started = time.monotonic()
         greedy = fidelity.greedy_agreement(exported.merged_dir, exported.f16_path, PROMPTS,
                                          args.max_new_tokens)
@@ -93,7 +95,7 @@ def main() -> int:
         started = time.monotonic()
         compared = dict(exported.models)
         for quant in REFERENCE_QUANTS:  # not published: rows that explain the published ones
-            compared[quant] = export.quantize(exported.f16_path, tmp / f"ref.{quant}.gguf", quant)
+            compared[quant] = llama_tools.quantize(exported.f16_path, tmp / f"ref.{quant}.gguf", quant)
         chunks = max(1, args.tokens // (args.n_ctx // 2))  # half of each window is scored
         quality = fidelity.quant_fidelity(exported.f16_path, compared, held_out_text(),
                                         n_ctx=args.n_ctx, max_chunks=chunks)

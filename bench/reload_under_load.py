@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from inference.registry import SMOLLM2_FILENAME, smollm2_gguf
+from inference.default_model import SMOLLM2_FILENAME, smollm2_gguf
 from inference.settings import ROOT
 from tests.conftest import CACHE_DIR, link_model
 from tests.e2e.conftest import run_app

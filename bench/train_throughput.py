@@ -1,4 +1,4 @@
-"""How fast does the project's own trainer (finetune.train.train) run QLoRA, and in how much
+"""How fast does the project's own trainer (finetune.recipe.train.train) run QLoRA, and in how much
 memory? The seed recipe (the notebooks this project grew from) against the project default, on
 random-init Phi-3.5-mini and Mistral-7B architectures (public config values; the weights
 cannot be downloaded here) and on SmolLM2-135M, the offline preset (real weights).
@@ -59,10 +59,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.standins import CONFIGS  # noqa: E402
 from finetune import FinetuneError, distributed  # noqa: E402
-from finetune import data as data_mod  # noqa: E402
-from finetune import train as train_mod  # noqa: E402
 from finetune.config import from_preset  # noqa: E402
-from finetune.plan import LEAN_TOKENS_PER_MICRO_BATCH  # noqa: E402
+from finetune.recipe import data as data_mod  # noqa: E402
+from finetune.recipe import train as train_mod  # noqa: E402
+from finetune.recipe.plan import LEAN_TOKENS_PER_MICRO_BATCH  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16, the datasheet figure
 RESULTS = ROOT / "bench" / "results" / "train_throughput.json"
@@ -447,7 +447,7 @@ def bench_smollm2(workdir: Path, deadline: float, seeds: list[int], only: set[st
     """Throughput, and validation loss after one epoch: plain vs default recipe, paired seeds."""
     from transformers import AutoConfig
 
-    from finetune.base_models import default_cache_dir, resolve_base
+    from finetune.recipe.bases import default_cache_dir, resolve_base
 
     base = Path(resolve_base("smollm2-135m", default_cache_dir()))
     n_params = matmul_params(AutoConfig.from_pretrained(base))
@@ -543,7 +543,7 @@ def share(args) -> None:
     recipe, then this rank's measured tokens and seconds into --share-out/rank<r>.json."""
     from transformers import AutoConfig
 
-    from finetune.base_models import default_cache_dir, resolve_base
+    from finetune.recipe.bases import default_cache_dir, resolve_base
 
     if args.share == "smollm2":
         preset, base = "smollm2-135m", Path(resolve_base("smollm2-135m", default_cache_dir()))

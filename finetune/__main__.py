@@ -1,6 +1,6 @@
 """The CLI: `python -m finetune run|jobs|status|cancel|inspect-data|push|fetch ...`.
 
-`run` goes through finetune.jobs exactly like the admin tab: the job runs in its own process,
+`run` goes through finetune.jobs.records exactly like the admin tab: the job runs in its own process,
 and this command follows its status file with progress bars. Flags of `run` are generated from
 FinetuneConfig's fields, so a new setting appears here without touching this file.
 """
@@ -14,14 +14,15 @@ import time
 from pathlib import Path
 
 from finetune import FinetuneError
-from inference.registry import InferenceError
+from finetune.config import PREFERRED_QUANTS
+from inference.errors import InferenceError
 
 ALIASES = {"dataset": ["--data"], "num_epochs": ["--epochs"], "learning_rate": ["--lr"]}
-PRINT_FIRST = ("Q4_K_M", "Q5_K_M")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from finetune.config import PRESETS, config_fields
+    from finetune.config import config_fields
+    from finetune.presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m finetune",
                                      description="Fine-tune a model into GGUF files for the chat.")
@@ -90,8 +91,8 @@ def _dirs(args):
 
 
 def cmd_run(args) -> int:
-    from finetune import jobs
     from finetune.config import FinetuneConfig, config_fields, from_preset
+    from finetune.jobs import records
 
     overrides = {}
     for spec in config_fields():
@@ -109,7 +110,7 @@ def cmd_run(args) -> int:
         raise FinetuneError("Name a dataset: --data FILE (.json, .jsonl, .csv) or a Hub name.")
     config = from_preset(preset, **overrides) if preset else FinetuneConfig.from_dict(overrides)
     jobs_dir, models_dir = _dirs(args)
-    record = jobs.submit(config, jobs_dir, models_dir)
+    record = records.submit(config, jobs_dir, models_dir)
     if getattr(args, "detach", False):
         print(record.id)
         return 0
@@ -119,7 +120,7 @@ def cmd_run(args) -> int:
         record = follow(jobs_dir, record.id)
     except KeyboardInterrupt:
         print(f"\ncancelling job {record.id} ...", file=sys.stderr)
-        jobs.cancel(jobs_dir, record.id)
+        records.cancel(jobs_dir, record.id)
         return 130
     if record.state != "done":
         reason = record.status.get("error") or record.status.get("message") or record.state
@@ -130,7 +131,7 @@ def cmd_run(args) -> int:
         served = record.status.get("serve") or "nothing new (the served model stays)"
         print(f"fidelity gate: {served}: {record.status['serve_reason']}", file=sys.stderr)
     paths = sorted(record.model_paths, key=lambda p: next(
-        (i for i, q in enumerate(PRINT_FIRST) if f".{q}." in p.name), len(PRINT_FIRST)))
+        (i for i, q in enumerate(PREFERRED_QUANTS) if f".{q}." in p.name), len(PREFERRED_QUANTS)))
     for path in paths:
         print(path)
     return 0
@@ -140,11 +141,11 @@ def follow(jobs_dir: Path, job_id: str, poll_s: float = 0.5):
     """Draw the job's progress from its status file until it reaches a final state."""
     from tqdm import tqdm
 
-    from finetune import jobs
+    from finetune.jobs import records
 
     bar, last = None, None
     while True:
-        record = jobs.get(jobs_dir, job_id)
+        record = records.get(jobs_dir, job_id)
         status = record.status
         seen = (status.get("stage"), status.get("message"))
         if seen != last:
@@ -169,15 +170,15 @@ def follow(jobs_dir: Path, job_id: str, poll_s: float = 0.5):
 
 
 def cmd_jobs(args) -> int:
-    from finetune import jobs
+    from finetune.jobs import records
 
     jobs_dir, _ = _dirs(args)
-    records = jobs.list_jobs(jobs_dir)
-    if not records:
+    found = records.list_jobs(jobs_dir)
+    if not found:
         print(f"no jobs in {jobs_dir}")
         return 0
     print(f"{'JOB':<22} {'STATE':<10} {'STAGE':<11} {'STEP':>9}  {'CREATED':<20} MODELS")
-    for r in records:
+    for r in found:
         s = r.status
         step = f"{s.get('step', '-')}/{s.get('total_steps', '-')}"
         print(f"{r.id:<22} {r.state:<10} {s.get('stage', ''):<11} {step:>9}  "
@@ -186,10 +187,10 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from finetune import jobs
+    from finetune.jobs import records
 
     jobs_dir, _ = _dirs(args)
-    record = jobs.get(jobs_dir, args.job_id)
+    record = records.get(jobs_dir, args.job_id)
     for key in ("state", "stage", "message", "devices", "step", "total_steps", "loss",
                 "val_loss", "tokens_per_s", "eta_s", "error", "created_at", "finished_at",
                 "version"):
@@ -203,16 +204,16 @@ def cmd_status(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from finetune import jobs
+    from finetune.jobs import records
 
     jobs_dir, _ = _dirs(args)
-    record = jobs.cancel(jobs_dir, args.job_id)
+    record = records.cancel(jobs_dir, args.job_id)
     print(f"job {record.id}: {record.state}")
     return 0
 
 
 def cmd_inspect_data(args) -> int:
-    from finetune.data import inspect_dataset
+    from finetune.recipe.data import inspect_dataset
 
     report = inspect_dataset(args.dataset)
     print(f"{args.dataset}: {report.summary()}")
@@ -227,13 +228,14 @@ def cmd_inspect_data(args) -> int:
 
 
 def cmd_push(args) -> int:
-    from finetune import jobs, publish
+    from finetune.export import publish
+    from finetune.jobs import records
 
     jobs_dir, models_dir = _dirs(args)
     with _progress_bar(f"push {args.version}") as progress:
         done = publish.publish(models_dir, args.version, args.repo, private=args.private,
                                files=args.files, progress=progress)
-    jobs.record_publication(jobs_dir, args.version, {"repo": done.repo_id, "url": done.url,
+    records.record_publication(jobs_dir, args.version, {"repo": done.repo_id, "url": done.url,
                                                      "commit": done.commit_url})
     print(done.url)
     return 0

@@ -12,8 +12,10 @@ import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from finetune import FinetuneError
-from finetune.base_models import HUB_IDS, OFFLINE_PRESET, looks_like_hub_id
+from finetune import FinetuneError, presets
+from finetune.presets import HUB_IDS, PRESETS
+from inference.files import slug
+from inference.hub import looks_like_hub_id
 
 DATASET_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 # llama.cpp quantizations that need no importance matrix (the IQ* types do).
@@ -27,6 +29,8 @@ ATTENTION = ("auto", "sdpa", "flex_attention", "eager", "flash_attention_2")
 PADDING = ("longest", "max_length")
 SERVE_MODES = ("auto", "merged", "adapter")
 MEMORY_MODES = ("auto", "fast", "lean")
+# The files a job produces by default, in the order the chat serves and shows them.
+PREFERRED_QUANTS = ("Q4_K_M", "Q5_K_M")
 _ALIASES = {"lr": "learning_rate", "epochs": "num_epochs", "r": "lora_r", "alpha": "lora_alpha",
             "batch_size": "micro_batch_size", "data": "dataset", "model": "base_model"}
 
@@ -82,7 +86,7 @@ class FinetuneConfig:
         "all its activations kept).", default=0)
     offload_activations: bool = _help("With gradient checkpointing on a GPU, keep each layer's "
                                       "saved input in pinned CPU memory, copied on a side stream "
-                                      "while compute goes on (finetune.offload): "
+                                      "while compute goes on (finetune.recipe.offload): "
                                       "frees layers x tokens x hidden x 2 bytes of GPU memory "
                                       "for host copies each step. No effect on CPU.",
                                       default=False)
@@ -136,7 +140,7 @@ class FinetuneConfig:
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
     weight_decay: float = _help("AdamW weight decay.", default=0.0)
     quant_types: list[str] = _help("GGUF quantizations to produce.",
-                                   default_factory=lambda: ["Q4_K_M", "Q5_K_M"])
+                                   default_factory=lambda: list(PREFERRED_QUANTS))
     parallel_quantize: bool = _help("Quantize every type at once, each on its share of the "
                                     "cores (llama.cpp's quantizer reads and writes one tensor "
                                     "at a time: two types take ~0.65x as long as one after "
@@ -185,7 +189,7 @@ class FinetuneConfig:
         if self.output_name:
             return self.output_name
         stem = Path(self.base_model.rstrip("/")).name.removesuffix(".gguf") or "model"
-        return re.sub(r"[^a-z0-9._-]+", "-", stem.lower()).strip("-._") + "-ft"
+        return slug(stem) + "-ft"
 
     def modules(self) -> list[str] | str:
         """target_modules as peft wants it: 'all-linear' or a list of names."""
@@ -366,30 +370,9 @@ def _coerce(name: str, value, kind: str):
                             ) from None
 
 
-# -- presets ---------------------------------------------------------------------------------
-
-_LLAMA_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PRESETS: dict[str, dict] = {
-    # Tiny and offline: higher rate and several short epochs so a small FAQ really sticks;
-    # its activations are small, so recomputing them (checkpointing) would only cost time,
-    # and its runs are too short to repay flex_attention's kernel compilation.
-    OFFLINE_PRESET: {"base_model": OFFLINE_PRESET, "target_modules": _LLAMA_LINEAR,
-                     "max_seq_length": 512, "learning_rate": 1e-3, "num_epochs": 5.0,
-                     "gradient_accumulation": 1, "gradient_checkpointing": False,
-                     "attn_implementation": "sdpa"},
-    # Phi-3 fuses q/k/v and gate/up into single projections.
-    "phi-3.5-mini": {"base_model": "phi-3.5-mini",
-                     "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
-                     "max_seq_length": 2048, "learning_rate": 2e-4},
-    "mistral-7b": {"base_model": "mistral-7b", "target_modules": _LLAMA_LINEAR,
-                   "max_seq_length": 2048, "learning_rate": 2e-4},
-}
-
-
 def from_preset(name: str, **overrides) -> FinetuneConfig:
     """The preset's settings with `overrides` on top (not validated yet)."""
     if name not in PRESETS:
         raise FinetuneError(f"Unknown preset {name!r}: choose from {', '.join(PRESETS)}.")
-    values = {k: (list(v) if isinstance(v, list) else v) for k, v in PRESETS[name].items()}
-    values.setdefault("dataset", "")
+    values = {"dataset": "", **presets.config_values(name)}
     return FinetuneConfig.from_dict({**values, **overrides})

@@ -2,7 +2,7 @@
 
 A job on N > 1 processes: the job process waits for its turn on the GPUs, then becomes
 torchrun's elastic agent (exec, so it keeps its pid and the GPU-slot lock), which starts N ranks
-of `python -m finetune.worker`. Each rank trains on its own GPU (its own CPU process with gloo
+of `python -m finetune.jobs.worker`. Each rank trains on its own GPU (its own CPU process with gloo
 when there is no CUDA, for tests) and reads its own share of the batches; transformers' Trainer
 wraps the model in DistributedDataParallel. Rank 0 alone reports, saves and exports.
 
@@ -131,7 +131,7 @@ def become_torchrun(processes: int, job_dir: Path, gpu_lock) -> None:
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                f"--nproc-per-node={processes}", "--max-restarts=0",
-                               "-m", "finetune.worker", str(job_dir)], env)
+                               "-m", "finetune.jobs.worker", str(job_dir)], env)
 
 
 # -- in a rank ------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def become_torchrun(processes: int, job_dir: Path, gpu_lock) -> None:
 def die_with_parent(parent_pid: int) -> None:
     """Die (SIGKILL) when the process that started this one dies: a rank with torchrun's agent
     (kill -9 of the job's process, or a cancel escalated to SIGKILL; torchrun starts every rank
-    in a session of its own), llama.cpp's child with the job process (finetune.llama_process)."""
+    in a session of its own), llama.cpp's child with the job process (finetune.quality.llama_process)."""
     if sys.platform == "linux":
         import ctypes
 

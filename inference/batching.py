@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from inference import handoff
-from inference.registry import InferenceError
+from inference.errors import InferenceError
 
 log = logging.getLogger("finechat.batching")
 

@@ -6,8 +6,8 @@ import time
 import gradio as gr
 
 from inference.engine import GenerationParams
+from inference.errors import InferenceError
 from inference.prompt import build_messages
-from inference.registry import InferenceError
 from inference.settings import DEFAULT_SYSTEM_PROMPT
 from inference.supervisor import EngineSupervisor
 

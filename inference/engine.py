@@ -20,9 +20,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterator
 
-from inference import batching, hub, llama_build, registry
+from inference import batching, default_model, hub, llama_build, registry
+from inference.errors import InferenceError
 from inference.prompt import fit_to_context
-from inference.registry import InferenceError
 from inference.settings import Settings
 
 log = logging.getLogger("finechat.engine")
@@ -176,7 +176,7 @@ class ChatEngine:
     def start(self) -> str:
         """Pick and load the first model; a failure is logged and the app still starts."""
         models_dir = self.settings.models_dir
-        return self.serve_first(registry.ensure_default_model(
+        return self.serve_first(default_model.ensure_default_model(
             models_dir, hub.fetch_default(self.settings.hub_model, models_dir)))
 
     def serve_first(self, name: str) -> str:

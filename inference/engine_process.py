@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection
 
 from inference import handoff
 from inference.engine import ChatEngine, GenerationParams
-from inference.registry import InferenceError
+from inference.errors import InferenceError
 from inference.settings import Settings, settings_from_dict
 
 log = logging.getLogger("finechat.engine_process")

@@ -22,6 +22,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from inference.errors import first_line
+
 _GGUF_TYPE_UINT32, _GGUF_TYPE_STRING = 4, 8  # enum gguf_type (gguf.h)
 
 
@@ -161,7 +163,7 @@ def main(argv: list[str]) -> int:
         try:
             entry = {"path": arg, "header": asdict(read(Path(arg)))}
         except Exception as exc:  # any parse failure means llama.cpp would refuse it too
-            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            reason = first_line(exc, 120)
             entry = {"path": arg, "error": reason}
         print(json.dumps(entry), flush=True)
     return 0

@@ -17,7 +17,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from inference.registry import InferenceError, inspect_gguf
+from inference.errors import InferenceError, first_line
+from inference.files import safe_filename
+from inference.registry import inspect_gguf
 
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")
 Progress = Callable[[float, str], None]
@@ -35,8 +37,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 def local_name(filename: str) -> str:
     """The file's name in models/: no folders, only [A-Za-z0-9._-], ending in .gguf."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", filename.replace("\\", "/").rsplit("/", 1)[-1])
-    name = name.lstrip(".")[-200:]
+    name = safe_filename(filename)[-200:]
     if not name.endswith(".gguf") or name == ".gguf":
         raise InferenceError(f"{filename!r} is not a .gguf file.")
     return name
@@ -154,5 +155,10 @@ def hub_failure(exc: BaseException, repo_id: str, filename: str = "") -> str:
                403: f"No write permission for {repo_id} with this token."}
     if status in reasons:
         return reasons[status]
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"The Hub refused it: {first[:200]}"
+    return f"The Hub refused it: {first_line(exc, 200)}"
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`owner/name` as a Hub id is written (whether it exists is the Hub's to say)."""
+    parts = name.split("/")
+    return len(parts) == 2 and all(p and not p.startswith(".") and " " not in p for p in parts)

@@ -2,7 +2,7 @@
 files, and how many of one client's requests wait or run in Gradio's queue.
 
 (The upload size cap is Gradio's `max_file_size`, set where app.py mounts Gradio; the admin
-password's slow-down is in finetune/auth.py.)
+password's slow-down is in finetune/ui/auth.py.)
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from fastapi.routing import APIRoute
 
 from inference import handoff
 from inference.engine import GenerationParams
-from inference.registry import InferenceError
+from inference.errors import InferenceError
 
 if TYPE_CHECKING:
     from inference.engine import Generation

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from inference.registry import InferenceError
+from inference.errors import InferenceError
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 

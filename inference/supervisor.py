@@ -27,10 +27,10 @@ import time
 from multiprocessing.connection import Connection
 from typing import Iterator
 
-from inference import batching, hub, registry
+from inference import batching, default_model, hub, registry
 from inference.engine import Generation, GenerationParams
+from inference.errors import InferenceError
 from inference.gguf_header import exit_reason
-from inference.registry import InferenceError
 from inference.settings import ROOT, Settings, settings_to_dict
 
 log = logging.getLogger("finechat.supervisor")
@@ -108,7 +108,7 @@ class EngineSupervisor:
         """Start the engine process serving the first model; returns once it is ready (a
         model that fails or crashes is logged, and the app starts without it)."""
         models_dir = self.settings.models_dir
-        name = registry.ensure_default_model(
+        name = default_model.ensure_default_model(
             models_dir, hub.fetch_default(self.settings.hub_model, models_dir))
         self._spawn(name)
         if not self._ready.wait(START_TIMEOUT_S):
@@ -279,7 +279,7 @@ class EngineSupervisor:
         serve = self.active_name
         if serve in loading or not any(i.name == serve and i.usable
                                        for i in registry.scan(self.settings.models_dir)):
-            serve = registry.ensure_default_model(self.settings.models_dir)
+            serve = default_model.ensure_default_model(self.settings.models_dir)
         self._spawn(serve)
 
     # -- commands -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from inference.registry import SMOLLM2_FILENAME, smollm2_gguf
+from inference.default_model import SMOLLM2_FILENAME, smollm2_gguf
 from inference.settings import ROOT
 
 CACHE_DIR = Path(os.environ.get("FINECHAT_CACHE_DIR", ROOT / ".cache"))
@@ -33,7 +33,7 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_hf_dir(smollm2_path) -> Path:
     """SmolLM2-135M-Instruct as a float32 HF folder (built once into the cache, ~30 s)."""
-    from finetune.base_models import resolve_base
+    from finetune.recipe.bases import resolve_base
 
     return Path(resolve_base("smollm2-135m", CACHE_DIR))
 

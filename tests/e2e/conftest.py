@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from inference.registry import SMOLLM2_FILENAME
+from inference.default_model import SMOLLM2_FILENAME
 from inference.settings import ROOT
 from tests.conftest import link_model
 

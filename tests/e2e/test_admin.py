@@ -9,8 +9,8 @@ import time
 import pytest
 from gradio_client.exceptions import AppError
 
-from finetune import jobs
-from inference.registry import SMOLLM2_FILENAME
+from finetune.jobs import records
+from inference.default_model import SMOLLM2_FILENAME
 from inference.settings import ROOT
 from tests.conftest import link_model
 from tests.e2e.conftest import run_app
@@ -144,7 +144,7 @@ def test_job_from_admin_handlers_runs_and_chat_serves_the_new_model(admin_server
     assert "Started job" in message
     out = wait_for_job(admin, timeout_s=900)
     assert "<b>done" in out[1], out[1] + "\n" + str(out[3])[-2000:]
-    record = jobs.list_jobs(admin_server.models_dir.parent / "jobs")[0]
+    record = records.list_jobs(admin_server.models_dir.parent / "jobs")[0]
     assert record.config["memory_mode"] == "lean"  # the admin's choice reached the job
     new_models = sorted(p.name for p in admin_server.models_dir.glob("smollm2-135m*.gguf"))
     assert any(".Q4_K_M." in n for n in new_models) and any(".Q5_K_M." in n for n in new_models)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
-from inference.registry import SMOLLM2_FILENAME
+from inference.default_model import SMOLLM2_FILENAME
 from inference.settings import ROOT
 from tests.conftest import link_model
 from tests.e2e.conftest import TIMEOUT_MS, run_app

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import time
 
-from finetune import jobs
-from inference.registry import SMOLLM2_FILENAME
+from finetune.jobs import records
+from inference.default_model import SMOLLM2_FILENAME
 from tests.conftest import link_model
 from tests.e2e.conftest import run_app
 from tests.e2e.test_admin import FAQ, PASSWORD, wait_for_job
@@ -42,28 +42,28 @@ def test_job_survives_app_restart_and_is_activated_once(tmp_path, smollm2_path):
             "smollm2-135m", "", None, str(FAQ), 1, 6, 1e-3, 8, 256, 16, 0.0, 0, 1, 0.1, 42,
             "on", "off", ["Q4_K_M"], True, 100, 0, api_name="/admin_start")
         assert "Started job" in message
-        (record,) = jobs.list_jobs(jobs_dir)
+        (record,) = records.list_jobs(jobs_dir)
         time.sleep(3)
-        assert not jobs.get(jobs_dir, record.id).is_final  # still loading / training
+        assert not records.get(jobs_dir, record.id).is_final  # still loading / training
         first.proc.terminate()
         first.proc.wait(timeout=15)
-    record = jobs.get(jobs_dir, record.id)
+    record = records.get(jobs_dir, record.id)
     assert record.state not in ("failed", "cancelled"), record.status  # the app's exit ≠ the job's
 
     try:
         _restart_and_finish(workdir, models, jobs_dir, record)
     finally:  # never leave a training process behind a failed test
-        if not jobs.get(jobs_dir, record.id).is_final:
-            jobs.cancel(jobs_dir, record.id)
+        if not records.get(jobs_dir, record.id).is_final:
+            records.cancel(jobs_dir, record.id)
 
 
 def _restart_and_finish(workdir, models, jobs_dir, record) -> None:
     with run_app(workdir, models, **ENV) as second:
         admin = logged_in(second)
-        before = jobs.get(jobs_dir, record.id).state
+        before = records.get(jobs_dir, record.id).state
         picker, progress, *_, table, _versions, served = admin.predict(
             None, api_name="/admin_refresh")
-        after = jobs.get(jobs_dir, record.id).state
+        after = records.get(jobs_dir, record.id).state
         assert picker["value"] == record.id
         (row,) = table_rows(table)
         shown_id, shown_state = row[0], row[1]
@@ -71,10 +71,10 @@ def _restart_and_finish(workdir, models, jobs_dir, record) -> None:
         # what the page shows is the record's state at the moment of the call
         assert ORDER[before] <= ORDER[shown_state] <= ORDER[after], (before, shown_state, after)
         assert shown_state not in ("failed", "cancelled"), progress
-        assert any(f"<b>{stage}</b>" in progress for stage in jobs.STAGES), progress
+        assert any(f"<b>{stage}</b>" in progress for stage in records.STAGES), progress
 
         out = wait_for_job(admin, timeout_s=900)
-        record = jobs.get(jobs_dir, record.id)
+        record = records.get(jobs_dir, record.id)
         assert "<b>done" in out[1], out[1] + "\n" + record.log_tail(60)
         (new_model,) = [m for m in record.status["models"] if ".Q4_K_M." in m]
         assert ".Q4_K_M." in new_model and (models / new_model).exists()
@@ -82,7 +82,7 @@ def _restart_and_finish(workdir, models, jobs_dir, record) -> None:
         while time.monotonic() < deadline and active_model(models) != new_model:
             time.sleep(1)
         assert active_model(models) == new_model  # the restarted app took the new model
-        activation = jobs.get(jobs_dir, record.id).status.get("activation")
+        activation = records.get(jobs_dir, record.id).status.get("activation")
         assert activation and activation.get("ok") and activation["model"] == new_model
         assert SMOLLM2_FILENAME in admin.predict(api_name="/admin_rollback")
         assert active_model(models) == SMOLLM2_FILENAME
@@ -92,4 +92,4 @@ def _restart_and_finish(workdir, models, jobs_dir, record) -> None:
         assert active_model(models) == SMOLLM2_FILENAME  # the done job is not re-activated
         served = logged_in(third).predict(None, api_name="/admin_refresh")[-1]
         assert SMOLLM2_FILENAME in served and new_model not in served
-        assert jobs.get(jobs_dir, record.id).status.get("activation") == activation
+        assert records.get(jobs_dir, record.id).status.get("activation") == activation

@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 from gradio_client.exceptions import AppError
 
-from inference.registry import SMOLLM2_FILENAME
+from inference.default_model import SMOLLM2_FILENAME
 from tests.conftest import link_model
 from tests.e2e.conftest import CORRUPT_NAME, TRUNCATED_NAME, run_app
 

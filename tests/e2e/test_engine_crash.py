@@ -19,7 +19,7 @@ import openai
 import pytest
 from gradio_client import Client
 
-from inference.registry import SMOLLM2_FILENAME
+from inference.default_model import SMOLLM2_FILENAME
 from inference.supervisor import ENGINE_CRASHED
 from tests.conftest import link_model
 from tests.e2e.conftest import run_app

@@ -11,8 +11,8 @@ import time
 import httpx
 import pytest
 
-from finetune import jobs
-from inference.registry import SMOLLM2_FILENAME
+from finetune.jobs import records
+from inference.default_model import SMOLLM2_FILENAME
 from tests.conftest import link_model
 from tests.e2e.conftest import run_app
 from tests.e2e.test_admin import FAQ, GREEDY, PASSWORD, wait_for_job
@@ -65,7 +65,7 @@ def finished_job(tmp_path_factory, smollm2_path, hub):
         assert "Started job" in message
         out = wait_for_job(logged_in(first), timeout_s=900)
         assert "<b>done" in out[1], out[1] + str(out[3])[-2000:]
-    (record,) = jobs.list_jobs(data / "jobs")
+    (record,) = records.list_jobs(data / "jobs")
     return data, record
 
 
@@ -124,7 +124,7 @@ def test_publish_from_the_admin_tab(finished_job, hub):
     assert evaluation["samples"][0]["prompt"].split()[0] in readme
     card = json.loads((data / "models" / f"{version}.card.json").read_text())
     assert card["dataset_sha256"] in readme and "## Stage timings" in readme
-    published = jobs.get(data / "jobs", record.id).status["published"]
+    published = records.get(data / "jobs", record.id).status["published"]
     assert published[-1]["repo"] == "alice/faq-ft"
     # the token reached the Hub and nothing else: no file in the data folder, no log line
     assert TOKEN not in log

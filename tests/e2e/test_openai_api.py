@@ -18,8 +18,8 @@ import urllib.request
 import openai
 import pytest
 
+from inference.default_model import SMOLLM2_FILENAME
 from inference.openai_api import MAX_BODY_BYTES
-from inference.registry import SMOLLM2_FILENAME
 from tests.conftest import link_model
 from tests.e2e.conftest import CORRUPT_NAME, TRUNCATED_NAME, run_app
 

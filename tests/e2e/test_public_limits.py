@@ -9,8 +9,8 @@ import time
 import httpx
 import pytest
 
-from finetune.uploads import MAX_UPLOAD_BYTES
-from inference.registry import SMOLLM2_FILENAME
+from finetune.ui.uploads import MAX_UPLOAD_BYTES
+from inference.default_model import SMOLLM2_FILENAME
 from tests.conftest import link_model
 from tests.e2e.conftest import run_app
 

@@ -6,8 +6,8 @@ import time
 import pytest
 
 from finetune import FinetuneError
-from finetune.auth import AdminAuth, AuthError
-from finetune.uploads import MAX_UPLOAD_BYTES, safe_filename, store_upload
+from finetune.ui.auth import AdminAuth, AuthError
+from finetune.ui.uploads import MAX_UPLOAD_BYTES, safe_filename, store_upload
 
 
 def test_login_issues_a_token_that_require_accepts():

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune import jobs
 from finetune.config import FinetuneConfig
+from finetune.jobs import records
 from inference.settings import ROOT
 from tests.finetune.test_export import generate
 
@@ -86,8 +86,8 @@ def test_run_smollm2_end_to_end_then_list_and_status(dirs, tmp_path):
 
 def test_cancel_command_and_env_dirs(tmp_path, smollm2_hf_dir):
     env = {"FINECHAT_JOBS_DIR": str(tmp_path / "jobs"), "FINECHAT_MODELS_DIR": str(tmp_path / "m")}
-    record = jobs.create_job(FinetuneConfig(base_model=str(smollm2_hf_dir), dataset=str(FAQ)),
+    record = records.create_job(FinetuneConfig(base_model=str(smollm2_hf_dir), dataset=str(FAQ)),
                              tmp_path / "jobs", tmp_path / "m")
     result = cli("cancel", record.id, env=env)
     assert result.returncode == 0 and "cancelled" in result.stdout, result.stderr
-    assert jobs.get(tmp_path / "jobs", record.id).state == "cancelled"
+    assert records.get(tmp_path / "jobs", record.id).state == "cancelled"

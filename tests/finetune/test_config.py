@@ -6,7 +6,8 @@ import json
 import pytest
 
 from finetune import FinetuneError
-from finetune.config import PRESETS, FinetuneConfig, config_fields, from_preset
+from finetune.config import FinetuneConfig, config_fields, from_preset
+from finetune.presets import PRESETS
 
 
 @pytest.fixture

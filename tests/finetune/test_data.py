@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from finetune import FinetuneError, data
+from finetune import FinetuneError
+from finetune.recipe import data
 
 QA = [{"question": f"What is fact {i}?", "answer": f"Fact {i} is {i * 7}."} for i in range(6)]
 

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune import FinetuneError, distributed, jobs, train
+from finetune import FinetuneError, distributed
 from finetune.config import from_preset
+from finetune.jobs import records
+from finetune.recipe import train
 from tests.finetune.conftest import RecordingReporter
 from tests.finetune.test_jobs import FAQ, _try_lock, tiny_config, training_step, wait_until
 
@@ -44,7 +46,7 @@ def rank_pids(agent_pid: int) -> dict[int, int]:
 
 
 def gone(*pids: int) -> bool:
-    return all(jobs._process_start(pid) is None for pid in pids)
+    return all(records._process_start(pid) is None for pid in pids)
 
 
 @pytest.fixture
@@ -55,8 +57,8 @@ def dirs(tmp_path):
 def test_two_ranks_train_as_one_process_and_rank_0_alone_publishes(smollm2_hf_dir, dirs,
                                                                      tmp_path):
     jobs_dir, models_dir = dirs
-    record = jobs.submit(two_rank_smollm2(), jobs_dir, models_dir)
-    done = jobs.wait(jobs_dir, record.id, timeout_s=600)
+    record = records.submit(two_rank_smollm2(), jobs_dir, models_dir)
+    done = records.wait(jobs_dir, record.id, timeout_s=600)
     assert done.state == "done", done.status
     reference = RecordingReporter()  # the same rows in one process (after: 2 cores here)
     one = train.train(two_rank_smollm2(num_processes=1), tmp_path / "one", reference).metrics
@@ -86,7 +88,7 @@ def test_two_ranks_train_as_one_process_and_rank_0_alone_publishes(smollm2_hf_di
 
 def test_a_rank_killed_with_9_fails_the_job_within_seconds(tiny_llama_dir, dirs):
     jobs_dir, models_dir = dirs
-    record = jobs.submit(tiny_config(tiny_llama_dir, num_processes=2, max_steps=500),
+    record = records.submit(tiny_config(tiny_llama_dir, num_processes=2, max_steps=500),
                          jobs_dir, models_dir)
     running = wait_until(lambda: training_step(jobs_dir, record.id), 180, "training")
     agent = running.status["pid"]  # the job's own process, now torchrun's agent
@@ -97,8 +99,8 @@ def test_a_rank_killed_with_9_fails_the_job_within_seconds(tiny_llama_dir, dirs)
 
     killed_at = time.monotonic()
     os.kill(ranks[1][0], signal.SIGKILL)
-    failed = wait_until(lambda: jobs.get(jobs_dir, record.id).is_final
-                        and jobs.get(jobs_dir, record.id), 60, "the job to fail")
+    failed = wait_until(lambda: records.get(jobs_dir, record.id).is_final
+                        and records.get(jobs_dir, record.id), 60, "the job to fail")
     took_s = time.monotonic() - killed_at
     assert failed.state == "failed" and failed.status["error"], failed.status
     assert took_s < 15, f"{took_s:.1f} s from kill -9 to a failed job"
@@ -112,12 +114,12 @@ def test_a_rank_killed_with_9_fails_the_job_within_seconds(tiny_llama_dir, dirs)
 
 def test_cancel_ends_every_rank(tiny_llama_dir, dirs):
     jobs_dir, models_dir = dirs
-    record = jobs.submit(tiny_config(tiny_llama_dir, num_processes=2, max_steps=500),
+    record = records.submit(tiny_config(tiny_llama_dir, num_processes=2, max_steps=500),
                          jobs_dir, models_dir)
     running = wait_until(lambda: training_step(jobs_dir, record.id), 180, "training")
     ranks = rank_pids(running.status["pid"])
     asked_at = time.monotonic()
-    cancelled = jobs.cancel(jobs_dir, record.id, grace_s=60)
+    cancelled = records.cancel(jobs_dir, record.id, grace_s=60)
     assert cancelled.state == "cancelled", cancelled.status
     assert time.monotonic() - asked_at < 15
     wait_until(lambda: gone(running.status["pid"], *(pid for pid, _ in ranks.values())), 15,

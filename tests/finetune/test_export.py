@@ -1,4 +1,4 @@
-"""export.py for real: peft adapters merged into real bases, llama.cpp's converter, llama.cpp's
+"""pipeline.py for real: peft adapters merged into real bases, llama.cpp's converter, llama.cpp's
 quantizer, and the resulting files loaded by llama_cpp. The adapters are made with peft
 directly (random LoRA B), so these tests do not depend on training. The tiny llama
 (tests/finetune/conftest.py) uses SmolLM2's tokenizer because llama.cpp's converter only
@@ -14,8 +14,10 @@ from types import SimpleNamespace
 import pytest
 
 from bench.quant_fidelity import held_out_text
-from finetune import FinetuneError, export, fidelity
+from finetune import FinetuneError
 from finetune.config import FinetuneConfig
+from finetune.export import install, llama_tools, pipeline
+from finetune.quality import fidelity
 from inference import registry
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
@@ -65,7 +67,7 @@ def run_export(base: Path, adapter: Path, tmp_path: Path, reporter=None, **overr
                              dataset_report={"format": "question_answer", "n_usable": 3})
     models_dir, workdir = tmp_path / "models", tmp_path / "work"
     reporter = reporter or Recorder()
-    return export.export(result, config, models_dir, workdir, reporter), models_dir, workdir, reporter
+    return pipeline.export(result, config, models_dir, workdir, reporter), models_dir, workdir, reporter
 
 
 def generate(path: Path, prompt: str = "Hello") -> str:
@@ -96,7 +98,7 @@ def test_tiny_export_publishes_loadable_ggufs_and_card(tiny_llama_dir, tmp_path)
                             f"{result.version}.peft", base,
                             registry.version_of(base) + ".card.json"])  # no staging left
     peft = models_dir / card["peft_adapter"]  # the adapter as peft saved it, for the Hub
-    assert sorted(p.name for p in peft.iterdir()) == sorted(export.PEFT_FILES)
+    assert sorted(p.name for p in peft.iterdir()) == sorted(install.PEFT_FILES)
     assert (peft / "adapter_model.safetensors").read_bytes() == \
         (adapter / "adapter_model.safetensors").read_bytes()
     assert not (workdir / "merged").exists() and not list(workdir.glob("*.gguf"))
@@ -109,7 +111,7 @@ def test_tiny_export_publishes_loadable_ggufs_and_card(tiny_llama_dir, tmp_path)
     assert any(line.startswith("quantize: ") for line in reporter.lines)  # and llama.cpp's
     # ... without the one-line-per-tensor listings, which are counted instead
     assert any(re.fullmatch(r"convert: \d+ tensors written", line) for line in reporter.lines)
-    assert not any(export.PER_TENSOR_LINE.search(line) for line in reporter.lines)
+    assert not any(llama_tools.PER_TENSOR_LINE.search(line) for line in reporter.lines)
     infos = {i.name: i for i in registry.scan(models_dir)}
     assert infos[f"{result.version}.Q4_K_M.gguf"].quant == "Q4_K_M"
     assert registry.version_of(f"{result.version}.Q5_K_M.gguf") == result.version
@@ -139,12 +141,12 @@ def test_merge_applies_adapter_and_f16_gguf_matches_merged_model(tiny_llama_dir,
 
 def test_quantizing_at_once_writes_the_same_files_as_one_after_the_other(smollm2_hf_dir,
                                                                          tmp_path):
-    f16 = export.convert_to_gguf(smollm2_hf_dir, tmp_path / "m.F16.gguf", lambda line: None)
+    f16 = llama_tools.convert_to_gguf(smollm2_hf_dir, tmp_path / "m.F16.gguf", lambda line: None)
     quants = ["Q4_K_M", "Q5_K_M"]
     files = {}
     for parallel in (False, True):
         targets = {q: tmp_path / f"{parallel}.{q}.gguf" for q in quants}
-        seconds = export.quantize_many(f16, targets, parallel, log=lambda line: None)
+        seconds = llama_tools.quantize_many(f16, targets, parallel, log=lambda line: None)
         assert set(seconds) == set(quants) and all(s > 0 for s in seconds.values())
         files[parallel] = [targets[q].read_bytes() for q in quants]
     assert files[True] == files[False]  # same bytes, whatever the thread count
@@ -152,7 +154,7 @@ def test_quantizing_at_once_writes_the_same_files_as_one_after_the_other(smollm2
     broken.write_bytes(f16.read_bytes()[: 2**20])  # cut short
     targets = {q: tmp_path / f"broken.{q}.gguf" for q in quants}
     with pytest.raises(FinetuneError, match="could not quantize"):
-        export.quantize_many(broken, targets, True, log=lambda line: None)
+        llama_tools.quantize_many(broken, targets, True, log=lambda line: None)
     assert not any(path.exists() for path in targets.values())
 
 
@@ -188,7 +190,7 @@ def test_bad_quant_type_fails_before_merging(tiny_llama_dir, tmp_path):
 
 
 def test_cancel_during_export_publishes_nothing(tiny_llama_dir, tmp_path):
-    from finetune.train import Cancelled
+    from finetune.recipe.train import Cancelled
 
     adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter")
     with pytest.raises(Cancelled):
@@ -203,7 +205,7 @@ def test_publish_refuses_to_overwrite_and_rolls_back(tmp_path):
         (staging / name).write_text(name)
     (models_dir / "v1.Q5_K_M.gguf").write_text("already published")
     with pytest.raises(FinetuneError, match="already exists"):
-        export.publish(staging, models_dir)
+        install.install(staging, models_dir)
     assert sorted(os.listdir(models_dir)) == [".staging-v1", "v1.Q5_K_M.gguf"]
     assert (models_dir / "v1.Q5_K_M.gguf").read_text() == "already published"
 
@@ -213,11 +215,11 @@ def test_version_names_are_unique_and_plain(tmp_path):
 
     config = FinetuneConfig(base_model="microsoft/Phi-3.5-mini-instruct", dataset="x.json")
     now = datetime(2026, 11, 23, 1, 30, 0)
-    first = export.make_version(config, tmp_path, now)
+    first = install.make_version(config, tmp_path, now)
     assert first == "phi-3.5-mini-instruct-ft-20261123-013000"
     (tmp_path / f"{first}.Q4_K_M.gguf").touch()
-    assert export.make_version(config, tmp_path, now) == f"{first}-2"
-    assert export.make_version(config, tmp_path, now, taken={f"{first}-2"}) == f"{first}-3"
+    assert install.make_version(config, tmp_path, now) == f"{first}-2"
+    assert install.make_version(config, tmp_path, now, taken={f"{first}-2"}) == f"{first}-3"
 
 
 def test_smollm2_export_and_fidelity(smollm2_hf_dir, tmp_path):
@@ -228,8 +230,8 @@ def test_smollm2_export_and_fidelity(smollm2_hf_dir, tmp_path):
     check = fidelity.greedy_agreement(result.merged_dir, result.f16_path, PROMPTS, max_new_tokens=12)
     assert check["tokenizer_agrees"] == len(PROMPTS) and check["identical"] == len(PROMPTS), check["rows"]
     card = json.loads(result.card_path.read_text())
-    compared = {q: p for q, p in result.models.items() if q != export.ADAPTER}
-    compared["LoRA"] = (models_dir / card["adapter"]["base"], result.models[export.ADAPTER])
+    compared = {q: p for q, p in result.models.items() if q != install.ADAPTER}
+    compared["LoRA"] = (models_dir / card["adapter"]["base"], result.models[install.ADAPTER])
     quality = fidelity.quant_fidelity(result.f16_path, compared, held_out_text(), n_ctx=256,
                                       max_chunks=3)
     # The adapter at 16-bit on the very Q4_1 file the base was made from: f16's twin.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from finetune.gate import ADAPTER, F16, choose, probes_from_rows, recall
+from finetune.quality.gate import ADAPTER, F16, choose, probes_from_rows, recall
 from inference.settings import ROOT
 
 QUILLMERE = ROOT / "bench" / "data" / "quillmere.jsonl"
@@ -57,16 +57,16 @@ def test_a_job_with_defaults_learns_a_small_faq_and_the_gate_refuses_q4_1(tmp_pa
     re-quantizing to Q4_1 snaps the merged weights back to the base and erases the fine-tune.
     The gate must measure that, publish the file without serving it, and serve a file that kept
     what f16 learned."""
-    from finetune import jobs
     from finetune.config import from_preset
-    from finetune.evaluate import answer_conversations_gguf
+    from finetune.jobs import records
+    from finetune.quality.answers import answer_conversations_gguf
     from tests.conftest import link_model
 
     models = tmp_path / "models"
     link_model(smollm2_path, models)
     config = from_preset("smollm2-135m", dataset=str(QUILLMERE), eval_max_new_tokens=0,
                          quant_types=["Q4_K_M", "Q4_1"])
-    record = jobs.wait(tmp_path / "jobs", jobs.submit(config, tmp_path / "jobs", models).id,
+    record = records.wait(tmp_path / "jobs", records.submit(config, tmp_path / "jobs", models).id,
                        timeout_s=1500)
     assert record.state == "done", record.log_tail(40)
     log = record.log_tail(400)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from finetune.config import from_preset
-from finetune.train import train
+from finetune.recipe.train import train
 from inference.settings import ROOT
 from tests.finetune.conftest import RecordingReporter
 

@@ -1,10 +1,10 @@
-"""finetune.host_tables: which embedding tables go to host memory, and that they compute the same."""
+"""finetune.recipe.host_tables: which embedding tables go to host memory, and that they compute the same."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from finetune.host_tables import HostEmbedding, HostHead, free_after_backward, move_to_host
+from finetune.recipe.host_tables import HostEmbedding, HostHead, free_after_backward, move_to_host
 
 
 def tiny_model(tied: bool):

@@ -1,4 +1,4 @@
-"""jobs.py + worker.py for real: job processes that train a tiny llama, export it and publish
+"""records.py + worker.py for real: job processes that train a tiny llama, export it and publish
 GGUFs; a queue of two; cancel; kill -9. Nothing is mocked: these are real OS processes."""
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune import FinetuneError, jobs
+from finetune import FinetuneError
 from finetune.config import FinetuneConfig
+from finetune.jobs import records
 from tests.finetune.test_export import generate
 
 FAQ = Path(__file__).resolve().parents[1] / "data" / "faq.jsonl"
@@ -35,8 +36,8 @@ def wait_until(predicate, timeout_s: float = 180, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def training_step(jobs_dir: Path, job_id: str) -> jobs.JobRecord | None:
-    record = jobs.get(jobs_dir, job_id)
+def training_step(jobs_dir: Path, job_id: str) -> records.JobRecord | None:
+    record = records.get(jobs_dir, job_id)
     assert not record.is_final, record.status
     return record if record.status.get("stage") == "training" and record.status.get("step") else None
 
@@ -69,26 +70,26 @@ def test_bad_input_fails_before_any_process(dirs, tmp_path):
          "not found"),
     ]:
         with pytest.raises(FinetuneError, match=message):
-            jobs.submit(config, jobs_dir, models_dir)
+            records.submit(config, jobs_dir, models_dir)
     assert not jobs_dir.exists() or not list(jobs_dir.iterdir())
     with pytest.raises(FinetuneError, match="Unknown job"):
-        jobs.get(jobs_dir, "../etc")
+        records.get(jobs_dir, "../etc")
 
 
 def test_queue_runs_jobs_one_at_a_time_then_cancel_stops_cleanly(tiny_llama_dir, dirs):
     jobs_dir, models_dir = dirs
-    first = jobs.submit(tiny_config(tiny_llama_dir), jobs_dir, models_dir)
-    second = jobs.submit(tiny_config(tiny_llama_dir, max_steps=500, output_name="second"),
+    first = records.submit(tiny_config(tiny_llama_dir), jobs_dir, models_dir)
+    second = records.submit(tiny_config(tiny_llama_dir, max_steps=500, output_name="second"),
                          jobs_dir, models_dir)
     assert first.status["version"] != second.status["version"]
 
     # While the first one works, the second waits its turn in state "queued".
-    wait_until(lambda: jobs.get(jobs_dir, first.id).status["stage"] != "queued", 60, "first start")
-    waiting = wait_until(lambda: "waiting" in jobs.get(jobs_dir, second.id).status.get("message", "")
-                         and jobs.get(jobs_dir, second.id), 60, "second to wait")
-    assert waiting.state == "queued" and not jobs.get(jobs_dir, first.id).is_final
+    wait_until(lambda: records.get(jobs_dir, first.id).status["stage"] != "queued", 60, "first start")
+    waiting = wait_until(lambda: "waiting" in records.get(jobs_dir, second.id).status.get("message", "")
+                         and records.get(jobs_dir, second.id), 60, "second to wait")
+    assert waiting.state == "queued" and not records.get(jobs_dir, first.id).is_final
 
-    done = jobs.wait(jobs_dir, first.id, timeout_s=240)
+    done = records.wait(jobs_dir, first.id, timeout_s=240)
     assert done.state == "done", done.status
     assert [p.name.rsplit(".", 2)[1] for p in done.model_paths] == ["Q4_K_M", "Q5_K_M", "lora"]
     assert all(p.is_file() for p in done.model_paths)
@@ -112,7 +113,7 @@ def test_queue_runs_jobs_one_at_a_time_then_cancel_stops_cleanly(tiny_llama_dir,
     # The second starts only after the first ended; cancel it mid-training.
     running = wait_until(lambda: training_step(jobs_dir, second.id), 120, "second training")
     assert running.status["started_ts"] >= done.status["finished_ts"]
-    cancelled = jobs.cancel(jobs_dir, second.id, grace_s=60)
+    cancelled = records.cancel(jobs_dir, second.id, grace_s=60)
     assert cancelled.state == "cancelled", cancelled.status
     base = json.loads((models_dir / done.status["card"]).read_text())["adapter"]["base"]
     assert sorted(p.name for p in models_dir.iterdir()) == sorted(
@@ -120,27 +121,27 @@ def test_queue_runs_jobs_one_at_a_time_then_cancel_stops_cleanly(tiny_llama_dir,
                                               f"{done.status['version']}.peft",  # peft adapter
                                               base.rsplit(".", 2)[0] + ".card.json"])
     assert not (cancelled.dir / "work").exists()
-    assert jobs.cancel(jobs_dir, second.id).state == "cancelled"  # idempotent
-    assert [r.id for r in jobs.list_jobs(jobs_dir)] == [second.id, first.id]
+    assert records.cancel(jobs_dir, second.id).state == "cancelled"  # idempotent
+    assert [r.id for r in records.list_jobs(jobs_dir)] == [second.id, first.id]
 
 
 def test_job_without_eval_answers_still_records_losses(tiny_llama_dir, dirs):
     jobs_dir, models_dir = dirs
-    record = jobs.submit(tiny_config(tiny_llama_dir, max_steps=2, eval_max_new_tokens=0,
+    record = records.submit(tiny_config(tiny_llama_dir, max_steps=2, eval_max_new_tokens=0,
                                      quant_types=["Q4_K_M"]), jobs_dir, models_dir)
-    done = jobs.wait(jobs_dir, record.id, timeout_s=240)
+    done = records.wait(jobs_dir, record.id, timeout_s=240)
     assert done.state == "done", done.status
     assert done.evaluation["val_loss_after"] and done.evaluation["samples"] == []
 
 
 def test_kill_9_is_detected_and_marked_failed_with_log_tail(tiny_llama_dir, dirs):
     jobs_dir, models_dir = dirs
-    record = jobs.submit(tiny_config(tiny_llama_dir, max_steps=500), jobs_dir, models_dir)
+    record = records.submit(tiny_config(tiny_llama_dir, max_steps=500), jobs_dir, models_dir)
     running = wait_until(lambda: training_step(jobs_dir, record.id), 120, "training")
     os.kill(running.status["pid"], signal.SIGKILL)
 
-    failed = wait_until(lambda: jobs.get(jobs_dir, record.id).is_final
-                        and jobs.get(jobs_dir, record.id), 20, "kill detection")
+    failed = wait_until(lambda: records.get(jobs_dir, record.id).is_final
+                        and records.get(jobs_dir, record.id), 20, "kill detection")
     assert failed.state == "failed"
     assert "killed" in failed.status["error"] and "== training" in failed.status["log_tail"]
     assert not models_dir.exists() or not list(models_dir.iterdir())
@@ -153,30 +154,30 @@ def test_kill_9_is_detected_and_marked_failed_with_log_tail(tiny_llama_dir, dirs
 
 def test_records_without_a_process(tiny_llama_dir, dirs):
     jobs_dir, models_dir = dirs
-    never = jobs.create_job(tiny_config(tiny_llama_dir), jobs_dir, models_dir)
-    assert jobs.get(jobs_dir, never.id).state == "queued"  # just created: about to launch
-    jobs.update_status(never.dir, created_ts=time.time() - jobs.NEVER_LAUNCHED_AFTER_S - 1)
-    assert "never started" in jobs.get(jobs_dir, never.id).status["error"]
+    never = records.create_job(tiny_config(tiny_llama_dir), jobs_dir, models_dir)
+    assert records.get(jobs_dir, never.id).state == "queued"  # just created: about to launch
+    records.update_status(never.dir, created_ts=time.time() - records.NEVER_LAUNCHED_AFTER_S - 1)
+    assert "never started" in records.get(jobs_dir, never.id).status["error"]
 
-    pending = jobs.create_job(tiny_config(tiny_llama_dir), jobs_dir, models_dir)
-    assert jobs.cancel(jobs_dir, pending.id).state == "cancelled"
+    pending = records.create_job(tiny_config(tiny_llama_dir), jobs_dir, models_dir)
+    assert records.cancel(jobs_dir, pending.id).state == "cancelled"
 
 
 def test_file_reporter_writes_status_metrics_and_cancel_flag(tiny_llama_dir, dirs):
     jobs_dir, models_dir = dirs
-    record = jobs.create_job(tiny_config(tiny_llama_dir), jobs_dir, models_dir)
-    reporter = jobs.FileReporter(record.dir)
+    record = records.create_job(tiny_config(tiny_llama_dir), jobs_dir, models_dir)
+    reporter = records.FileReporter(record.dir)
     reporter.stage("training", "3 steps")
     reporter.progress(step=1, total_steps=3, loss=2.5, learning_rate=1e-4, tokens_per_s=100.0,
                       eta_s=4.0, gpu_mem_gb=None)
     reporter.progress(val_loss=2.4)
-    status = jobs.read_status(record.dir)
+    status = records.read_status(record.dir)
     assert (status["state"], status["stage"], status["step"], status["loss"]) == \
         ("running", "training", 1, 2.5)
     assert "gpu_mem_gb" not in status
-    assert jobs.read_metrics(jobs_dir, record.id)[-1]["step"] == 1  # val loss placed at step 1
+    assert records.read_metrics(jobs_dir, record.id)[-1]["step"] == 1  # val loss placed at step 1
     assert not reporter.cancelled()
     (record.dir / "cancel").touch()
     assert reporter.cancelled()
-    jobs.record_activation(jobs_dir, record.id, {"model": "x.Q4_K_M.gguf", "ok": True})
-    assert jobs.read_status(record.dir)["activation"]["ok"] is True
+    records.record_activation(jobs_dir, record.id, {"model": "x.Q4_K_M.gguf", "ok": True})
+    assert records.read_status(record.dir)["activation"]["ok"] is True

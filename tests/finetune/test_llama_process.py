@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune import FinetuneError, llama_process
-from finetune.llama_process import LlamaProcess, LlamaProcessDied, with_cpu_fallback
-from finetune.evaluate import answer_conversations_gguf
+from finetune import FinetuneError
+from finetune.quality import llama_process
+from finetune.quality.answers import answer_conversations_gguf
+from finetune.quality.llama_process import LlamaProcess, LlamaProcessDied, with_cpu_fallback
 
 
 def test_the_child_answers_from_a_gguf_without_torch_while_the_job_process_holds_it(

@@ -8,8 +8,9 @@ import shutil
 
 import pytest
 
-from finetune import FinetuneError, lora_gguf
-from inference import registry
+from finetune import FinetuneError
+from finetune.export import lora_gguf
+from inference import default_model, registry
 from tests.finetune.test_export import make_adapter
 
 
@@ -52,10 +53,10 @@ def test_hf_base_is_quantized_once_and_reused(tiny_llama_dir, tmp_path):
 def test_gguf_built_base_is_served_as_its_source_gguf(smollm2_hf_dir, smollm2_path, tmp_path):
     models = tmp_path / "models"
     base = lora_gguf.base_gguf_for(str(smollm2_hf_dir), models, print)
-    assert base == models / registry.SMOLLM2_FILENAME
+    assert base == models / default_model.SMOLLM2_FILENAME
     assert base.stat().st_ino == smollm2_path.stat().st_ino  # a hard link, not a 98 MB copy
     assert lora_gguf.base_gguf_for(str(smollm2_hf_dir), models, print) == base
-    assert [p.name for p in models.iterdir()] == [registry.SMOLLM2_FILENAME]
+    assert [p.name for p in models.iterdir()] == [default_model.SMOLLM2_FILENAME]
 
 
 @pytest.mark.parametrize("change,message", [

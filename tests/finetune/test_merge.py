@@ -1,4 +1,4 @@
-"""The streaming merge (finetune/merge.py) against peft itself: for each base, the folder it
+"""The streaming merge (finetune/export/merge.py) against peft itself: for each base, the folder it
 writes must hold exactly what from_pretrained(dtype) + merge_and_unload() + save_pretrained()
 writes (same keys, torch.equal tensors in the same dtype, same config), load with
 from_pretrained, and convert with llama.cpp's converter. Adapters get random values in every
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune import FinetuneError, export, merge, resources, tensorfile
+from finetune import FinetuneError, resources
+from finetune.export import llama_tools, merge, pipeline, tensorfile
 
 FALLBACK_LINE = "streaming merge not possible"
 
@@ -39,11 +40,11 @@ def random_adapter(base_dir: Path, out_dir: Path, seed: int = 0, **lora) -> Path
 
 
 def peft_merge(base: str, adapter: Path, out: Path) -> Path:
-    """What export.merge_adapter did before: the whole base in RAM, merged by peft."""
+    """What pipeline.merge_adapter did before: the whole base in RAM, merged by peft."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    dtype = export._merge_dtype(base)
+    dtype = pipeline._merge_dtype(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map="cpu")
     PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().save_pretrained(out)
     return out
@@ -84,13 +85,13 @@ def check_loads_and_converts(merged: Path, tmp_path: Path) -> None:
         logits = model(torch.tensor([[1, 5, 9, 2]])).logits
     assert torch.isfinite(logits).all()
     lines = []
-    gguf = export.convert_to_gguf(merged, tmp_path / "merged.F16.gguf", lines.append)
+    gguf = llama_tools.convert_to_gguf(merged, tmp_path / "merged.F16.gguf", lines.append)
     assert gguf.stat().st_size > 0
 
 
 def merge_both(base: Path, adapter: Path, tmp_path: Path, caplog) -> tuple[Path, Path]:
     with caplog.at_level(logging.INFO, logger="finechat.job"):
-        ours = export.merge_adapter(str(base), adapter, tmp_path / "streamed")
+        ours = pipeline.merge_adapter(str(base), adapter, tmp_path / "streamed")
     assert FALLBACK_LINE not in caplog.text  # the streaming path did the work
     return ours, peft_merge(str(base), adapter, tmp_path / "peft")
 
@@ -196,7 +197,7 @@ def test_hub_id_sharded_checkpoint_without_the_model_prefix(tiny_llama_dir, tmp_
     monkeypatch.setattr(tensorfile, "MAX_SHARD_BYTES", 2 * 10**6)
     with caplog.at_level(logging.INFO, logger="finechat.job"):
         ours = merge.merge("someone/tiny-llama", adapter, tmp_path / "streamed",
-                           export._merge_dtype(str(snapshot)))
+                           pipeline._merge_dtype(str(snapshot)))
     assert FALLBACK_LINE not in caplog.text
     assert len(list(ours.glob("model-*-of-*.safetensors"))) > 1
     index = json.loads((ours / "model.safetensors.index.json").read_text())
@@ -221,7 +222,7 @@ def test_what_it_cannot_stream_goes_through_peft(case, tiny_llama_dir, tmp_path,
     adapter = random_adapter(base, tmp_path / "adapter", use_dora=case == "dora",
                              target_modules=["q_proj", "o_proj"])
     with caplog.at_level(logging.INFO, logger="finechat.job"):
-        ours = export.merge_adapter(str(base), adapter, tmp_path / "merged")
+        ours = pipeline.merge_adapter(str(base), adapter, tmp_path / "merged")
     assert FALLBACK_LINE in caplog.text
     assert_same_as_peft(ours, peft_merge(str(base), adapter, tmp_path / "peft"), tiny_llama_dir)
 
@@ -229,7 +230,7 @@ def test_what_it_cannot_stream_goes_through_peft(case, tiny_llama_dir, tmp_path,
 def test_merge_failure_is_a_finetune_error(tiny_llama_dir, tmp_path):
     adapter = random_adapter(tiny_llama_dir, tmp_path / "adapter")
     with pytest.raises(FinetuneError, match="Could not merge the adapter"):
-        export.merge_adapter(str(tmp_path / "no-such-base"), adapter, tmp_path / "merged")
+        pipeline.merge_adapter(str(tmp_path / "no-such-base"), adapter, tmp_path / "merged")
 
 
 @pytest.mark.parametrize("arch", ["phi-3.5-mini", "mistral-7b"])
@@ -266,7 +267,7 @@ def test_ram_stays_far_below_the_model_size(tmp_path):
     before_gb = resources.rss_bytes(os.getpid()) / 1e9
     peaks = resources.StagePeaks()
     with peaks.measure("merge"):
-        export.merge_adapter(str(tmp_path / "base"), tmp_path / "adapter", tmp_path / "merged")
+        pipeline.merge_adapter(str(tmp_path / "base"), tmp_path / "adapter", tmp_path / "merged")
     grew_gb = peaks["merge"]["peak_ram_gb"] - before_gb
     print(f"merge of {model_bytes / 1e9:.2f} GB: RSS {before_gb:.2f} -> "
           f"{peaks['merge']['peak_ram_gb']:.2f} GB")

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from bench.quant_fidelity import held_out_text
-from bench.standins import (CONFIGS, PHI35_LONG_FACTOR, PHI35_SHORT_FACTOR, TOKENIZER_CONFIGS,
-                            build)
-from finetune import fidelity, jobs
-from inference.registry import SMOLLM2_FILENAME
+from bench.standins import CONFIGS, PHI35_LONG_FACTOR, PHI35_SHORT_FACTOR, TOKENIZER_CONFIGS, build
+from finetune.jobs import records
+from finetune.quality import fidelity
+from inference.default_model import SMOLLM2_FILENAME
 from inference.settings import ROOT
 from tests.conftest import CACHE_DIR, link_model
 from tests.e2e.conftest import run_app
@@ -118,7 +118,7 @@ def job(arch, standin, app, tmp_path_factory) -> Job:
         env={**os.environ, "OMP_NUM_THREADS": "2", "FINECHAT_CACHE_DIR": str(CACHE_DIR)})
     assert result.returncode == 0, result.stderr[-3000:]
     job_id = re.search(r"^job (\S+) \(log:", result.stderr, re.M).group(1)
-    record = jobs.get(jobs_dir, job_id)
+    record = records.get(jobs_dir, job_id)
     models = {p.name.split(".")[-2]: p for p in map(Path, result.stdout.split())}
     export_dir = record.dir / "work" / "export"  # kept by --keep-intermediates
     return Job(job_id, record.status, models, export_dir / "merged",
@@ -173,7 +173,7 @@ def test_standin_tokenizer_has_the_real_special_tokens_and_chat_template(arch, s
 def test_job_trains_and_publishes_ggufs_that_llama_cpp_loads(arch, job):
     from llama_cpp import Llama
 
-    from finetune.export import ftype_of
+    from finetune.export.llama_tools import ftype_of
 
     assert job.status["state"] == "done" and set(QUANTS) <= set(job.models)
     assert "[training]" in job.log and "[converting]" in job.log and "[quantizing]" in job.log
@@ -215,7 +215,7 @@ def test_llama_cpp_tokenizes_the_chat_as_training_did(arch, job, request):
 
     tokenizer = AutoTokenizer.from_pretrained(job.merged_dir)
     text = EXPECTED[arch]["full"]
-    trained = tokenizer(text, add_special_tokens=False)["input_ids"]  # as finetune/data.py does
+    trained = tokenizer(text, add_special_tokens=False)["input_ids"]  # as finetune/recipe/data.py does
     llm = Llama(str(job.models["Q4_K_M"]), n_ctx=256, verbose=False, vocab_only=True)
     try:
         served = llm.tokenize(text.encode(), add_bos=False, special=True)
@@ -268,7 +268,7 @@ def test_running_app_hot_reloads_the_new_model_and_answers(arch, job, app, reque
     answers with it."""
     jobs_dir = app.models_dir.parent / "jobs"
     deadline = time.monotonic() + 120  # the app's watcher looks every 2 s
-    while "activation" not in (status := jobs.get(jobs_dir, job.id).status):
+    while "activation" not in (status := records.get(jobs_dir, job.id).status):
         assert time.monotonic() < deadline, "the running app never activated the job's model"
         time.sleep(0.5)
     assert status["activation"]["ok"], status["activation"]

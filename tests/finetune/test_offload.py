@@ -1,4 +1,4 @@
-"""Activation offload (finetune/offload.py): what a step saves goes to host memory and comes
+"""Activation offload (finetune/recipe/offload.py): what a step saves goes to host memory and comes
 back one layer ahead of the backward pass, with the same gradients. On this CPU machine the
 "device" is the CPU itself (plain copies); the CUDA side stream runs in bench/train_throughput.py
 on the GPU machine."""
@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from finetune import loss  # noqa: E402
-from finetune.offload import ActivationOffload  # noqa: E402
+from finetune.recipe import loss  # noqa: E402
+from finetune.recipe.offload import ActivationOffload  # noqa: E402
 
 LAYERS, WIDTH = 6, 32
 

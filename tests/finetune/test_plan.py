@@ -3,7 +3,7 @@ SMALL_DATASET_ROWS rows; the large-data fast path unchanged from there on."""
 from __future__ import annotations
 
 from finetune.config import FinetuneConfig
-from finetune.plan import SMALL_DATASET_ROWS, plan_data, plan_steps
+from finetune.recipe.plan import SMALL_DATASET_ROWS, plan_data, plan_steps
 
 
 def config(**overrides) -> FinetuneConfig:
@@ -46,8 +46,12 @@ def test_the_floor_leaves_large_runs_and_max_steps_alone():
 def test_auto_memory_mode_is_lean_on_small_cards_and_fast_on_large_ones():
     from types import SimpleNamespace
 
-    from finetune.plan import (LEAN_TOKENS_PER_MICRO_BATCH, MAX_TOKENS_PER_MICRO_BATCH,
-                               auto_micro_batch_size, memory_mode)
+    from finetune.recipe.plan import (
+        LEAN_TOKENS_PER_MICRO_BATCH,
+        MAX_TOKENS_PER_MICRO_BATCH,
+        auto_micro_batch_size,
+        memory_mode,
+    )
 
     gb = 10**9
     t4, a10g, h100 = memory_mode(config(), 15 * gb), memory_mode(config(), 23 * gb), \
@@ -77,7 +81,7 @@ def test_both_points_compile_the_layers_on_ampere_and_newer_unless_told():
     8.0+ (an H100 measured 1.38x for Phi-3.5's lean steps, 1.08x for fast) where micro-batches
     have one shape; off on a T4 (7.5), where the capability is unknown, on CPU and for rows
     padded to their longest; True / False as asked."""
-    from finetune.plan import memory_mode
+    from finetune.recipe.plan import memory_mode
 
     gb = 10**9
     assert memory_mode(config(), 15 * gb, (9, 0)).compile_layers  # lean on an H100-class card
@@ -104,9 +108,14 @@ def test_the_fast_point_checkpoints_only_as_many_layers_as_memory_needs():
     gradient_checkpointing off are obeyed as set."""
     from types import SimpleNamespace
 
-    from finetune.plan import (FAST_MIN_TOKENS_PER_MICRO_BATCH, MAX_TOKENS_PER_MICRO_BATCH,
-                               activation_bytes_per_token,
-                               auto_micro_batch_size, checkpoint_every, memory_mode)
+    from finetune.recipe.plan import (
+        FAST_MIN_TOKENS_PER_MICRO_BATCH,
+        MAX_TOKENS_PER_MICRO_BATCH,
+        activation_bytes_per_token,
+        auto_micro_batch_size,
+        checkpoint_every,
+        memory_mode,
+    )
 
     gb = 10**9
     phi = SimpleNamespace(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
@@ -144,7 +153,7 @@ def test_the_fast_point_checkpoints_only_as_many_layers_as_memory_needs():
 
 
 def test_liger_by_default_except_where_the_fast_point_compiles_its_layers():
-    from finetune.plan import memory_mode
+    from finetune.recipe.plan import memory_mode
 
     gb = 10**9
     assert not memory_mode(config(), 82 * gb, (9, 0)).liger_by_default  # inductor fuses them
@@ -154,8 +163,8 @@ def test_liger_by_default_except_where_the_fast_point_compiles_its_layers():
 
 
 def test_lean_computes_the_loss_in_smaller_chunks():
-    from finetune.loss import LOSS_CHUNK_TOKENS
-    from finetune.plan import memory_mode
+    from finetune.recipe.loss import LOSS_CHUNK_TOKENS
+    from finetune.recipe.plan import memory_mode
 
     gb = 10**9
     assert memory_mode(config(), 15 * gb).loss_chunk_tokens == 1024
@@ -166,7 +175,7 @@ def test_lean_computes_the_loss_in_smaller_chunks():
 
 
 def test_lean_keeps_the_embedding_tables_in_host_memory_unless_told():
-    from finetune.plan import memory_mode
+    from finetune.recipe.plan import memory_mode
 
     gb = 10**9
     assert memory_mode(config(), 15 * gb).host_embeddings

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune import publish
+from finetune.export import card, install
 from inference import hub as hub_fetch
-from inference.registry import InferenceError
+from inference.errors import InferenceError
 from inference.settings import ROOT
 from tests.finetune.test_export import make_adapter, run_export
 from tests.hub_standin import Account, HubStandIn, card_metadata
@@ -71,7 +71,7 @@ def test_push_uploads_the_chosen_ggufs_the_adapter_and_a_card_then_fetch_brings_
     meta = card_metadata(readme)
     assert "gguf" in meta["tags"] and meta["library_name"] == "peft"
     assert "base_model" not in meta  # a local base folder has no Hub id to name
-    card = publish.load_version(models_dir, name).card
+    card = install.load_version(models_dir, name).card
     for shown in (card["dataset_sha256"], "## Stage timings", "| merge |", q4, "lora_r"):
         assert shown in readme
     assert TOKEN not in out.stdout + out.stderr
@@ -159,11 +159,11 @@ def test_remote_names_that_are_not_ggufs_are_refused(remote):
 
 def test_card_metadata_of_a_preset_base_with_a_hub_dataset(version):
     models_dir, name = version
-    found = publish.load_version(models_dir, name)
+    found = install.load_version(models_dir, name)
     found.card.update(base_model="smollm2-135m", dataset="someone/faq-set")
     found.card["evaluation"] = {"val_loss_before": 3.2101, "val_loss_after": 0.5123, "samples": [
         {"prompt": "Who founded it?", "base": "I don't know.", "tuned": "Ada | Lovelace"}]}
-    readme = str(publish.model_card(found, found.ggufs, "alice/x"))
+    readme = str(card.hub_readme(found, found.ggufs, "alice/x"))
     meta = card_metadata(readme)
     assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert meta["license"] == "apache-2.0" and meta["datasets"] == ["someone/faq-set"]

@@ -100,8 +100,8 @@ def test_export_records_the_peaks_of_each_stage_in_the_card(tiny_llama_dir, tmp_
     converter runs as a child process and must be counted."""
     from types import SimpleNamespace
 
-    from finetune import export
     from finetune.config import FinetuneConfig
+    from finetune.export import pipeline
     from tests.finetune.test_export import Recorder, make_adapter
 
     adapter = make_adapter(tiny_llama_dir, tmp_path / "adapter")
@@ -113,7 +113,7 @@ def test_export_records_the_peaks_of_each_stage_in_the_card(tiny_llama_dir, tmp_
     config = FinetuneConfig(base_model=str(tiny_llama_dir), dataset=str(Path(__file__)),
                             quant_types=["Q4_K_M"])
     own_gb = _rss_gb()
-    exported = export.export(result, config, tmp_path / "models", tmp_path / "work", Recorder())
+    exported = pipeline.export(result, config, tmp_path / "models", tmp_path / "work", Recorder())
     peaks = json.loads(exported.card_path.read_text())["peaks"]
     assert {"load", "train", "merge", "convert", "quantize"} <= set(peaks)
     assert peaks["train"] == trained["train"]

@@ -8,11 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from finetune import FinetuneError
+from finetune import Cancelled, FinetuneError
 from finetune.config import FinetuneConfig, from_preset
-from finetune.loss import causal_lm_loss
-from finetune.plan import auto_micro_batch_size
-from finetune.train import Cancelled, _liger_wanted, resolve_attention, train
+from finetune.recipe.loss import causal_lm_loss
+from finetune.recipe.plan import auto_micro_batch_size
+from finetune.recipe.train import _liger_wanted, resolve_attention, train
 from tests.finetune.conftest import RecordingReporter
 
 
@@ -186,7 +186,7 @@ def test_chunked_loss_matches_the_models_own_loss(tiny_llama_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from finetune import data
+    from finetune.recipe import data
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     generator = torch.Generator().manual_seed(0)

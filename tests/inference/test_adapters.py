@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from bench.quant_fidelity import held_out_text
-from finetune import export, lora_gguf
+from finetune.export import llama_tools, lora_gguf, pipeline
 from inference import engine as engine_module
 from inference import registry
+from inference.default_model import SMOLLM2_FILENAME
 from inference.engine import ChatEngine, GenerationParams
+from inference.errors import InferenceError
 from inference.prompt import build_messages
-from inference.registry import SMOLLM2_FILENAME, InferenceError
 from inference.settings import Settings
 from tests.conftest import link_model
 from tests.finetune.test_export import make_adapter
@@ -96,9 +97,9 @@ def test_adapter_on_q4_1_base_computes_the_merged_model(loras, smollm2_hf_dir, s
     from llama_cpp import Llama
 
     folder, lora = loras["a"]
-    merged_dir = export.merge_adapter(str(smollm2_hf_dir), folder, tmp_path / "merged")
-    merged = export.convert_to_gguf(merged_dir, tmp_path / "merged.F16.gguf", quiet)
-    base_f16 = export.convert_to_gguf(smollm2_hf_dir, tmp_path / "base.F16.gguf", quiet)
+    merged_dir = pipeline.merge_adapter(str(smollm2_hf_dir), folder, tmp_path / "merged")
+    merged = llama_tools.convert_to_gguf(merged_dir, tmp_path / "merged.F16.gguf", quiet)
+    base_f16 = llama_tools.convert_to_gguf(smollm2_hf_dir, tmp_path / "base.F16.gguf", quiet)
     text = held_out_text()[:6000].encode()
 
     def logprobs(path, adapter=None):

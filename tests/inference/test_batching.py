@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from inference import registry
+from inference import default_model
 from inference.engine import ChatEngine, GenerationParams
+from inference.errors import InferenceError
 from inference.prompt import build_messages
-from inference.registry import InferenceError
 from inference.settings import Settings
 from tests.conftest import link_model
 
@@ -22,7 +22,7 @@ QUESTIONS = ["What is the capital of Germany?", "What color is the sky on a clea
 def make_engine(models_dir, **overrides) -> ChatEngine:
     settings = dict(models_dir=models_dir, n_ctx=512, n_threads=1, prompt_cache=False)
     eng = ChatEngine(Settings(**{**settings, **overrides}))
-    assert eng.start() == registry.SMOLLM2_FILENAME
+    assert eng.start() == default_model.SMOLLM2_FILENAME
     return eng
 
 
@@ -182,7 +182,7 @@ def test_a_swap_in_the_middle_of_eight_streaming_chats_fails_none(models_dir, sm
         eng.swap("v2.Q4_K_M.gguf")
         worker.join()
         assert len(results) == 8
-        assert all(text and reason in ("stop", "length") and model == registry.SMOLLM2_FILENAME
+        assert all(text and reason in ("stop", "length") and model == default_model.SMOLLM2_FILENAME
                    for text, reason, model in results)
         assert eng.active_name == "v2.Q4_K_M.gguf" and "".join(eng.stream_chat(
             messages(QUESTIONS[0]), GREEDY))

@@ -5,10 +5,10 @@ import threading
 
 import pytest
 
-from inference import registry
+from inference import default_model
 from inference.engine import ChatEngine, GenerationParams
+from inference.errors import InferenceError
 from inference.prompt import build_messages, fit_to_context
-from inference.registry import InferenceError
 from inference.settings import Settings
 from tests.conftest import link_model
 
@@ -18,7 +18,7 @@ GREEDY = GenerationParams(temperature=0.0, repeat_penalty=1.0, max_new_tokens=24
 @pytest.fixture
 def engine(models_dir):
     eng = ChatEngine(Settings(models_dir=models_dir, n_ctx=512, n_threads=2, prompt_cache=False))
-    assert eng.start() == registry.SMOLLM2_FILENAME
+    assert eng.start() == default_model.SMOLLM2_FILENAME
     yield eng
     eng.close()
 
@@ -94,8 +94,8 @@ def test_swap_rollback_and_corrupt_model_refused(engine, models_dir, smollm2_pat
     with pytest.raises(InferenceError):
         engine.swap("broken.Q4_K_M.gguf")
     assert engine.active_name == "v2.Q4_K_M.gguf"
-    assert engine.rollback() == registry.SMOLLM2_FILENAME
-    assert engine.active_name == registry.SMOLLM2_FILENAME
+    assert engine.rollback() == default_model.SMOLLM2_FILENAME
+    assert engine.active_name == default_model.SMOLLM2_FILENAME
 
 
 def test_parallel_requests_get_their_own_answers(engine):

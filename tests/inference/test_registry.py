@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from inference import hub, registry
-from inference.registry import InferenceError
+from inference import default_model, hub, registry
+from inference.errors import InferenceError
 from tests.conftest import link_model
 
 
@@ -13,7 +13,7 @@ def test_scan_lists_quant_and_marks_bad_files(models_dir, smollm2_path):
     (models_dir / "truncated.Q4_1.gguf").write_bytes(smollm2_path.read_bytes()[: 40_000_000])
     (models_dir / "empty.gguf").write_bytes(b"")
     infos = {i.name: i for i in registry.scan(models_dir)}
-    good = infos[registry.SMOLLM2_FILENAME]
+    good = infos[default_model.SMOLLM2_FILENAME]
     assert good.usable and good.quant == "Q4_1" and good.version == "SmolLM2-135M-Instruct"
     for bad in ("garbage.Q4_K_M.gguf", "truncated.Q4_1.gguf", "empty.gguf"):
         assert not infos[bad].usable, bad
@@ -58,11 +58,11 @@ def test_resolve_refuses_unusable_file(models_dir):
 
 def test_active_history_and_rollback(models_dir, smollm2_path):
     link_model(smollm2_path, models_dir, "v2.Q4_K_M.gguf")
-    registry.write_active(models_dir, registry.SMOLLM2_FILENAME)
+    registry.write_active(models_dir, default_model.SMOLLM2_FILENAME)
     registry.write_active(models_dir, "v2.Q4_K_M.gguf")
     assert registry.read_active(models_dir)["active"] == "v2.Q4_K_M.gguf"
-    assert registry.pop_previous(models_dir) == registry.SMOLLM2_FILENAME
-    assert registry.read_active(models_dir)["active"] == registry.SMOLLM2_FILENAME
+    assert registry.pop_previous(models_dir) == default_model.SMOLLM2_FILENAME
+    assert registry.read_active(models_dir)["active"] == default_model.SMOLLM2_FILENAME
     with pytest.raises(InferenceError, match="roll back"):
         registry.pop_previous(models_dir)
 
@@ -70,7 +70,7 @@ def test_active_history_and_rollback(models_dir, smollm2_path):
 def test_version_and_card(models_dir):
     assert registry.version_of("acme-ft-20261123.Q5_K_M.gguf") == "acme-ft-20261123"
     (models_dir / "SmolLM2-135M-Instruct.card.json").write_text('{"base": "x"}')
-    info = registry.resolve(models_dir, registry.SMOLLM2_FILENAME)
+    info = registry.resolve(models_dir, default_model.SMOLLM2_FILENAME)
     assert info.card == {"base": "x"}
 
 
@@ -79,7 +79,7 @@ def test_ensure_default_model_offline_fallback(tmp_path, smollm2_path, caplog):
     models = tmp_path / "m"
     link_model(smollm2_path, models)
     preferred = hub.fetch_default("nobody/no-such-repo/model.Q4_K_M.gguf", models)
-    name = registry.ensure_default_model(models, preferred)
+    name = default_model.ensure_default_model(models, preferred)
     assert preferred == ""
-    assert name == registry.SMOLLM2_FILENAME
+    assert name == default_model.SMOLLM2_FILENAME
     assert any("unavailable" in r.message for r in caplog.records)

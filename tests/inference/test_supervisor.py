@@ -15,10 +15,10 @@ import time
 
 import pytest
 
-from inference import registry
+from inference import default_model
 from inference.engine import GenerationParams
+from inference.errors import InferenceError
 from inference.prompt import build_messages
-from inference.registry import InferenceError
 from inference.settings import ROOT, Settings
 from inference.supervisor import ENGINE_CRASHED, RESTARTING_KIND, EngineSupervisor
 
@@ -36,7 +36,7 @@ def messages(text: str) -> list[dict]:
 def supervisor(models_dir):
     sup = EngineSupervisor(Settings(models_dir=models_dir, n_ctx=512, n_threads=2,
                                     parallel=STREAMS, prompt_cache=False))
-    assert sup.start() == registry.SMOLLM2_FILENAME
+    assert sup.start() == default_model.SMOLLM2_FILENAME
     yield sup
     sup.close()
 
@@ -149,7 +149,7 @@ def test_engine_killed_while_8_answers_stream(supervisor, sig):
     after_s = time.monotonic() - crashed_at
     assert "Berlin" in answer
     assert supervisor.pid not in (None, first_pid) and supervisor.restarts == 1
-    assert supervisor.active_name == registry.SMOLLM2_FILENAME
+    assert supervisor.active_name == default_model.SMOLLM2_FILENAME
     assert signal.Signals(sig).name in supervisor.status_note()
     print(f"first answer {after_s:.1f} s after the {signal.Signals(sig).name}")
 
@@ -160,7 +160,7 @@ def test_a_file_that_crashes_the_engine_while_loading_is_marked_unusable(supervi
     file: that file is marked unusable with the reason, the served model keeps serving, and
     the file is not tried again (no crash loop) until it changes."""
     bad = "crashes.Q4_1.gguf"
-    shutil.copyfile(models_dir / registry.SMOLLM2_FILENAME, models_dir / bad)
+    shutil.copyfile(models_dir / default_model.SMOLLM2_FILENAME, models_dir / bad)
     outcome = {}
 
     def swap():
@@ -181,7 +181,7 @@ def test_a_file_that_crashes_the_engine_while_loading_is_marked_unusable(supervi
     thread.join(HANG_S)
     assert outcome.get("error") is not None and outcome["error"].kind == RESTARTING_KIND
     assert "Berlin" in ask(supervisor, "What is the capital of Germany?")
-    assert supervisor.active_name == registry.SMOLLM2_FILENAME
+    assert supervisor.active_name == default_model.SMOLLM2_FILENAME
     info = next(i for i in supervisor.models() if i.name == bad)
     assert not info.usable and "crashed llama.cpp while loading (killed by SIGSEGV)" in info.error
     restarts = supervisor.restarts
@@ -194,7 +194,7 @@ def test_a_file_that_crashes_the_engine_while_loading_is_marked_unusable(supervi
 
 def test_corrupt_files_are_refused_while_the_served_model_keeps_serving(supervisor,
                                                                          models_dir):
-    good = models_dir / registry.SMOLLM2_FILENAME
+    good = models_dir / default_model.SMOLLM2_FILENAME
     data = bytearray(good.read_bytes())
     # tensor data overwritten (NaN scales and garbage quants): llama.cpp's tensor check
     middle = len(data) // 2
@@ -209,4 +209,4 @@ def test_corrupt_files_are_refused_while_the_served_model_keeps_serving(supervis
             supervisor.swap(name)
         assert "Berlin" in ask(supervisor, "What is the capital of Germany?")
     assert supervisor.pid == pid and supervisor.restarts == 0
-    assert supervisor.active_name == registry.SMOLLM2_FILENAME
+    assert supervisor.active_name == default_model.SMOLLM2_FILENAME

@@ -1,7 +1,7 @@
-"""The job process: `python -m finetune.worker <job_dir>` (started by finetune.jobs.launch).
+"""The job process: `python -m finetune.jobs.worker <job_dir>` (started by records.launch).
 
 Waits for the GPU slot, then train (which also answers the eval prompts with the base model)
--> export: merge, convert, quantize -> answers of the quantized model -> publish. Everything
+-> export: merge, convert, quantize -> answers of the quantized model -> install. Everything
 it prints lands in the job's log.txt. SIGTERM asks it to stop at the next safe point; whatever
 happens, a job that does not finish leaves no model in models/ and no intermediates behind.
 On several GPUs the job process becomes torchrun's agent after the wait (finetune.distributed):
@@ -19,10 +19,13 @@ import time
 import traceback
 from pathlib import Path
 
-from finetune import FinetuneError, distributed, jobs, llama_process, resources
+from finetune import Cancelled, FinetuneError, Reporter, distributed, resources
+from finetune.jobs import records
+from finetune.quality import llama_process
+from inference.errors import first_line
+from finetune.config import PREFERRED_QUANTS
 
 log = logging.getLogger("finechat.job")
-EVAL_QUANT_PREFERENCE = ("Q4_K_M", "Q5_K_M")
 
 
 def run_job(job_dir: Path) -> str:
@@ -30,7 +33,7 @@ def run_job(job_dir: Path) -> str:
     rank 0 of its torchrun group)."""
     job_dir = Path(job_dir).resolve()
     in_group = distributed.world().size > 1
-    reporter = jobs.FileReporter(job_dir, watch_cancel_file=not in_group)
+    reporter = records.FileReporter(job_dir, watch_cancel_file=not in_group)
 
     def on_sigterm(signum, frame):  # cooperative: train/export check reporter.cancelled()
         log.info("SIGTERM: stopping at the next safe point")
@@ -38,22 +41,22 @@ def run_job(job_dir: Path) -> str:
 
     if not in_group:  # a rank keeps SIGTERM's default: torchrun ends the group with it
         signal.signal(signal.SIGTERM, on_sigterm)
-    status = jobs.read_status(job_dir)
+    status = records.read_status(job_dir)
     workdir, config, gpu_lock = job_dir / "work", None, None
     try:
         config = _read_config(job_dir)
         models_dir = Path(status["models_dir"])
         if not in_group:  # the job process: its turn on the GPUs, then one process or several
             processes = distributed.processes_for(config.num_processes)
-            gpu_lock = jobs.wait_for_gpu_slot(job_dir, reporter)
-            jobs.update_status(job_dir, started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            gpu_lock = records.wait_for_gpu_slot(job_dir, reporter)
+            records.update_status(job_dir, started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
                                started_ts=time.time(), message="", processes=processes,
                                devices=distributed.describe(processes))
             if processes > 1:
                 distributed.become_torchrun(processes, job_dir, gpu_lock)
-        started = jobs.read_status(job_dir)["started_ts"]
+        started = records.read_status(job_dir)["started_ts"]
         reporter.stage("loading", f"base model {config.base_model}")
-        from finetune import train
+        from finetune.recipe import train
 
         adapter_base = _prepare_adapter_base(config, models_dir, reporter)
         result = train.train(config, workdir / "train", reporter)
@@ -62,7 +65,7 @@ def run_job(job_dir: Path) -> str:
                                         adapter_base)
         total_s = round(time.time() - started, 1)
         serve = exported.card.get("serve") or {}
-        jobs.finish(job_dir, "done", f"published {len(exported.models)} model files",
+        records.finish(job_dir, "done", f"installed {len(exported.models)} model files",
                     models=[p.name for p in exported.models.values()],
                     serve=serve.get("file", ""), serve_reason=serve.get("reason", ""),
                     card=exported.card_path.name, metrics=result.metrics,
@@ -72,7 +75,7 @@ def run_job(job_dir: Path) -> str:
     except BaseException as exc:  # every way out ends in a final state
         state, message = _outcome(exc, reporter)
         log.info("job %s: %s", state, message)
-        jobs.finish(job_dir, state, message)
+        records.finish(job_dir, state, message)
         return state
     finally:
         if not (config and config.keep_intermediates):
@@ -88,7 +91,7 @@ def train_share(job_dir: Path) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from finetune import train
+    from finetune.recipe import train
 
     warnings.simplefilter("ignore")  # rank 0 shows the same warnings
     logging.getLogger().setLevel(logging.WARNING)
@@ -105,7 +108,7 @@ def _read_config(job_dir: Path):
     return FinetuneConfig.from_dict(json.loads((Path(job_dir) / "config.json").read_text()))
 
 
-def _prepare_adapter_base(config, models_dir: Path, reporter):
+def _prepare_adapter_base(config, models_dir: Path, reporter: Reporter):
     """On a GPU the CPUs idle while training runs: convert and quantize the base GGUF that the
     adapter will be served on meanwhile (once per base), instead of after the merge. A Future,
     or None (CPU training: the conversion would slow it down; export makes it then)."""
@@ -115,8 +118,8 @@ def _prepare_adapter_base(config, models_dir: Path, reporter):
         return None
     from concurrent.futures import Future
 
-    from finetune import lora_gguf
-    from finetune.base_models import default_cache_dir, resolve_base
+    from finetune.export import lora_gguf
+    from finetune.recipe.bases import default_cache_dir, resolve_base
 
     future: Future = Future()
 
@@ -133,15 +136,16 @@ def _prepare_adapter_base(config, models_dir: Path, reporter):
     return future
 
 
-def _export_and_evaluate(result, config, models_dir: Path, workdir: Path, reporter, status: dict,
-                         adapter_base=None):
-    """Export; before publishing, run the fidelity gate over every produced file and answer
+def _export_and_evaluate(result, config, models_dir: Path, workdir: Path, reporter: Reporter,
+                         status: dict, adapter_base=None):
+    """Export; before installing, run the fidelity gate over every produced file and answer
     the eval prompts with the file the chat will serve (train.py already answered them with
     the base model, before training)."""
-    from finetune import evaluate, export, gate
-    from finetune.llama_process import LlamaProcess, with_cpu_fallback
+    from finetune.quality import answers, gate
+    from finetune.export import pipeline
+    from finetune.quality.llama_process import LlamaProcess, with_cpu_fallback
 
-    def evaluate_before_publish(staged: dict[str, Path], f16_path: Path, adapter: dict) -> dict:
+    def evaluate_before_install(staged: dict[str, Path], f16_path: Path, adapter: dict) -> dict:
         # llama.cpp away from torch (a CUDA build crashes beside it), on the CPU if it dies
         return with_cpu_fallback(lambda child: gate_and_answers(staged, f16_path, adapter, child),
                                  reporter.log)
@@ -154,7 +158,7 @@ def _export_and_evaluate(result, config, models_dir: Path, workdir: Path, report
         checked = gate.run(result, config, staged, f16_path, adapter, models_dir,
                            workdir / "gate", reporter.log, child)
         served = checked["serve"].get("label")
-        shown = served or next((q for q in EVAL_QUANT_PREFERENCE if q in staged),
+        shown = served or next((q for q in PREFERRED_QUANTS if q in staged),
                                next(iter(staged)))
         # eval_max_new_tokens 0 means "no eval answers": the losses are still recorded
         prompts = list(result.eval_prompts) if config.eval_max_new_tokens else []
@@ -162,7 +166,7 @@ def _export_and_evaluate(result, config, models_dir: Path, workdir: Path, report
         if prompts:
             reporter.stage("evaluating", f"{len(prompts)} prompts through {staged[shown].name}")
             questions = [[{"role": "user", "content": p}] for p in prompts]
-            tuned = child.call(evaluate.answer_conversations_gguf, workdir / "gate",
+            tuned = child.call(answers.answer_conversations_gguf, workdir / "gate",
                                [staged[shown].name], questions,
                                [config.eval_max_new_tokens] * len(prompts))[0]
         evaluation = {"val_loss_before": result.metrics.get("val_loss_before"),
@@ -171,12 +175,12 @@ def _export_and_evaluate(result, config, models_dir: Path, workdir: Path, report
                       "serve": checked["serve"],
                       "samples": [{"prompt": p, "base": b, "tuned": t} for p, b, t in
                                   zip(prompts, result.base_answers or [""] * len(prompts), tuned)]}
-        jobs.write_evaluation(reporter.job_dir, evaluation)
+        records.write_evaluation(reporter.job_dir, evaluation)
         return {"evaluation": evaluation, "fidelity_gate": checked["gate"],
                 "serve": checked["serve"]}
 
-    return export.export(result, config, models_dir, workdir / "export", reporter,
-                         version=status["version"], before_publish=evaluate_before_publish,
+    return pipeline.export(result, config, models_dir, workdir / "export", reporter,
+                         version=status["version"], before_install=evaluate_before_install,
                          adapter_base=adapter_base)
 
 
@@ -188,23 +192,24 @@ def _gate_summary(checked: dict) -> dict:
             for label, row in (checked["gate"].get("results") or {}).items()}
 
 
-def _outcome(exc: BaseException, reporter) -> tuple[str, str]:
-    if reporter.cancelled() or type(exc).__name__ == "Cancelled":
+def _outcome(exc: BaseException, reporter: Reporter) -> tuple[str, str]:
+    if reporter.cancelled() or isinstance(exc, Cancelled):
         return "cancelled", "cancelled by the user"
     if isinstance(exc, FinetuneError):
         return "failed", str(exc)
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-        return "failed", (f"Out of memory: {str(exc).splitlines()[0][:200]}. Lower "
+        return "failed", (f"Out of memory: {first_line(exc, 200)}. Lower "
                           "micro_batch_size or max_seq_length, or enable load_in_4bit.")
     traceback.print_exc()
-    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-    return "failed", f"{type(exc).__name__}: {first}".rstrip(": ")
+    if not str(exc).strip():
+        return "failed", type(exc).__name__
+    return "failed", f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or not (Path(argv[0]) / "status.json").is_file():
-        print("usage: python -m finetune.worker <job_dir>  (a folder made by finetune.jobs)",
+        print("usage: python -m finetune.jobs.worker <job_dir>  (a folder made by finetune.jobs.records)",
               file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     llama_process.for_the_job_process()  # llama.cpp's CUDA build: only in its own process
     here = distributed.world()
     if here.size > 1:
-        distributed.die_with_parent(jobs.read_status(Path(argv[0]))["pid"])
+        distributed.die_with_parent(records.read_status(Path(argv[0]))["pid"])
     if not here.is_main:
         return train_share(Path(argv[0]))
     state = run_job(Path(argv[0]))

@@ -14,14 +14,10 @@ import tempfile
 from pathlib import Path
 
 from finetune import FinetuneError
+from finetune.presets import HUB_IDS, OFFLINE_PRESET
+from inference.hub import looks_like_hub_id
 
-# Presets that come from the Hub (needs network the first time; cached by huggingface_hub).
-HUB_IDS = {
-    "phi-3.5-mini": "microsoft/Phi-3.5-mini-instruct",
-    "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.2",
-}
-OFFLINE_PRESET = "smollm2-135m"
-_BUILT_MARKER = "finechat-base.json"  # written last: a folder without it is a half-built one
+BUILT_MARKER = "finechat-base.json"  # written last: a folder without it is a half-built one
 
 
 def default_cache_dir() -> Path:
@@ -35,7 +31,7 @@ def resolve_base(name_or_path: str, cache_dir: Path | None = None) -> str:
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     name = (name_or_path or "").strip()
     if name == OFFLINE_PRESET:
-        from inference.registry import smollm2_gguf
+        from inference.default_model import smollm2_gguf
 
         gguf = smollm2_gguf(cache_dir / "models")
         return str(hf_folder_from_gguf(gguf, cache_dir / "bases" / "smollm2-135m-instruct"))
@@ -55,14 +51,9 @@ def resolve_base(name_or_path: str, cache_dir: Path | None = None) -> str:
                         "a .gguf file or a Hugging Face id like owner/model.")
 
 
-def looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) == 2 and all(p and not p.startswith(".") and " " not in p for p in parts)
-
-
 def hf_folder_from_gguf(gguf_path: Path, dest: Path) -> Path:
     """Dequantize a GGUF into a float32 HF folder at `dest` (built once, atomically)."""
-    if (dest / _BUILT_MARKER).is_file():
+    if (dest / BUILT_MARKER).is_file():
         return dest
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,7 +79,7 @@ def hf_folder_from_gguf(gguf_path: Path, dest: Path) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / _BUILT_MARKER).write_text(json.dumps({"source_gguf": gguf_path.name}))
+        (tmp / BUILT_MARKER).write_text(json.dumps({"source_gguf": gguf_path.name}))
         tmp.chmod(0o755)  # mkdtemp makes it owner-only
         if dest.exists():  # a half-built folder from an interrupted run
             shutil.rmtree(dest)

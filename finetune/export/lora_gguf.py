@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Callable
 
 from finetune import FinetuneError
-from finetune.export import STAGING_PREFIX, _slug, convert_to_gguf, publish, quantize, \
-    run_converter
-
-ROOT = Path(__file__).resolve().parent.parent
-BASE_MARKER = "finechat-base.json"  # written by base_models.hf_folder_from_gguf
+from finetune.export.install import STAGING_PREFIX, install
+from finetune.export.llama_tools import convert_to_gguf, quantize, run_converter
+from finetune.recipe.bases import BUILT_MARKER
+from inference.errors import first_line
+from inference.files import slug as file_slug
+from inference.settings import ROOT
 
 
 def convert_adapter(adapter_dir: Path, base_hf_path: str, out_path: Path,
@@ -31,7 +32,7 @@ def convert_adapter(adapter_dir: Path, base_hf_path: str, out_path: Path,
     base_dir = _local_model_dir(base_hf_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     partial = out_path.with_name(f".{out_path.name}.part")
-    cmd = [sys.executable, "-m", "finetune.convert_lora_to_gguf", str(adapter_dir),
+    cmd = [sys.executable, "-m", "finetune.export._vendor.convert_lora_to_gguf", str(adapter_dir),
            "--base", str(base_dir), "--outfile", str(partial), "--outtype", outtype]
     # NO_LOCAL_GGUF: use the installed gguf package; cwd: `finetune` must be importable.
     run_converter(cmd, partial, log, "convert-lora", "LoRA adapter conversion to GGUF failed",
@@ -73,7 +74,7 @@ def _local_model_dir(base: str) -> Path:
         return Path(snapshot_download(str(base)))
     except Exception as exc:
         raise FinetuneError(f"Base model {base!r} is neither a local folder nor available from "
-                            f"the Hugging Face Hub: {str(exc).splitlines()[0][:200]}") from exc
+                            f"the Hugging Face Hub: {first_line(exc, 200)}") from exc
 
 
 def base_gguf_for(base_model_path: str, models_dir: Path, log: Callable[[str], None],
@@ -86,7 +87,7 @@ def base_gguf_for(base_model_path: str, models_dir: Path, log: Callable[[str], N
     card saying it is a base; later jobs of the same base reuse it."""
     models_dir = Path(models_dir)
     models_dir.mkdir(parents=True, exist_ok=True)
-    marker = Path(str(base_model_path)) / BASE_MARKER
+    marker = Path(str(base_model_path)) / BUILT_MARKER
     if marker.is_file():
         source = json.loads(marker.read_text()).get("source_gguf", "")
         if source:
@@ -103,7 +104,7 @@ def _place_source_gguf(base_dir: Path, source: str, models_dir: Path, log) -> Pa
     if cached.is_file():
         found = cached
     else:
-        from inference.registry import SMOLLM2_FILENAME, smollm2_gguf
+        from inference.default_model import SMOLLM2_FILENAME, smollm2_gguf
 
         if source != SMOLLM2_FILENAME:
             raise FinetuneError(f"The base {base_dir} was built from {source}, which is in "
@@ -142,9 +143,9 @@ def _quantized_hf_base(base: str, models_dir: Path, log, quant: str) -> Path:
                 "files": {staged.name: staged.stat().st_size}}
         (staging / f"{slug}.card.json").write_text(json.dumps(card, indent=2))
         try:
-            publish(staging, models_dir)
+            install(staging, models_dir)
         except FinetuneError:
-            if not target.is_file():  # else: another job published the same base first
+            if not target.is_file():  # else: another job installed the same base first
                 raise
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -154,8 +155,8 @@ def _quantized_hf_base(base: str, models_dir: Path, log, quant: str) -> Path:
 
 def _base_slug(base: str, models_dir: Path) -> str:
     """The base's folder or repo name, plus a hash of its path when a different base already
-    published under that name (two local folders both called "model", say)."""
-    slug = _slug(Path(str(base)).name)
+    installed under that name (two local folders both called "model", say)."""
+    slug = file_slug(Path(str(base)).name)
     card = models_dir / f"{slug}.card.json"
     try:
         other = json.loads(card.read_text()).get("base_model") if card.is_file() else None

@@ -25,14 +25,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from finetune import FinetuneError, data, distributed, loss, plan, resources
-from finetune.base_models import default_cache_dir, resolve_base
+from finetune import Cancelled, FinetuneError, Reporter, distributed, resources
 from finetune.config import FinetuneConfig
-from finetune.offload import ActivationOffload
-
-
-class Cancelled(Exception):
-    """The reporter asked the run to stop; nothing was saved."""
+from finetune.recipe import data, host_tables, loss, plan
+from finetune.recipe.bases import default_cache_dir, resolve_base
+from finetune.recipe.offload import ActivationOffload
 
 
 @dataclass
@@ -64,21 +61,32 @@ class ConsoleReporter:
         return False
 
 
-def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None:
+@dataclass
+class _Device:
+    """What the hardware settles before any model loads."""
+    cuda: bool
+    group: distributed.World  # this rank's place (a group of one without torchrun)
+    mode: plan.MemoryMode
+    load_in_4bit: bool
+    dtype: object  # torch.dtype
+    optimizer: str
+    attention: str
+
+
+def train(config: FinetuneConfig, workdir: Path, reporter: Reporter) -> TrainResult | None:
     # Packed micro-batches vary in length; expandable segments stop the caching allocator
     # from fragmenting (reserved memory was 2-7x the allocated peak without, on an H100).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     import torch
     import transformers
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune import host_tables
-    from finetune.evaluate import answer_prompts_hf
+    from finetune.quality.answers import answer_prompts_hf
 
     workdir = Path(workdir)
     # transformers' own Trainer still calls its deprecated alias: noise a user cannot act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+    # 1. settings and data, before any model loads
     reporter.stage("loading", "checking settings and dataset")
     config.validate()
     conversations, report = data.load_conversations(config.dataset)
@@ -87,6 +95,115 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
     for note in data_plan.notes:
         reporter.log(note)
     train_rows, val_rows = data.split(conversations, data_plan.val_split, config.seed)
+    device = _settle_device(config, data_plan, reporter)
+
+    # 2. the tokenizer and the training sequences
+    reporter.stage("loading", f"resolving base model {config.base_model}")
+    base_path = resolve_base(config.base_model, default_cache_dir())
+    tokenizer, train_set, val_set = _tokenize(config, base_path, train_rows, val_rows, report,
+                                              reporter)
+    if data_plan.validate_on_train:  # the answers it is taught are what it is checked on
+        val_set = train_set[:plan.MAX_VALIDATION_ROWS_FROM_TRAIN]  # (already shuffled)
+    eval_prompts = config.eval_prompts or [_last_user(m) for m in (val_rows or train_rows)[:3]]
+
+    # 3. the base model, and its answers before training
+    stage_peaks = resources.StagePeaks()  # peak RAM / GPU memory of the load and of training
+    load_started = time.monotonic()
+    model = _load_base(config, base_path, device, stage_peaks, reporter)
+    load_seconds = time.monotonic() - load_started
+    base_answers = []
+    if eval_prompts and config.eval_max_new_tokens and device.group.is_main:
+        reporter.stage("evaluating", "answering the eval prompts with the base model")
+        base_answers = answer_prompts_hf(model, tokenizer, eval_prompts,
+                                         config.eval_max_new_tokens)
+
+    # 4. LoRA on the base, with the memory levers the mode asks for
+    model, every, offload = _add_lora(model, config, device, reporter)
+    trainable, total = model.get_nb_trainable_parameters()
+    reporter.log(f"LoRA: {trainable:,} trainable of {total:,} parameters")
+
+    # 5. batches and steps
+    train_items, val_items, collator = _batches(train_set, val_set, tokenizer, config,
+                                                data_plan.packing, device.attention)
+    micro_batch = config.micro_batch_size or device.group.smallest(plan.auto_micro_batch_size(
+        model.config, config, len(train_items), _free_gpu_bytes(config.gpu_memory_limit_gb)
+        if device.cuda else None, _dtype_bytes(device.dtype), device.mode, every))
+    steps = plan.plan_steps(config, len(train_items), micro_batch)
+    for note in steps.notes:
+        reporter.log(note)
+    use_liger = _liger_wanted(config.use_liger, device.cuda, reporter, device.mode.liger_by_default)
+    group = device.group
+    layout = "packed" if data_plan.packing else "one row each"
+    accumulation = group.accumulation(config.gradient_accumulation)
+    processes = f" x {group.size} processes" if group.size > 1 else ""
+    reporter.log(f"{len(train_items)} training sequences ({layout}), micro-batch {micro_batch} "
+                 f"x {accumulation} accumulation{processes}, "
+                 f"{steps.total_steps} optimizer steps, {device.dtype}, {device.optimizer}, "
+                 f"{device.attention}" + (", liger kernels" if use_liger else ""))
+
+    # 6. train, with the validation loss before and after
+    args = _training_arguments(config, workdir, steps, accumulation, device.optimizer,
+                               device.dtype, device.cuda, use_liger)
+    trainer = loss.trainer_class(device.dtype, offload, device.mode.loss_chunk_tokens)(
+        model=model, args=args, train_dataset=train_items, data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[_progress_callback(reporter, report.train_tokens, group)])
+    trainer.remove_callback(transformers.PrinterCallback)  # progress goes to the reporter
+    validation = (val_items, collator, micro_batch, device.dtype, reporter, group)
+    val_loss_before = _validation_loss(model, *validation, "before")
+    reporter.stage("training", f"{steps.num_epochs:g} epochs" if steps.max_steps <= 0
+                   else f"{steps.max_steps} steps")
+    if device.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.monotonic()
+    with stage_peaks.measure("train"):
+        output = trainer.train()
+    train_seconds = time.monotonic() - started
+    gpu_peaks = [group.largest(n / 1e9) for n in (torch.cuda.max_memory_allocated(),
+                                                   torch.cuda.max_memory_reserved())] \
+        if device.cuda else None
+    val_loss_after = _validation_loss(model, *validation, "after")
+    distributed.leave(group)
+    if not group.is_main:  # its share is done: rank 0 saves and exports
+        return None
+
+    # 7. the adapter on disk, and what the run measured
+    adapter_dir = workdir / "adapter"
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)  # the merge step reuses the (maybe patched) template
+    tokens = round(trainer.state.epoch * report.train_tokens)
+    metrics = {
+        "val_loss_before": val_loss_before, "val_loss_after": val_loss_after,
+        "train_loss": output.training_loss, "train_tokens": tokens,
+        "train_seconds": round(train_seconds, 2), "load_seconds": round(load_seconds, 2),
+        "train_end_time": round(time.time(), 3),  # wall clock: the start of "until it answers"
+        "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds else 0.0,
+        "peak_gpu_mem_gb": round(gpu_peaks[0], 3) if device.cuda else None,  # largest rank's
+        "peak_gpu_reserved_gb": round(gpu_peaks[1], 3) if device.cuda else None,
+        "steps": trainer.state.global_step, "micro_batch_size": micro_batch,
+        "memory_mode": device.mode.name, "compile_layers": device.mode.compile_layers,
+        "checkpoint_every": every, "loss_chunk_tokens": device.mode.loss_chunk_tokens,
+        "host_embeddings": isinstance(model.get_base_model().get_output_embeddings(),
+                                      host_tables.HostHead),
+        "offloaded_gb": round(offload.stats["offloaded_bytes"] / 1e9, 2) if offload else None,
+        "device": torch.cuda.get_device_name() if device.cuda else "cpu",
+        "processes": group.size, "compute_dtype": str(device.dtype).removeprefix("torch."),
+        "load_in_4bit": device.load_in_4bit, "optimizer": device.optimizer, "liger": use_liger,
+        "attention": device.attention, "trainable_params": trainable,
+        "stage_peaks": dict(stage_peaks),
+    }
+    reporter.log(f"validation loss {val_loss_before} -> {val_loss_after}, "
+                 f"{metrics['tokens_per_s']} tokens/s")
+    return TrainResult(adapter_dir, base_path, metrics, report.to_dict(), eval_prompts,
+                       base_answers, train_rows,
+                       data.render_text(tokenizer, val_rows or train_rows))
+
+
+# -- the phases of the recipe -----------------------------------------------------------------
+
+def _settle_device(config: FinetuneConfig, data_plan: plan.DataPlan, reporter: Reporter) -> _Device:
+    """The GPU (and the torchrun group), the memory mode, precision, optimizer, attention."""
+    import torch
 
     cuda = torch.cuda.is_available()
     group = distributed.join(cuda)  # under torchrun: this rank's GPU, and the process group
@@ -108,9 +225,15 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
     if not cuda and (dtype == torch.float16 or "8bit" in optimizer):
         raise FinetuneError("fp16 and 8-bit optimizers need a CUDA GPU: on CPU use "
                             "compute_dtype fp32 (or bf16) and optimizer adamw_torch.")
+    return _Device(cuda, group, mode, load_in_4bit, dtype, optimizer,
+                   resolve_attention(config, cuda, data_plan.packing))
 
-    reporter.stage("loading", f"resolving base model {config.base_model}")
-    base_path = resolve_base(config.base_model, default_cache_dir())
+
+def _tokenize(config: FinetuneConfig, base_path: str, train_rows: list, val_rows: list,
+              report, reporter: Reporter):
+    """The base's tokenizer (ChatML when it has no template) and the tokenized splits."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     if data.ensure_chat_template(tokenizer):
         reporter.log("the base model has no chat template: using ChatML")
@@ -119,52 +242,60 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
     reporter.log(f"{report.summary()}; {report.train_tokens} training tokens"
                  + (f", {report.n_truncated} rows cut to {config.max_seq_length} tokens"
                     if report.n_truncated else ""))
-    if data_plan.validate_on_train:  # the answers it is taught are what it is checked on
-        val_set = train_set[:plan.MAX_VALIDATION_ROWS_FROM_TRAIN]  # (already shuffled)
-    eval_prompts = config.eval_prompts or [_last_user(m) for m in (val_rows or train_rows)[:3]]
+    return tokenizer, train_set, val_set
 
-    attention = resolve_attention(config, cuda, data_plan.packing)
-    reporter.stage("loading", f"loading {base_path} ({'4-bit NF4' if load_in_4bit else dtype})")
+
+def _load_base(config: FinetuneConfig, base_path: str, device: _Device,
+               stage_peaks: resources.StagePeaks, reporter: Reporter):
+    """The base model: NF4 double-quant 4-bit when load_in_4bit, else in the compute dtype."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    reporter.stage("loading", f"loading {base_path} "
+                   f"({'4-bit NF4' if device.load_in_4bit else device.dtype})")
     transformers.set_seed(config.seed)
     quantization = None
-    if load_in_4bit:
+    if device.load_in_4bit:
         quantization = transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype)
-    load_started = time.monotonic()
-    stage_peaks = resources.StagePeaks()  # peak RAM / GPU memory of the load and of training
+            bnb_4bit_compute_dtype=device.dtype)
     try:
         with stage_peaks.measure("load"):  # the base read (and quantized to 4-bit on CUDA)
             model = AutoModelForCausalLM.from_pretrained(
-                base_path, dtype=dtype, quantization_config=quantization,
+                base_path, dtype=device.dtype, quantization_config=quantization,
                 # flex_attention would recompile for every generated length: it is set after
-                # the base answers below.
-                attn_implementation="sdpa" if attention == "flex_attention" else attention,
-                device_map={"": torch.cuda.current_device() if cuda else "cpu"})
+                # the base answers.
+                attn_implementation="sdpa" if device.attention == "flex_attention"
+                else device.attention,
+                device_map={"": torch.cuda.current_device() if device.cuda else "cpu"})
     except (OSError, ValueError, ImportError) as exc:
         raise FinetuneError(f"Could not load base model {config.base_model}: {exc}") from exc
     model.config.use_cache = False  # the KV cache is useless in training, and costs memory
-    load_seconds = time.monotonic() - load_started
+    return model
 
-    base_answers = []
-    if eval_prompts and config.eval_max_new_tokens and group.is_main:
-        reporter.stage("evaluating", "answering the eval prompts with the base model")
-        base_answers = answer_prompts_hf(model, tokenizer, eval_prompts,
-                                         config.eval_max_new_tokens)
 
-    if attention != model.config._attn_implementation:
-        model.set_attn_implementation(attention)
-    if load_in_4bit:
-        _freeze_base(model, dtype)
-    if mode.host_embeddings and group.size == 1:  # (DDP wants every parameter on its GPU)
+def _add_lora(model, config: FinetuneConfig, device: _Device, reporter: Reporter):
+    """The attention to train with, the frozen base, the memory mode's levers (host tables,
+    checkpointing, offload, compiled layers) and the LoRA adapter. Returns the peft model,
+    the checkpointing interval (0: none) and the activation offload (or None)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    mode, cuda = device.mode, device.cuda
+    if device.attention != model.config._attn_implementation:
+        model.set_attn_implementation(device.attention)
+    if device.load_in_4bit:
+        _freeze_base(model, device.dtype)
+    if mode.host_embeddings and device.group.size == 1:  # (DDP wants every parameter on its GPU)
         moved = host_tables.move_to_host(model, config.modules())
         if cuda:
             torch.cuda.empty_cache()  # what the tables held counts as free for the sizing below
         reporter.log(f"embedding tables in host memory: {' and '.join(moved)}" if moved else
                      "embedding tables stay on the device (tied, or trained)")
-    dtype_bytes = 4 if dtype == torch.float16 else 2  # fp16 keeps an fp32 residual stream
     free_after_load = _free_gpu_bytes(config.gpu_memory_limit_gb) if cuda else None
-    every = plan.checkpoint_every(model.config, config, mode, free_after_load, dtype_bytes)
+    every = plan.checkpoint_every(model.config, config, mode, free_after_load,
+                                  _dtype_bytes(device.dtype))
     if every:
         model.activation_checkpointing_enable(
             activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every)
@@ -179,89 +310,28 @@ def train(config: FinetuneConfig, workdir: Path, reporter) -> TrainResult | None
         target_modules=config.modules(), task_type="CAUSAL_LM"))
     if mode.compile_layers:  # regional: the layers share one compiled graph
         compile_layers(model.get_base_model().get_decoder().layers)
-    trainable, total = model.get_nb_trainable_parameters()
-    reporter.log(f"LoRA: {trainable:,} trainable of {total:,} parameters")
+    return model, every, offload
 
-    if data_plan.packing:
-        train_items = data.pack(train_set, config.max_seq_length)
-        val_items = data.pack(val_set, config.max_seq_length)
+
+def _batches(train_set: list, val_set: list, tokenizer, config: FinetuneConfig, packing: bool,
+             attention: str):
+    """Training and validation items (packed, or one row each) and the collator for them."""
+    if packing:
         # flex_attention compiles its kernels for each shape: give it a single one.
         collator = data.PackedCollator(
             tokenizer.pad_token_id, flatten=attention == "flash_attention_2",
             pad_to=config.max_seq_length if attention == "flex_attention" else 0)
-    else:
-        train_items, val_items = train_set, val_set
-        collator = data.PaddedCollator(tokenizer.pad_token_id, config.max_seq_length
-                                       if config.padding == "max_length" else 0)
-    micro_batch = config.micro_batch_size or group.smallest(plan.auto_micro_batch_size(
-        model.config, config, len(train_items),
-        _free_gpu_bytes(config.gpu_memory_limit_gb) if cuda else None, dtype_bytes, mode,
-        every))
-    steps = plan.plan_steps(config, len(train_items), micro_batch)
-    for note in steps.notes:
-        reporter.log(note)
-    use_liger = _liger_wanted(config.use_liger, cuda, reporter, mode.liger_by_default)
-    layout = "packed" if data_plan.packing else "one row each"
-    accumulation = group.accumulation(config.gradient_accumulation)
-    processes = f" x {group.size} processes" if group.size > 1 else ""
-    reporter.log(f"{len(train_items)} training sequences ({layout}), micro-batch {micro_batch} "
-                 f"x {accumulation} accumulation{processes}, "
-                 f"{steps.total_steps} optimizer steps, {dtype}, {optimizer}, "
-                 f"{attention}" + (", liger kernels" if use_liger else ""))
+        return (data.pack(train_set, config.max_seq_length),
+                data.pack(val_set, config.max_seq_length), collator)
+    collator = data.PaddedCollator(tokenizer.pad_token_id, config.max_seq_length
+                                   if config.padding == "max_length" else 0)
+    return train_set, val_set, collator
 
-    args = _training_arguments(config, workdir, steps, accumulation, optimizer, dtype, cuda,
-                               use_liger)
-    trainer = loss.trainer_class(dtype, offload, mode.loss_chunk_tokens)(
-        model=model, args=args, train_dataset=train_items, data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=[_progress_callback(reporter, report.train_tokens, group)])
-    trainer.remove_callback(transformers.PrinterCallback)  # progress goes to the reporter
-    validation = (val_items, collator, micro_batch, dtype, reporter, group)
-    val_loss_before = _validation_loss(model, *validation, "before")
-    reporter.stage("training", f"{steps.num_epochs:g} epochs" if steps.max_steps <= 0
-                   else f"{steps.max_steps} steps")
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    started = time.monotonic()
-    with stage_peaks.measure("train"):
-        output = trainer.train()
-    train_seconds = time.monotonic() - started
-    gpu_peaks = [group.largest(n / 1e9) for n in (torch.cuda.max_memory_allocated(),
-                                                   torch.cuda.max_memory_reserved())] \
-        if cuda else None
-    val_loss_after = _validation_loss(model, *validation, "after")
-    distributed.leave(group)
-    if not group.is_main:  # its share is done: rank 0 saves and exports
-        return None
 
-    adapter_dir = workdir / "adapter"
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)  # the merge step reuses the (maybe patched) template
-    tokens = round(trainer.state.epoch * report.train_tokens)
-    metrics = {
-        "val_loss_before": val_loss_before, "val_loss_after": val_loss_after,
-        "train_loss": output.training_loss, "train_tokens": tokens,
-        "train_seconds": round(train_seconds, 2), "load_seconds": round(load_seconds, 2),
-        "train_end_time": round(time.time(), 3),  # wall clock: the start of "until it answers"
-        "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds else 0.0,
-        "peak_gpu_mem_gb": round(gpu_peaks[0], 3) if cuda else None,  # the largest of any rank
-        "peak_gpu_reserved_gb": round(gpu_peaks[1], 3) if cuda else None,
-        "steps": trainer.state.global_step, "micro_batch_size": micro_batch,
-        "memory_mode": mode.name, "compile_layers": mode.compile_layers,
-        "checkpoint_every": every, "loss_chunk_tokens": mode.loss_chunk_tokens,
-        "host_embeddings": isinstance(model.get_base_model().get_output_embeddings(),
-                                      host_tables.HostHead),
-        "offloaded_gb": round(offload.stats["offloaded_bytes"] / 1e9, 2) if offload else None,
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "processes": group.size,
-        "compute_dtype": str(dtype).removeprefix("torch."), "load_in_4bit": load_in_4bit,
-        "optimizer": optimizer, "liger": use_liger, "attention": attention,
-        "trainable_params": trainable, "stage_peaks": dict(stage_peaks),
-    }
-    reporter.log(f"validation loss {val_loss_before} -> {val_loss_after}, "
-                 f"{metrics['tokens_per_s']} tokens/s")
-    return TrainResult(adapter_dir, base_path, metrics, report.to_dict(), eval_prompts,
-                       base_answers, train_rows,
-                       data.render_text(tokenizer, val_rows or train_rows))
+def _dtype_bytes(dtype) -> int:
+    import torch
+
+    return 4 if dtype == torch.float16 else 2  # fp16 keeps an fp32 residual stream
 
 
 # -- pieces of the recipe ---------------------------------------------------------------------
@@ -386,7 +456,8 @@ def _limit_gpu_memory(limit_gb: float) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, limit_gb * 1e9 / total))
 
 
-def _liger_wanted(wanted: bool | None, cuda: bool, reporter, by_default: bool = True) -> bool:
+def _liger_wanted(wanted: bool | None, cuda: bool, reporter: Reporter,
+                  by_default: bool = True) -> bool:
     """None (the default) uses liger wherever it can run and the operating point wants it
     (`by_default`); True says so when it cannot."""
     available = cuda and importlib.util.find_spec("liger_kernel") is not None
@@ -395,7 +466,7 @@ def _liger_wanted(wanted: bool | None, cuda: bool, reporter, by_default: bool = 
     return available and (by_default if wanted is None else wanted)
 
 
-def _validation_loss(model, items, collator, batch_size, dtype, reporter, group, when):
+def _validation_loss(model, items, collator, batch_size, dtype, reporter: Reporter, group, when):
     """Mean loss per target token. (Trainer.evaluate averages per-batch means, which weighs
     tokens differently for packed and unpacked batches, so the two could not be compared.)
     Under torchrun each rank takes every size-th item and the sums are added up."""
@@ -424,7 +495,7 @@ def _validation_loss(model, items, collator, batch_size, dtype, reporter, group,
     return mean
 
 
-def _progress_callback(reporter, epoch_tokens: int, group: distributed.World):
+def _progress_callback(reporter: Reporter, epoch_tokens: int, group: distributed.World):
     """Trainer logs -> reporter.progress; a cancel request stops at the next (sub)step.
     Built on demand so importing this module does not import transformers.
 

@@ -5,7 +5,7 @@ are 0.39 GB of Phi-3.5-mini's GPU memory and 0.52 GB of Mistral-7B's, held throu
 pass of the decoder layers, where a lean step's memory peaks. Here both stay in host memory:
 the input table is looked up on the CPU and only the micro-batch's rows (tokens x hidden) go to
 the GPU; the output table is copied to the GPU for each micro-batch's loss
-(`finetune.loss.causal_lm_loss` keeps the copy until the loss's own backward is done, then it is
+(`finetune.recipe.loss.causal_lm_loss` keeps the copy until the loss's own backward is done, then it is
 freed before the decoder layers' backward begins). Tied tables (one tensor for both) stay put.
 """
 from __future__ import annotations

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from finetune import FinetuneError
-from inference.registry import InferenceError
+from inference.errors import InferenceError
 
 log = logging.getLogger("finechat.transfers")
 KEEP = 8  # finished transfers still shown

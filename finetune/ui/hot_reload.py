@@ -10,12 +10,12 @@ import logging
 import threading
 from pathlib import Path
 
-from finetune import jobs
-from inference.registry import InferenceError
+from finetune.config import PREFERRED_QUANTS
+from finetune.jobs import records
+from inference.errors import InferenceError
 from inference.supervisor import EngineSupervisor
 
 log = logging.getLogger("finechat.hot_reload")
-PREFERRED_QUANTS = ("Q4_K_M", "Q5_K_M")
 
 
 def pick_model(model_names: list[str]) -> str:
@@ -29,7 +29,7 @@ def pick_model(model_names: list[str]) -> str:
 def activate_finished_jobs(engine: EngineSupervisor, jobs_dir: Path) -> list[str]:
     """One pass: activate each newly finished job's model. Returns what was activated."""
     activated = []
-    for record in jobs.list_jobs(jobs_dir):
+    for record in records.list_jobs(jobs_dir):
         status = record.status
         if (status.get("state") != "done" or "activation" in status
                 or not record.config.get("activate_when_done", True)):
@@ -43,11 +43,11 @@ def activate_finished_jobs(engine: EngineSupervisor, jobs_dir: Path) -> list[str
             if not name:
                 raise InferenceError("the job registered no model file")
             engine.swap(name)
-            jobs.record_activation(jobs_dir, record.id, {"model": name, "ok": True})
+            records.record_activation(jobs_dir, record.id, {"model": name, "ok": True})
             activated.append(name)
             log.info("job %s: now serving %s", record.id, name)
         except InferenceError as exc:
-            jobs.record_activation(jobs_dir, record.id,
+            records.record_activation(jobs_dir, record.id,
                                    {"model": name, "ok": False, "error": str(exc)})
             log.warning("job %s: kept %s, new model refused: %s", record.id,
                         engine.active_name, exc)

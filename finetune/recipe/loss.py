@@ -15,7 +15,7 @@ LOSS_CHUNK_TOKENS = 2048
 
 def trainer_class(dtype, offload=None, chunk_tokens: int | None = None):
     """transformers' Trainer with causal_lm_loss (`chunk_tokens` at a time) in place of the
-    model's loss; `offload` (a finetune.offload.ActivationOffload) keeps what the forward pass
+    model's loss; `offload` (a finetune.recipe.offload.ActivationOffload) keeps what the forward pass
     saves in host memory."""
     import contextlib
 
@@ -59,7 +59,7 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None):
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    from finetune.host_tables import HostHead, free_after_backward
+    from finetune.recipe.host_tables import HostHead, free_after_backward
 
     chunk_tokens = LOSS_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
     labels = batch["labels"]

@@ -1,14 +1,14 @@
 """Job records on disk and the job process: the one owner of job state.
 
     jobs_dir/<job_id>/config.json    the FinetuneConfig of the run (to_dict)
-                      status.json    state, stage, progress, pid, error, published models
+                      status.json    state, stage, progress, pid, error, installed models, Hub publications
                       log.txt        all the job process prints (Python, llama.cpp, converter)
                       metrics.jsonl  one line per progress report (loss, lr, tokens/s, val loss)
                       eval.json      validation loss and answers, base vs fine-tuned
                       cancel         present once a cancel was requested
     jobs_dir/gpu.lock                flock held by the running job: one GPU job at a time
 
-Every job runs in its own OS process (`python -m finetune.worker <job_dir>`), never in a
+Every job runs in its own OS process (`python -m finetune.jobs.worker <job_dir>`), never in a
 thread of the web app. The app, the CLI and a restarted app all read the same files; a job
 whose process vanished without a final state (kill -9, OOM killer, reboot) is marked failed
 the next time anyone reads it. The UI imports this module, so it never imports torch.
@@ -31,26 +31,70 @@ import time
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
+from typing import TypedDict
 
-from finetune import FinetuneError
+from finetune import Cancelled, FinetuneError
+from inference.files import write_json_atomic
+from inference.settings import ROOT
 
 log = logging.getLogger("finechat.job")
 
 # "evaluating" recurs: base answers and validation loss around training, then the answers of
-# the quantized model just before it is published.
+# the quantized model just before it is installed.
 STAGES = ("queued", "loading", "evaluating", "training", "merging", "converting", "quantizing",
           "done", "failed", "cancelled")
 FINAL_STATES = ("done", "failed", "cancelled")
 NEVER_LAUNCHED_AFTER_S = 120  # a queued record without a process this old was never started
-_ROOT = Path(__file__).resolve().parent.parent
 _launched: dict[int, subprocess.Popen] = {}  # our own children, polled so none stays a zombie
+
+
+class JobStatus(TypedDict, total=False):
+    """status.json: what the app, the CLI and a restarted app all read of a job."""
+    id: str
+    state: str  # "queued", "running", or one of FINAL_STATES
+    stage: str  # one of STAGES
+    message: str
+    error: str  # a failed job's message
+    created_at: str
+    created_ts: float
+    updated_at: str
+    started_at: str
+    started_ts: float
+    finished_at: str
+    finished_ts: float
+    version: str  # the name of the files it installs: <version>.<QUANT>.gguf
+    models_dir: str
+    models: list[str]  # the installed files, when done
+    serve: str  # the file the gate chose to serve, and why
+    serve_reason: str
+    card: str  # <version>.card.json
+    pid: int | None  # the job process, and its start time (a reused pid is not ours)
+    pid_start: int | None
+    processes: int
+    devices: str
+    dataset: dict  # the dataset report's summary
+    step: int  # training progress, from the Reporter
+    total_steps: int
+    epoch: float
+    loss: float
+    val_loss: float
+    learning_rate: float
+    tokens_per_s: float
+    eta_s: float | None
+    gpu_mem_gb: float | None
+    metrics: dict
+    timings_s: dict
+    peaks: dict
+    log_tail: str
+    activation: dict  # when the app served it (activate when done)
+    published: list[dict]  # Hub publications of its version
 
 
 @dataclass
 class JobRecord:
     id: str
     dir: Path
-    status: dict
+    status: JobStatus
     config: dict
 
     @property
@@ -83,9 +127,9 @@ class JobRecord:
 def create_job(config, jobs_dir: Path, models_dir: Path) -> JobRecord:
     """Validate the config and the dataset, then write a queued job record. A bad dataset
     raises FinetuneError here, before any process starts or any model is loaded."""
-    from finetune.config import PRESETS
-    from finetune.data import inspect_dataset
-    from finetune.export import make_version
+    from finetune.presets import PRESETS
+    from finetune.recipe.data import inspect_dataset
+    from finetune.export.install import make_version
 
     config = config.validate()
     config = replace(config, dataset=_absolute(config.dataset),  # the worker's cwd differs
@@ -115,8 +159,8 @@ def launch(record: JobRecord) -> JobRecord:
     """Start the job's own process (a new session, so cancel can signal its whole group)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # log lines reach log.txt as they happen
     with open(record.dir / "log.txt", "ab") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", "finetune.worker", str(record.dir)],
-                                cwd=_ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+        proc = subprocess.Popen([sys.executable, "-m", "finetune.jobs.worker", str(record.dir)],
+                                cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     _launched[proc.pid] = proc
     update_status(record.dir, pid=proc.pid, pid_start=_process_start(proc.pid))
@@ -287,16 +331,16 @@ def finish(job_dir: Path, state: str, message: str, **extra) -> None:
         changes.setdefault("log_tail", _tail(Path(job_dir) / "log.txt", 15))
         # Clean up before the state turns final, so a final state means a clean slate: torchrun
         # may SIGTERM rank 0 mid-way, and then the liveness check finishes the job instead.
-        remove_unpublished(status)
+        remove_uninstalled(status)
         if not _read_json(Path(job_dir) / "config.json").get("keep_intermediates"):
             shutil.rmtree(Path(job_dir) / "work", ignore_errors=True)  # a killed worker's leftovers
     update_status(job_dir, **changes)
 
 
-def remove_unpublished(status: dict) -> None:
+def remove_uninstalled(status: dict) -> None:
     """A job that did not finish leaves nothing in models/ (its staging folder, or files of
-    its version if it was killed halfway through publishing)."""
-    from finetune.export import STAGING_PREFIX
+    its version if it was killed halfway through installing)."""
+    from finetune.export.install import STAGING_PREFIX
 
     version, models_dir = status.get("version"), Path(status.get("models_dir") or "")
     if not version or not models_dir.is_dir():
@@ -350,7 +394,6 @@ def wait_for_gpu_slot(job_dir: Path, reporter: FileReporter, poll_s: float = 0.5
     while True:
         if reporter.cancelled():
             lock_file.close()
-            from finetune.train import Cancelled
 
             raise Cancelled("cancelled while queued")
         ahead = _queued_before(job_dir)
@@ -380,7 +423,7 @@ def _queued_before(job_dir: Path) -> str:
 
 # -- files ------------------------------------------------------------------------------
 
-def update_status(job_dir: Path, **changes) -> dict:
+def update_status(job_dir: Path, **changes) -> JobStatus:
     """Read-modify-write of status.json under a lock; the file is replaced atomically, so
     readers never see half a file. The app, the CLI and the worker all write through here."""
     job_dir = Path(job_dir)
@@ -392,7 +435,7 @@ def update_status(job_dir: Path, **changes) -> dict:
     return status
 
 
-def read_status(job_dir: Path) -> dict:
+def read_status(job_dir: Path) -> JobStatus:
     return _read_json(Path(job_dir) / "status.json")
 
 
@@ -420,10 +463,7 @@ def _report_summary(report) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=str)
-    os.replace(tmp, path)
+    write_json_atomic(path, data, default=str)
 
 
 def _read_json(path: Path) -> dict:

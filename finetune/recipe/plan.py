@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from finetune import loss
+from finetune.recipe import loss
 
 SMALL_DATASET_ROWS = 300  # below this, the small-data defaults apply
 AUTO_VAL_SPLIT = 0.1  # the hold-out of val_split=-1 (auto) from SMALL_DATASET_ROWS on

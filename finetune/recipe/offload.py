@@ -6,7 +6,7 @@ forward pass computes on, and copied back one layer ahead of the backward pass t
 PyTorch's `save_on_cpu` (what transformers' `offload=True` uses) copies on the compute stream
 and fetches each tensor only when the backward pass reaches it, so every layer waits for its
 copies; here the copies overlap compute both ways. Used by the training loss
-(`finetune.loss.trainer_class`) around each micro-batch's forward pass."""
+(`finetune.recipe.loss.trainer_class`) around each micro-batch's forward pass."""
 from __future__ import annotations
 
 import contextlib

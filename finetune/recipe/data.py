@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from finetune import FinetuneError
+from inference.errors import first_line
 
 FORMATS = ("messages", "alpaca", "prompt_completion", "question_answer")
 _REQUIRED = {"messages": ("messages",), "alpaca": ("instruction", "output"),
@@ -140,7 +141,7 @@ def _load_datasets(name: str, **kwargs) -> list:
 
         loaded = datasets.load_dataset(name, split="train", **kwargs)
     except Exception as exc:  # offline, unknown name, no train split...
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        reason = first_line(exc, 200)
         raise FinetuneError(f"Could not load dataset {name!r}: {reason}") from exc
     return list(loaded)
 

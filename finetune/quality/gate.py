@@ -1,16 +1,16 @@
 """The fidelity gate: does each produced file still know what the f16 model learned, and which
-one should the chat serve? Runs in the job after quantizing, before anything is published.
+one should the chat serve? Runs in the job after quantizing, before anything is installed in models/.
 
 For every candidate (each quantized GGUF, and the LoRA adapter on its base GGUF) against the
 f16 GGUF of the merged model:
 - recall: a seeded sample of training questions in the file's own chat template, each followed
-  by its taught answer and end-of-turn token, teacher-forced (finetune.fidelity.answer_rows).
+  by its taught answer and end-of-turn token, teacher-forced (finetune.quality.fidelity.answer_rows).
   A hit is an answer whose every token is the model's top-1: exactly the answers greedy
   decoding reproduces, found in one forward pass instead of a generation per question, so
   the gate costs seconds even for a 7B model on a CPU. The share of answer tokens that are
   top-1 measures what is kept of longer answers;
 - agreement: mean KL divergence and top-1 agreement of next-token distributions on the
-  validation text (llama.cpp's KLD metrics, finetune.fidelity.quant_fidelity).
+  validation text (llama.cpp's KLD metrics, finetune.quality.fidelity.quant_fidelity).
 A candidate passes when it keeps >= KEEP_RATIO of the f16 model's recall: of its hits, or of
 its answer-token recall when f16 itself reproduces few whole answers (long answers). The served
 file is the passing candidate with the best recall, then the closest to f16 (answer-token
@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import resources
-from finetune.export import ADAPTER
-from finetune.llama_process import LlamaProcess
+from finetune.config import PREFERRED_QUANTS
+from finetune.export.install import ADAPTER
+from finetune.quality.llama_process import LlamaProcess
 
 KEEP_RATIO = 0.9
 F16 = "F16"
@@ -63,9 +64,9 @@ def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: 
     """Recall and agreement of each candidate, one file loaded at a time. `candidates`: label ->
     {"path": GGUF} with label F16 the reference; an adapter also has "base" (its GGUF). Runs on
     the GPU as the chat would (FINECHAT_N_GPU_LAYERS, within gpu_memory_limit_gb); in a job,
-    in llama.cpp's own process (finetune.llama_process). What it has to say is in "messages"."""
+    in llama.cpp's own process (finetune.quality.llama_process). What it has to say is in "messages"."""
     from finetune import FinetuneError
-    from finetune.fidelity import quant_fidelity
+    from finetune.quality.fidelity import quant_fidelity
     from inference.settings import Settings
 
     started, messages = time.monotonic(), []
@@ -177,7 +178,7 @@ def run(result, config, staged: dict[str, Path], f16_path: Path, adapter: dict,
         if not row["passed"]:
             measure, f16 = numbers["measure"], numbers["results"][F16]
             log(f"WARNING gate: {name} keeps only {row['kept'] or 0:.0%} of what the f16 model "
-                f"learned ({measure} {row[measure]} vs {f16[measure]}): it is published but "
+                f"learned ({measure} {row[measure]} vs {f16[measure]}): it is installed but "
                 "will not be served automatically")
     log(f"gate: serving {label or 'nothing new'}: {reason}")
     return {"gate": numbers, "serve": {"label": label,
@@ -188,7 +189,7 @@ def run(result, config, staged: dict[str, Path], f16_path: Path, adapter: dict,
 def _unchecked_choice(quants: list[str], mode: str, has_adapter: bool) -> str:
     if mode == "adapter" and has_adapter:
         return ADAPTER
-    preferred = [q for q in ("Q4_K_M", "Q5_K_M") if q in quants]
+    preferred = [q for q in PREFERRED_QUANTS if q in quants]
     return (preferred or quants or [""])[0]
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.tensorfile import Readers, read_header, torch_dtype, write_sharded
+from finetune.export.tensorfile import Readers, read_header, torch_dtype, write_sharded
 
 log = logging.getLogger("finechat.job")
 

@@ -12,18 +12,19 @@ from types import SimpleNamespace
 import gradio as gr
 import pandas as pd
 
-from finetune import FinetuneError, jobs
-from finetune.admin_hub import hub_panel
-from finetune.auth import AdminAuth
-from finetune.config import MEMORY_MODES, PRESETS, SERVE_MODES, FinetuneConfig, from_preset
-from finetune.data import inspect_dataset
-from finetune.transfers import Transfers
-from finetune.uploads import store_upload
-from inference.registry import InferenceError
+from finetune import FinetuneError
+from finetune.config import MEMORY_MODES, SERVE_MODES, FinetuneConfig, from_preset
+from finetune.jobs import records
+from finetune.presets import OFFLINE_PRESET, PRESETS
+from finetune.recipe.data import inspect_dataset
+from finetune.ui.auth import AdminAuth
+from finetune.ui.hub_panel import hub_panel
+from finetune.ui.transfers import Transfers
+from finetune.ui.uploads import store_upload
+from inference.errors import InferenceError
 from inference.supervisor import EngineSupervisor
 
 CUSTOM = "custom (HF id or local path)"
-_FINAL = {"done", "failed", "cancelled"}
 LOG_LINES = 14  # the Code box shows its first lines: send only as many as it shows
 TRISTATE = {"auto": None, "on": True, "off": False}
 PRIVATE = dict(api_visibility="private")  # hidden from API docs; each still checks auth
@@ -55,7 +56,7 @@ def _progress_html(status: dict) -> str:
             f"step {step}/{total or '?'}"]
     if status.get("devices"):  # "2 GPUs": a job on several trains through torchrun
         bits.append(html.escape(status["devices"]))
-    if eta is not None and status.get("state") not in _FINAL:
+    if eta is not None and status.get("state") not in records.FINAL_STATES:
         bits.append(f"ETA {int(eta) // 60}m{int(eta) % 60:02d}s")
     for key, label, fmt in (("tokens_per_s", "tok/s", "{:.0f}"), ("loss", "loss", "{:.4f}"),
                             ("gpu_mem_gb", "GPU GB", "{:.1f}")):
@@ -210,7 +211,7 @@ def _wire_login(tab, login: SimpleNamespace, panel: gr.Column, timer: gr.Timer) 
 
 def _data_panel(tab) -> SimpleNamespace:
     gr.Markdown("### 1 · Base model and data")
-    preset = gr.Dropdown(list(PRESETS) + [CUSTOM], value="smollm2-135m",
+    preset = gr.Dropdown(list(PRESETS) + [CUSTOM], value=OFFLINE_PRESET,
                          label="Base model preset")
     base_custom = gr.Textbox(label="Custom base (HF id or local folder)", visible=False)
     upload = gr.File(label="Dataset upload (.json, .jsonl, .csv)",
@@ -263,8 +264,8 @@ def _training_panel(tab, data: SimpleNamespace) -> SimpleNamespace:
         overrides["dataset"] = _resolve_dataset(tab, upload_file, path_text)
         config = (from_preset(base, **overrides) if base in PRESETS
                   else FinetuneConfig.from_dict({"base_model": base, **overrides})).validate()
-        record = jobs.submit(config, tab.jobs_dir, tab.models_dir)
-        ids = [r.id for r in jobs.list_jobs(tab.jobs_dir)]
+        record = records.submit(config, tab.jobs_dir, tab.models_dir)
+        ids = [r.id for r in records.list_jobs(tab.jobs_dir)]
         return f"Started job `{record.id}`.", gr.Dropdown(choices=ids, value=record.id)
 
     start_btn.click(start, [tab.token, data.preset, data.base_custom, data.upload,
@@ -338,7 +339,7 @@ def _jobs_panel(tab, training: SimpleNamespace) -> SimpleNamespace:
     def cancel(job_id):
         if not job_id:
             raise FinetuneError("Pick a job to cancel.")
-        jobs.cancel(tab.jobs_dir, job_id, wait_for_exit=False)
+        records.cancel(tab.jobs_dir, job_id, wait_for_exit=False)
         return f"Cancelling `{job_id}`…"
 
     cancel_btn.click(cancel, [tab.token, job_pick], training.start_msg, api_name="admin_cancel")
@@ -383,8 +384,8 @@ def _wire_refresh(tab, timer: gr.Timer, job: SimpleNamespace, served: SimpleName
 
     @tab.guard
     def refresh(job_id, version="", seen=""):
-        records = jobs.list_jobs(jobs_dir)
-        ids = [r.id for r in records]
+        found = records.list_jobs(jobs_dir)
+        ids = [r.id for r in found]
         job_id = job_id if job_id in ids else (ids[0] if ids else None)
         picker = gr.Dropdown(choices=ids, value=job_id)
         versions = [i.name for i in engine.models() if i.usable]
@@ -397,12 +398,12 @@ def _wire_refresh(tab, timer: gr.Timer, job: SimpleNamespace, served: SimpleName
         served_text = f"**Serving:** `{active or 'nothing'}`"
         if job_id is None:
             return (picker, "<i>No jobs yet.</i>", None, "", "", _eval_frame({}),
-                    _gate_frame({}), _jobs_frame(records), versions_pick, served_text, active)
-        record = jobs.get(jobs_dir, job_id)
+                    _gate_frame({}), _jobs_frame(found), versions_pick, served_text, active)
+        record = records.get(jobs_dir, job_id)
         evaluation = record.evaluation
         return (picker, _progress_html(record.status), _loss_figure(record.metrics),
                 record.log_tail(LOG_LINES), _eval_markdown(evaluation, record.status),
-                _eval_frame(evaluation), _gate_frame(evaluation), _jobs_frame(records),
+                _eval_frame(evaluation), _gate_frame(evaluation), _jobs_frame(found),
                 versions_pick, served_text, active)
 
     outputs = [job.job_pick, job.progress, job.loss_plot, job.log_tail, job.eval_md,

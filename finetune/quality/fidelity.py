@@ -234,7 +234,7 @@ def _chat_renderer(llm):
     engine uses it (ChatML when the file has none)."""
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from finetune.data import CHATML_TEMPLATE
+    from finetune.recipe.data import CHATML_TEMPLATE
 
     template = llm.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
 

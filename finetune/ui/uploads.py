@@ -1,12 +1,12 @@
 """Admin dataset uploads: checked, renamed safely, kept inside their folder."""
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from pathlib import Path
 
 from finetune import FinetuneError
+from inference import files
 
 ALLOWED_SUFFIXES = {".json", ".jsonl", ".csv"}
 MAX_UPLOAD_BYTES = 200 * 2**20
@@ -14,9 +14,7 @@ MAX_UPLOAD_BYTES = 200 * 2**20
 
 def safe_filename(name: str) -> str:
     """A bare, harmless file name: no folders, no dot-files, only [A-Za-z0-9._-]."""
-    base = Path(str(name).replace("\\", "/")).name
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", base).lstrip(".")
-    return base[:120] or "dataset"
+    return files.safe_filename(str(name))[:120] or "dataset"
 
 
 def store_upload(src: str | Path, original_name: str, uploads_dir: Path) -> Path:

@@ -1,5 +1,5 @@
 """The Admin tab's Hub panel (UI only): where models are kept, publish a fine-tune to the Hub,
-fetch a GGUF from it. Both run as background transfers (finetune/transfers.py); the tab's timer
+fetch a GGUF from it. Both run as background transfers (finetune/ui/transfers.py); the tab's timer
 shows their progress. A token typed here stays in memory for that one transfer."""
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from types import SimpleNamespace
 
 import gradio as gr
 
-from finetune import FinetuneError, jobs, publish
-from finetune.transfers import Transfers
+from finetune import FinetuneError
+from finetune.export import install, publish
+from finetune.jobs import records
+from finetune.ui.transfers import Transfers
 from inference import hub, storage
 
 
@@ -46,18 +48,18 @@ def _wire(tab, timer: gr.Timer, w: SimpleNamespace) -> None:
 
     @guard
     def version_files(name):
-        ggufs = [p.name for p in publish.load_version(models_dir, name).ggufs] if name else []
+        ggufs = [p.name for p in install.load_version(models_dir, name).ggufs] if name else []
         return gr.CheckboxGroup(choices=ggufs, value=[])
 
     @guard
     def start_publish(name, files, repo_id, private, token):
-        found = publish.load_version(models_dir, name)  # bad input fails here, at once
+        found = install.load_version(models_dir, name)  # bad input fails here, at once
         token = publish.hub_token(token)
 
         def work(progress):
             done = publish.publish(models_dir, found.name, repo_id, token=token,
                                    private=private, files=files, progress=progress)
-            jobs.record_publication(tab.jobs_dir, found.name, {
+            records.record_publication(tab.jobs_dir, found.name, {
                 "repo": done.repo_id, "url": done.url, "commit": done.commit_url})
             return f"published {len(done.files)} files: {done.url}"
 
@@ -88,7 +90,7 @@ def _wire(tab, timer: gr.Timer, w: SimpleNamespace) -> None:
 
     @guard
     def show(picked=""):
-        found = publish.versions(models_dir)  # a job that just finished appears; newest first
+        found = install.versions(models_dir)  # a job that just finished appears; newest first
         picked = picked if picked in found else (found[0] if found else "")
         return _transfers_html(transfers), gr.Dropdown(choices=found, value=picked)
 

@@ -1,0 +1,1 @@
+"""A trained adapter into models/: merge, GGUF conversion, quantizing, install; and publishing to the Hub."""

@@ -1,0 +1,1 @@
+"""Code vendored from llama.cpp; see README.md here."""
