@@ -38,7 +38,7 @@ def test_spaces_contract():
     assert "EXPOSE 7860" in text and "FINECHAT_PORT=7860" in text
     # folders are left to inference/storage.py, so persistent storage (/data) takes them
     assert not re.search(r"^\s*(ENV\s+)?(HF_HOME|FINECHAT_\w+_DIR)=", text, re.M)
-    assert "python -m inference.registry models" in text  # the baked default model
+    assert "python -m inference.default_model models" in text  # the baked default model
     assert "ARG ACCEL=cpu" in text
     # llama.cpp for a baseline, never the builder's CPU, never AMX (inference/llama_build.py)
     assert "cmake-args cuda" in text and "llama_build.py install portable" in text
