@@ -105,13 +105,16 @@ def test_a_cycle_would_be_found():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-# ui -> jobs -> recipe / export / quality -> the package's shared modules and inference
+# ui -> jobs -> quality -> export -> recipe -> the package's shared modules -> inference: each
+# layer names the ones above it, which it must never import
 LAYERS = {
-    "finetune.ui": {"finetune.ui"},
     "finetune.jobs": {"finetune.ui"},
-    "finetune.recipe": {"finetune.ui", "finetune.jobs"},
-    "finetune.export": {"finetune.ui", "finetune.jobs"},
     "finetune.quality": {"finetune.ui", "finetune.jobs"},
+    "finetune.export": {"finetune.ui", "finetune.jobs", "finetune.quality"},
+    "finetune.recipe": {"finetune.ui", "finetune.jobs", "finetune.quality", "finetune.export"},
+    **{f"finetune.{m}": {"finetune.ui", "finetune.jobs", "finetune.quality", "finetune.export",
+                         "finetune.recipe"} for m in ("config", "presets", "resources",
+                                                      "distributed")},
     "inference": {"finetune", "app"},
 }
 

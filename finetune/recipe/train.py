@@ -80,7 +80,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter) -> TrainRes
     import torch
     import transformers
 
-    from finetune.quality.answers import answer_prompts_hf
+    from finetune.recipe.samples import answer_prompts_hf
 
     workdir = Path(workdir)
     # transformers' own Trainer still calls its deprecated alias: noise a user cannot act on.
