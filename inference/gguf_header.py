@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from inference.errors import first_line
+from inference.settings import ROOT
 
 _GGUF_TYPE_UINT32, _GGUF_TYPE_STRING = 4, 8  # enum gguf_type (gguf.h)
 
@@ -133,9 +134,8 @@ def read_isolated(paths: list[Path]) -> dict[Path, Header | str]:
     """Each file's Header, or why it cannot be read, parsed in a child process."""
     if not paths:
         return {}
-    root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)}
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)}
     try:
         proc = subprocess.run([sys.executable, "-m", "inference.gguf_header",
                                *map(str, paths)], capture_output=True, text=True, env=env,
