@@ -20,10 +20,8 @@ stopped (SIGSTOP) while the in-process paths run. Medians are reported.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import signal
 import statistics
 import sys
@@ -32,13 +30,14 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file (python bench/chat_overhead.py): imports as with -m
+    sys.path[0] = os.path.dirname(sys.path[0])
 
+from bench import report  # noqa: E402
 from inference.default_model import smollm2_gguf  # noqa: E402
 from inference.settings import DEFAULT_SYSTEM_PROMPT  # noqa: E402
-from tests.conftest import CACHE_DIR, link_model  # noqa: E402
-from tests.e2e.conftest import run_app  # noqa: E402
+from tests.support.app import run_app  # noqa: E402
+from tests.support.models import CACHE_DIR, link_model  # noqa: E402
 
 PROMPT = "Write a long story about a dragon."  # SmolLM2 greedy: > 400 tokens, no early EOS
 TARGET_RATIO, TARGET_TTFT_OVERHEAD_S = 0.97, 0.050
@@ -185,35 +184,16 @@ def measure(args, params: dict, llm, tokenize, workdir: Path, models_dir: Path) 
     return runs
 
 
-def machine_info() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-    import importlib.metadata
-    import shutil
-    import subprocess
-
+def machine_info(**extra) -> dict:
+    """report.machine(), and whether the llama.cpp library loaded here offloads to a GPU."""
     import llama_cpp
 
-    info = {"cpu": cpu, "logical_cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "llama_cpp_python": llama_cpp.__version__,
-            "llama_cpp_gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
-    for package in ("gradio", "gradio_client"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            info[package] = importlib.metadata.version(package)
-    if shutil.which("nvidia-smi"):
-        info["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                     capture_output=True, text=True).stdout.strip()
-    return info
+    return report.machine(llama_cpp_gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()),
+                          **extra)
 
 
 def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
-
-
-def write_result(out: Path, result: dict) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}")
 
 
 def serving_args(doc: str, runs: int, max_tokens: int, out: str) -> argparse.ArgumentParser:
@@ -223,7 +203,7 @@ def serving_args(doc: str, runs: int, max_tokens: int, out: str) -> argparse.Arg
     p.add_argument("--runs", type=int, default=runs, help="measured runs")
     p.add_argument("--max-tokens", type=int, default=max_tokens)
     p.add_argument("--n-threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / out)
+    p.add_argument("--out", type=Path, default=report.RESULTS_DIR / out)
     return p
 
 
@@ -256,16 +236,17 @@ def main(argv=None) -> int:
                for name, rs in runs.items()}
     raw = summary["raw"]
     verdicts = {}
-    print(f"{'path':8} {'TTFT ms':>9} {'decode tok/s':>13} {'ratio':>7} {'TTFT +ms':>9} "
-          f"{'tokens':>7}")
     for name, s in summary.items():
         ratio = s["decode_tok_s"] / raw["decode_tok_s"]
         overhead_s = s["ttft_s"] - raw["ttft_s"]
         verdicts[name] = {"decode_ratio": ratio, "ttft_overhead_s": overhead_s,
                           "meets_targets": ratio >= TARGET_RATIO
                           and overhead_s <= TARGET_TTFT_OVERHEAD_S}
-        print(f"{name:8} {s['ttft_s'] * 1e3:9.1f} {s['decode_tok_s']:13.1f} {ratio:7.3f} "
-              f"{overhead_s * 1e3:9.1f} {s['n_tokens']:7.0f}")
+    report.print_table(
+        ("path", "TTFT ms", "decode tok/s", "ratio", "TTFT +ms", "tokens"),
+        [(name, s["ttft_s"] * 1e3, s["decode_tok_s"], verdicts[name]["decode_ratio"],
+          verdicts[name]["ttft_overhead_s"] * 1e3, s["n_tokens"]) for name, s in summary.items()],
+        ("", ".1f", ".1f", ".3f", ".1f", ".0f"))
     same_text = len(set.union(*texts.values())) == 1
     print(f"same greedy answer on every path and run: {same_text}; "
           f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
@@ -281,21 +262,21 @@ def main(argv=None) -> int:
           f"{split['ttft_overhead_s'] * 1e3:+.1f} ms; targets (>= {SPLIT_RATIO}, <= "
           f"{SPLIT_TTFT_S * 1e3:.0f} ms) {'MET' if split['meets_targets'] else 'NOT met'}")
 
-    result = {
-        "benchmark": "chat_overhead", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {**machine_info(), "loadavg_before": load_before, "loadavg_after": load_after},
-        "settings": {"model": model.name, "prompt": PROMPT, "system_prompt": DEFAULT_SYSTEM_PROMPT,
-                     **params, "n_threads": args.n_threads, "n_ctx": args.n_ctx,
-                     "runs": args.runs, "prompt_cache": False, "interleaved": True},
-        "targets": {"decode_ratio_min": TARGET_RATIO,
-                    "ttft_overhead_max_s": TARGET_TTFT_OVERHEAD_S},
-        "split_targets": {"decode_ratio_min": SPLIT_RATIO, "ttft_overhead_max_s": SPLIT_TTFT_S},
-        "median": summary, "vs_raw": verdicts, "split_vs_engine": split,
-        "same_text": same_text,
-        "runs": {name: [{k: v for k, v in r.items() if k != "text"} for r in rs]
-                 for name, rs in runs.items()},
-    }
-    write_result(args.out, result)
+    report.write(
+        "chat_overhead", out=args.out,
+        machine_info=machine_info(loadavg_before=load_before, loadavg_after=load_after),
+        settings={"model": model.name, "prompt": PROMPT, "system_prompt": DEFAULT_SYSTEM_PROMPT,
+                  **params, "n_threads": args.n_threads, "n_ctx": args.n_ctx,
+                  "runs": args.runs, "prompt_cache": False, "interleaved": True,
+                  "targets": {"decode_ratio_min": TARGET_RATIO,
+                              "ttft_overhead_max_s": TARGET_TTFT_OVERHEAD_S},
+                  "split_targets": {"decode_ratio_min": SPLIT_RATIO,
+                                    "ttft_overhead_max_s": SPLIT_TTFT_S}},
+        # one row per path: its medians, its verdict against raw, every run
+        results=[{"path": name, **summary[name], **verdicts[name],
+                  "runs": [{k: v for k, v in r.items() if k != "text"} for r in rs]}
+                 for name, rs in runs.items()],
+        summary={"split_vs_engine": split, "same_text": same_text})
     return 0
 
 

@@ -31,14 +31,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.chat_overhead import machine_info, paused, serving_args, write_result  # noqa: E402
-from inference.default_model import smollm2_gguf  # noqa: E402
-from inference.settings import DEFAULT_SYSTEM_PROMPT  # noqa: E402
-from tests.conftest import CACHE_DIR, link_model  # noqa: E402
-from tests.e2e.conftest import run_app  # noqa: E402
+from bench import report
+from bench.chat_overhead import machine_info, paused, serving_args
+from inference.default_model import smollm2_gguf
+from inference.settings import DEFAULT_SYSTEM_PROMPT
+from tests.support.app import run_app
+from tests.support.models import CACHE_DIR, link_model
 
 LEVELS = (1, 2, 4, 8)
 TOPICS = ["a dragon", "a lighthouse keeper", "a robot gardener", "a lost city", "a pirate cat",
@@ -296,13 +294,12 @@ def main(argv=None) -> int:
     median = {name: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
               for name, runs in rows.items()}
     alone = median["1 at once"]["aggregate_decode_tok_s"]
-    print(f"{'chats':28} {'tok/s (decode)':>15} {'x one chat':>11} {'tok/s (all)':>12} "
-          f"{'TTFT median':>12} {'TTFT worst':>11}")
-    for name, m in median.items():
-        rest = (f"{m['aggregate_tok_s']:12.1f} {m['ttft_median_s']:11.2f}s "
-                f"{m['ttft_worst_s']:10.2f}s" if "ttft_median_s" in m else "")
-        print(f"{name:28} {m['aggregate_decode_tok_s']:15.1f} "
-              f"{m['aggregate_decode_tok_s'] / alone:11.2f} {rest}")
+    report.print_table(
+        ("chats", "tok/s (decode)", "x one chat", "tok/s (all)", "TTFT median s", "TTFT worst s"),
+        [(name, m["aggregate_decode_tok_s"], m["aggregate_decode_tok_s"] / alone,
+          m.get("aggregate_tok_s"), m.get("ttft_median_s"), m.get("ttft_worst_s"))
+         for name, m in median.items()],
+        ("", ".1f", ".2f", ".1f", ".2f", ".2f"))
     eight = median["8 at once"]
     verdict = {"aggregate_8_vs_1": eight["aggregate_decode_tok_s"] / alone,
                "aggregate_all_8_vs_1": eight["aggregate_tok_s"]
@@ -320,19 +317,20 @@ def main(argv=None) -> int:
           f"median TTFT {verdict['ttft_median_8_s']:.2f} s (target <= {TARGET_TTFT_8_S}): "
           f"{'MET' if verdict['met'] else 'NOT met'}; load {load_before[0]:.2f} -> "
           f"{load_after[0]:.2f}")
-    result = {"benchmark": "concurrency", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "machine": {**machine_info(), "loadavg_before": load_before,
-                          "loadavg_after": load_after},
-              "settings": {"model": model.name, "max_tokens": args.max_tokens,
-                           "n_threads": args.n_threads, "parallel": max(LEVELS),
-                           "n_gpu_layers": args.n_gpu_layers, "runs": args.runs,
-                           "flash_attn": args.flash_attn, "kv_unified": args.kv_unified,
-                           "path": "in-process engine" if args.in_process else "HTTP API",
-                           "temperature": 0.0, "prompt_cache": False},
-              "targets": {"aggregate_8_vs_1_min": target_8,
-                          "ttft_median_8_max_s": TARGET_TTFT_8_S},
-              "median": median, "verdict": verdict, "runs": rows}
-    write_result(args.out, result)
+    report.write(
+        "concurrency", out=args.out,
+        machine_info=machine_info(loadavg_before=load_before, loadavg_after=load_after),
+        settings={"model": model.name, "max_tokens": args.max_tokens,
+                  "n_threads": args.n_threads, "parallel": max(LEVELS),
+                  "n_gpu_layers": args.n_gpu_layers, "runs": args.runs,
+                  "flash_attn": args.flash_attn, "kv_unified": args.kv_unified,
+                  "path": "in-process engine" if args.in_process else "HTTP API",
+                  "temperature": 0.0, "prompt_cache": False,
+                  "targets": {"aggregate_8_vs_1_min": target_8,
+                              "ttft_median_8_max_s": TARGET_TTFT_8_S}},
+        # one row per case ("8 at once", "8 one at a time", "llama.cpp ceiling, 8 seq", ...)
+        results=[{"case": name, **median[name], "runs": rows[name]} for name in median],
+        summary=verdict)
     return 0
 
 

@@ -19,15 +19,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.chat_overhead import machine_info, serving_args, write_result  # noqa: E402
-from inference.default_model import smollm2_gguf  # noqa: E402
-from tests.conftest import CACHE_DIR, link_model  # noqa: E402
+from bench import report
+from bench.chat_overhead import machine_info, serving_args
+from inference.default_model import smollm2_gguf
+from inference.settings import ROOT
+from tests.support.models import CACHE_DIR, link_model
 
 LEVELS = (1, 8)
 NATIVE_DIR = CACHE_DIR / "llama-native" / "site"
@@ -96,21 +94,22 @@ def main(argv=None) -> int:
     median = {name: {n: {k: statistics.median(r[k] for r in by_n[n]) for k in by_n[n][0]}
                      for n in LEVELS} for name, by_n in rows.items()}
     base = median["native (-march=native)"]
-    print(f"{'build':24} {'chats':>5} {'decode tok/s':>13} {'x native':>9} {'TTFT ms':>8}")
-    for name in builds:
-        for n in LEVELS:
-            m = median[name][n]
-            print(f"{name:24} {n:5} {m['aggregate_decode_tok_s']:13.1f} "
-                  f"{m['aggregate_decode_tok_s'] / base[n]['aggregate_decode_tok_s']:9.3f} "
-                  f"{m['ttft_median_s'] * 1e3:8.1f}")
+    report.print_table(
+        ("build", "chats", "decode tok/s", "x native", "TTFT ms"),
+        [(name, n, median[name][n]["aggregate_decode_tok_s"],
+          median[name][n]["aggregate_decode_tok_s"] / base[n]["aggregate_decode_tok_s"],
+          median[name][n]["ttft_median_s"] * 1e3) for name in builds for n in LEVELS],
+        ("", "", ".1f", ".3f", ".1f"))
     for name, line in lines.items():
         print(f"{name}: {line}")
-    write_result(args.out, {
-        "benchmark": "cpu_builds", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": machine_info(), "builds": lines,
-        "settings": {"max_tokens": args.max_tokens, "n_threads": 2, "runs": args.runs,
-                     "parallel": max(LEVELS), "temperature": 0.0, "alternating": True},
-        "median": median, "runs": rows})
+    report.write(
+        "cpu_builds", out=args.out, machine_info=machine_info(),
+        settings={"max_tokens": args.max_tokens, "n_threads": 2, "runs": args.runs,
+                  "parallel": max(LEVELS), "temperature": 0.0, "alternating": True},
+        # one row per build and number of chats at once: the build's startup line, its
+        # medians and every run
+        results=[{"build": name, "chats": n, "library": lines[name], **median[name][n],
+                  "runs": rows[name][n]} for name in builds for n in LEVELS])
     return 0
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -28,14 +27,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench import report
 from finetune.jobs import records
 from finetune.quality.answers import answer_conversations_gguf
 from inference.default_model import SMOLLM2_FILENAME, smollm2_gguf
 from inference.registry import read_card
 from inference.settings import DEFAULT_SYSTEM_PROMPT, ROOT, Settings
-from tests.conftest import CACHE_DIR, link_model
+from tests.support.models import CACHE_DIR, link_model
 
-RESULTS = ROOT / "bench" / "results" / "faq_quality.json"
 DATA = ROOT / "bench" / "data"
 # name -> (training file, probes: [question as trained, paraphrase never trained, key string])
 SETS = {"harborlight": (ROOT / "tests" / "data" / "faq.jsonl", DATA / "faq_probes.json"),
@@ -152,24 +151,26 @@ def main() -> None:
         adapters = [r["files"]["LoRA"]["file"] for r in results.values()]
         switches = switch_times(models, [SMOLLM2_FILENAME, *adapters, SMOLLM2_FILENAME,
                                          *adapters])
-    result = {"device": f"{platform.machine()}, {os.cpu_count()} cores, CPU",
-              "base": SMOLLM2_FILENAME, "settings": "defaults (--preset smollm2-135m --data)",
-              "system_prompt": DEFAULT_SYSTEM_PROMPT, "sets": results, "switches": switches}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2, ensure_ascii=False))
     for name, r in results.items():
         print(f"\n{name}: {r['rows']} rows, {r['train_steps']} steps, served {r['served']}")
-        print(f"{'file':<8} {'trained':>9} {'paraphrased':>12} {'decode tok/s':>13} "
-              f"{'gate kept':>10}")
+        table = []
         for label, row in r["files"].items():
             gate = row.get("gate") or {}
             kept = "" if gate.get("kept") is None else f"{gate['kept']:.0%}" + (
                 "" if gate.get("passed") else " NO")
-            print(f"{label:<8} {row['trained']['right']:>5}/{row['trained']['of']:<3} "
-                  f"{row['paraphrased']['right']:>8}/{row['paraphrased']['of']:<3} "
-                  f"{row['decode_tokens_per_s']:>13} {kept:>10}")
+            table.append((label, f"{row['trained']['right']}/{row['trained']['of']}",
+                          f"{row['paraphrased']['right']}/{row['paraphrased']['of']}",
+                          row["decode_tokens_per_s"], kept))
+        report.print_table(("file", "trained", "paraphrased", "decode tok/s", "gate kept"),
+                           table)
     print("\nswitch times: " + ", ".join(f"{s['to']}: {s['seconds']} s" for s in switches))
-    print(f"wrote {RESULTS}")
+    report.write(
+        "faq_quality",
+        settings={"base": SMOLLM2_FILENAME, "training": "defaults (--preset smollm2-135m --data)",
+                  "system_prompt": DEFAULT_SYSTEM_PROMPT, "sets": sets},
+        # one row per fact set: its job, and every file's score (samples: every answer)
+        results=[{"set": name, **r} for name, r in results.items()],
+        summary={"switches": switches})
 
 
 if __name__ == "__main__":

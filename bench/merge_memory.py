@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -23,86 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bench import report
+from inference.settings import ROOT
+from tests.support.checkpoints import LINEAR, shapes_of, write_adapter, write_base
 
-RESULTS = ROOT / "bench" / "results" / "merge_memory.json"
 # Mistral-7B-Instruct-v0.2's shape (the base the issue's 4 GB target is about)
 MISTRAL_7B = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32000,
               "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
               "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 1e6,
               "max_position_embeddings": 32768, "tie_word_embeddings": False,
               "rms_norm_eps": 1e-5, "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16"}
-LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BASE_SHARD_BYTES = 5 * 10**9
-
-
-def shapes_of(config: dict) -> dict[str, tuple[int, ...]]:
-    """The tensors save_pretrained writes for this config (meta device: no memory)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from finetune.export import merge
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config))
-    saved, _ = merge.saved_keys(model)
-    return saved
-
-
-def write_base(dest: Path, config: dict, seed: int = 0,
-               shard_bytes: int = BASE_SHARD_BYTES) -> int:
-    """A random bf16 checkpoint (norms 1, the rest N(0, 0.02)); returns its size in bytes."""
-    import torch
-
-    from finetune.export.tensorfile import write_sharded
-
-    shapes, generator = shapes_of(config), torch.Generator().manual_seed(seed)
-
-    def produce(name: str):  # called in file order: the same seed gives the same weights
-        tensor = torch.empty(shapes[name], dtype=torch.bfloat16)
-        if name.endswith("norm.weight"):
-            return tensor.fill_(1.0)
-        return tensor.normal_(0.0, 0.02, generator=generator)
-
-    write_sharded(dest, [(k, torch.bfloat16, s) for k, s in shapes.items()], produce, shard_bytes)
-    (dest / "config.json").write_text(json.dumps(config, indent=2))
-    _copy_tokenizer(dest)
-    return sum(2 * math.prod(s) for s in shapes.values())
-
-
-def _copy_tokenizer(dest: Path) -> None:
-    """The merge saves the base's tokenizer with the weights: SmolLM2's stands in (offline)."""
-    from transformers import AutoTokenizer
-
-    from finetune.recipe.bases import resolve_base
-
-    AutoTokenizer.from_pretrained(resolve_base("smollm2-135m")).save_pretrained(dest)
-
-
-def write_adapter(dest: Path, base_dir: Path, config: dict, r: int = 16, alpha: int = 32,
-                  seed: int = 1) -> int:
-    """A LoRA adapter on every linear layer, saved as peft saves one; returns its bytes."""
-    import torch
-    from peft import LoraConfig
-
-    from finetune.export.tensorfile import write_safetensors
-
-    dest.mkdir(parents=True, exist_ok=True)
-    shapes = shapes_of(config)
-    entries = []
-    for name, (out_features, in_features) in ((n, s) for n, s in shapes.items()
-                                              if n.split(".")[-2] in LINEAR):
-        module = "base_model.model." + name.removesuffix(".weight")
-        entries += [(f"{module}.lora_A.weight", torch.float32, (r, in_features)),
-                    (f"{module}.lora_B.weight", torch.float32, (out_features, r))]
-    generator, shape_of = torch.Generator().manual_seed(seed), {k: s for k, _, s in entries}
-    write_safetensors(dest / "adapter_model.safetensors", entries,
-                      lambda key: torch.randn(shape_of[key], generator=generator) * 0.02)
-    LoraConfig(r=r, lora_alpha=alpha, target_modules=list(LINEAR), task_type="CAUSAL_LM",
-               base_model_name_or_path=str(base_dir)).save_pretrained(dest)
-    return sum(4 * math.prod(s) for _, _, s in entries)
 
 
 def merge_under_meter(base: Path, adapter: Path, out: Path) -> dict:
@@ -144,15 +73,6 @@ def check_one_tensor(base: Path, adapter: Path, out: Path, key: str, scale: floa
     return merged.dtype == torch.bfloat16 and torch.equal(merged, expected)
 
 
-def device_description() -> dict:
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor())
-    mem_kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
-                  if ln.startswith("MemTotal"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(mem_kb * 1024 / 1e9, 1),
-            "platform": platform.platform(), "python": platform.python_version()}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=16, help="of Mistral-7B's 32")
@@ -188,27 +108,27 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     result = {
-        "model": f"random bf16 llama, Mistral-7B shape with {args.layers} of 32 layers",
-        "config": config, "base_gb": round(base_bytes / 1e9, 2),
-        "adapter": {"rank": args.rank, "alpha": 32, "targets": list(LINEAR),
-                    "mb": round(adapter_bytes / 1e6, 1)},
+        "base_gb": round(base_bytes / 1e9, 2), "adapter_mb": round(adapter_bytes / 1e6, 1),
         "merged_gb": round(merged_bytes / 1e9, 2), "merge_s": measured["seconds"],
         "peak_ram_gb": measured["peak_ram_gb"],
         "rss_before_merge_gb": measured["rss_before_gb"],  # python + torch + transformers + peft
         "largest_tensor_mb": round(2 * max(math.prod(s) for s in shapes_of(config).values()) / 1e6,
                                    1),
-        "checked_tensor": key,
-        "checked_tensor_exact": exact, "device": device_description(),
-        "date": time.strftime("%Y-%m-%d"),
+        "checked_tensor": key, "checked_tensor_exact": exact,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"| base on disk | merged | merge seconds | peak RAM (merge process) | RSS before "
-          f"(libraries) | largest tensor | spot check |\n|---|---|---|---|---|---|---|\n"
-          f"| {result['base_gb']} GB | {result['merged_gb']} GB | {result['merge_s']} | "
-          f"{result['peak_ram_gb']} GB | {result['rss_before_merge_gb']} GB | "
-          f"{result['largest_tensor_mb']} MB | {'exact' if exact else 'MISMATCH'} |")
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    report.print_table(
+        ("base on disk", "merged", "merge seconds", "peak RAM (merge process)",
+         "RSS before (libraries)", "largest tensor", "spot check"),
+        [(f"{result['base_gb']} GB", f"{result['merged_gb']} GB", result["merge_s"],
+          f"{result['peak_ram_gb']} GB", f"{result['rss_before_merge_gb']} GB",
+          f"{result['largest_tensor_mb']} MB", "exact" if exact else "MISMATCH")],
+        markdown=True)
+    report.write(
+        "merge_memory",
+        settings={"model": f"random bf16 llama, Mistral-7B shape with {args.layers} of 32 layers",
+                  "layers": args.layers, "config": config,
+                  "adapter": {"rank": args.rank, "alpha": 32, "targets": list(LINEAR)}},
+        results=[result])
     return 0 if exact else 1
 
 

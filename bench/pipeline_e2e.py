@@ -3,52 +3,39 @@ the new model's first answer in the chat.
 
 Runs the CLI job exactly as a user would (default settings, a 20-row FAQ), on SmolLM2 (real
 weights, offline) or on a faithful stand-in of Phi-3.5-mini-instruct / Mistral-7B-Instruct-v0.2
-(random weights, real config, tokenizer and chat template: bench/standins.py), then serves the
-file the job chose through the chat engine as the app's hot reload does and times the first
-answer. "End of training -> answering" is wall clock from the end of the last optimizer step to
-that first answer's last token.
+(random weights, real config, tokenizer and chat template: tests/support/standins.py), then
+serves the file the job chose through the chat engine as the app's hot reload does and times the
+first answer. "End of training -> answering" is wall clock from the end of the last optimizer
+step to that first answer's last token.
 
     .venv/bin/python -m bench.pipeline_e2e --model smollm2
     python -m bench.pipeline_e2e --model mistral-7b --gpu-memory-limit-gb 16 --workdir /tmp/pe
 
-Results merge into bench/results/pipeline_e2e.json under "<model>[@<limit>GB] on <device>".
+Results merge into bench/results/pipeline_e2e.json: one record per machine, model and GPU memory
+limit (bench/report.py), a new run replacing its own.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from bench import report
 from finetune.jobs import records
 from finetune.recipe.bases import default_cache_dir
 from inference.default_model import SMOLLM2_FILENAME, smollm2_gguf
 from inference.registry import read_card
 from inference.settings import DEFAULT_SYSTEM_PROMPT, ROOT, Settings
 
-CACHE_DIR = default_cache_dir()  # not tests.conftest: the GPU machine has no pytest
+CACHE_DIR = default_cache_dir()
 
-RESULTS = ROOT / "bench" / "results" / "pipeline_e2e.json"
 DATA = ROOT / "bench" / "data" / "quillmere.jsonl"
 STANDINS = ("phi-3.5-mini", "mistral-7b")
 STAGES = ("load", "train", "merge", "convert", "quantize", "quantize_Q4_K_M", "quantize_Q5_K_M",
           "adapter", "gate", "load_and_first_answer")  # quantize: every type, maybe at once
-
-
-def device() -> str:
-    """The GPU's name, asked in a child: torch must never share this process with a CUDA
-    build of llama.cpp (either order of loading dies of SIGSEGV)."""
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda."
-                            "get_device_name() if torch.cuda.is_available() else '')"],
-                           capture_output=True, text=True)
-    name = probe.stdout.strip()
-    if name:
-        return f"{name}, {os.cpu_count()} cores"
-    return f"{platform.machine()}, {os.cpu_count()} cores, CPU"
 
 
 def base_for(model: str, workdir: Path) -> list[str]:
@@ -57,7 +44,7 @@ def base_for(model: str, workdir: Path) -> list[str]:
         return ["--preset", "smollm2-135m"]
     folder = workdir / f"{model}-standin"
     if not (folder / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "bench.standins", model, "--size", "full",
+        subprocess.run([sys.executable, "-m", "tests.support.standins", model, "--size", "full",
                         "--out", str(folder)], cwd=ROOT, check=True)
     return ["--base-model", str(folder)]
 
@@ -142,7 +129,7 @@ def main() -> None:
     # survives quantization) the Q4_K_M file is loaded all the same, to time the last stage.
     served = record.status.get("serve") or ""
     loaded = served or next(m for m in record.status["models"] if ".Q4_K_M." in m)
-    row_device = device()  # before llama.cpp loads anything here
+    machine = report.machine()  # before llama.cpp loads here (it never loads torch)
     answer_started = time.time()
     reload_s = first_answer(models, loaded)
     train_end = (card.get("metrics") or {}).get("train_end_time", started)
@@ -151,10 +138,9 @@ def main() -> None:
     end_to_answer = answer_started - train_end + reload_s
     import llama_cpp
 
-    row = {"device": row_device, "model": args.model, "base": record.config.get("base_model"),
+    row = {"base": record.config.get("base_model"),
            "llama_cpp_gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
            "n_gpu_layers": Settings.from_env().n_gpu_layers,
-           "gpu_memory_limit_gb": args.gpu_memory_limit_gb or None,
            "micro_batch_size": (card.get("metrics") or {}).get("micro_batch_size"),
            "steps": (card.get("metrics") or {}).get("steps"), "served": served,
            "loaded": loaded,
@@ -163,21 +149,16 @@ def main() -> None:
            "job_total_s": (record.status.get("timings_s") or {}).get("total"),
            "stages": stage_table(record, card, reload_s),
            "timed_from": "a finished job (--from-job)" if args.from_job else "this run"}
-    key = f"{args.model}" + (f"@{args.gpu_memory_limit_gb:g}GB" if args.gpu_memory_limit_gb
-                             else "") + f" on {row['device']}"
-    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    results[key] = row
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
-    print(f"\n{key}: served {served or '(nothing passed the gate)'}, loaded {loaded}; "
-          "end of training -> answering "
-          f"{row['end_of_training_to_answer_s']} s")
+    limit = f"@{args.gpu_memory_limit_gb:g}GB" if args.gpu_memory_limit_gb else ""
+    print(f"\n{args.model}{limit}: served {served or '(nothing passed the gate)'}, loaded "
+          f"{loaded}; end of training -> answering {row['end_of_training_to_answer_s']} s")
     columns = ("seconds", "peak_ram_gb", "peak_gpu_gb", "peak_gpu_device_gb")
-    print(f"{'stage':<24}" + "".join(f"{c:>20}" for c in columns))
-    for stage, r in row["stages"].items():
-        print(f"{stage:<24}" + "".join(f"{'' if r.get(c) is None else r[c]:>20}"
-                                       for c in columns))
-    print(f"wrote {RESULTS}")
+    report.print_table(("stage", *columns), [(stage, *(r.get(c) for c in columns))
+                                             for stage, r in row["stages"].items()])
+    report.write("pipeline_e2e", machine_info=machine, history=True,
+                 settings={"model": args.model,
+                           "gpu_memory_limit_gb": args.gpu_memory_limit_gb or None},
+                 results=[row])
 
 
 if __name__ == "__main__":

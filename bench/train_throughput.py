@@ -35,8 +35,9 @@ cannot be downloaded here) and on SmolLM2-135M, the offline preset (real weights
 
 Random models are built on the GPU and saved once under --workdir; the synthetic dataset has
 rows of 128-2048 tokens (log-uniform) over a word-level tokenizer of the architecture's vocab
-size. Results merge into bench/results/train_throughput.json (one key per model), so models can
-be run in separate calls.
+size. Results merge into bench/results/train_throughput.json (bench/report.py: one record per
+machine and model, --gpus runs one per machine, model and scaling settings), so models and runs
+can be measured in separate calls.
 """
 from __future__ import annotations
 
@@ -54,20 +55,23 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file (python bench/train_throughput.py, torchrun): as with -m
+    sys.path[0] = os.path.dirname(sys.path[0])
 
-from bench.standins import CONFIGS  # noqa: E402
+from bench import report  # noqa: E402
 from finetune import FinetuneError, distributed  # noqa: E402
 from finetune.config import from_preset  # noqa: E402
 from finetune.recipe import data as data_mod  # noqa: E402
 from finetune.recipe import train as train_mod  # noqa: E402
 from finetune.recipe.plan import LEAN_TOKENS_PER_MICRO_BATCH  # noqa: E402
+from inference.settings import ROOT  # noqa: E402
+from tests.support.standins import CONFIGS  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100 SXM dense bf16, the datasheet figure
-RESULTS = ROOT / "bench" / "results" / "train_throughput.json"
-# The two Hub presets' widths from their real configs (bench/standins.py). Phi as measured for
-# the README: no longrope and a 4096 context (training rows are at most 2048 tokens).
+MFU_FORMULA = "6 * N * tokens/s / 989e12, N = linear-layer weights incl. lm_head"
+RESULTS = report.RESULTS_DIR / "train_throughput.json"
+# The two Hub presets' widths from their real configs (tests/support/standins.py). Phi as
+# measured for the README: no longrope and a 4096 context (training rows are at most 2048 tokens).
 _WIDTHS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
            "num_attention_heads", "num_key_value_heads", "rms_norm_eps", "tie_word_embeddings")
 ARCHS = {
@@ -588,21 +592,33 @@ def parity(runs: dict, recipe: str = "default") -> dict:
     return out
 
 
-def print_table(results: dict) -> None:
-    print(f"\n{'model':<9} {'run':<48} {'tok/s':>8} {'alloc GB':>9} {'resv GB':>8} "
-          f"{'MFU':>6} {'val after':>9}")
-    for model, block in results.items():
-        if model.startswith("_"):
-            continue
-        for row in block.get("runs", {}).values():
-            if "tokens_per_s" not in row:
-                print(f"{model:<9} {row['label'][:48]:<48} {row.get('error') or row.get('skipped')}")
-                continue
-            print(f"{model:<9} {row['label'][:48]:<48} {row['tokens_per_s']:>8,.0f} "
-                  f"{row['peak_allocated_gb'] or 0:>9.2f} {row['peak_reserved_gb'] or 0:>8.2f} "
-                  f"{row['mfu_6n']:>6.1%} {row['val_loss_after'] or float('nan'):>9.4f}")
-        if "parity" in block:
-            print(f"{model:<9} parity: {json.dumps(block['parity'])}")
+def merge_runs(old: dict, new: dict) -> dict:
+    """One model's record on one machine over several calls: newer runs win, except where this
+    call ran out of time before reaching them (runs of at most 10 minutes a call add up)."""
+    earlier = {row["run"]: row for row in old["results"]}
+    fresh = {row["run"]: row for row in new["results"]
+             if "skipped" not in row or "skipped" in earlier.get(row["run"], row)}
+    merged = {**new, "results": list({**earlier, **fresh}.values()),
+              "summary": {**old.get("summary", {}), **new.get("summary", {})}}
+    if old.get("note"):
+        merged["note"] = old["note"]
+    if new["settings"]["model"] == "smollm2":
+        merged["summary"]["parity"] = parity({row["run"]: row for row in merged["results"]})
+    return merged
+
+
+def print_table(records: list[dict]) -> None:
+    print()
+    report.print_table(
+        ("model", "run", "tok/s", "alloc GB", "resv GB", "MFU", "val after", "error"),
+        [(r["settings"]["model"], row.get("label", row["run"])[:48], row.get("tokens_per_s"),
+          row.get("peak_allocated_gb"), row.get("peak_reserved_gb"), row.get("mfu_6n"),
+          row.get("val_loss_after"), row.get("error") or row.get("skipped"))
+         for r in records for row in r["results"]],
+        ("", "", ",.0f", ".2f", ".2f", ".1%", ".4f"))
+    for r in records:
+        if "parity" in r.get("summary", {}):
+            print(f"{r['settings']['model']} parity: {json.dumps(r['summary']['parity'])}")
 
 
 def main() -> None:
@@ -643,12 +659,9 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     deadline = time.perf_counter() + args.budget_s
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    results["_device"] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                          "measured_bf16_matmul_tflops": measured_peak_tflops(),
-                          "mfu_formula": "6 * N * tokens/s / 989e12, N = linear-layer weights "
-                                         "incl. lm_head"}
+    machine = report.machine(measured_bf16_matmul_tflops=measured_peak_tflops())
     only = set(filter(None, args.runs.split(",")))
+    written = []
     for model in (args.models or "phi,mistral,smollm2").split(","):
         if model == "smollm2":
             block = bench_smollm2(args.workdir, deadline,
@@ -656,17 +669,18 @@ def main() -> None:
         else:
             block = bench_arch(model, args.workdir, args.levers and model == "phi", deadline,
                                only, args.profile)
-        earlier = results.get(model, {}).get("runs", {})
-        # Newer runs win, except where this call ran out of time before reaching them; runs of
-        # one model can so be spread over several calls of at most 10 minutes.
-        fresh = {k: v for k, v in block["runs"].items()
-                 if "skipped" not in v or "skipped" in earlier.get(k, v)}
-        results[model] = {**results.get(model, {}), **block, "runs": {**earlier, **fresh}}
+        summary = {"matmul_params": block["matmul_params"]}
         if model == "smollm2":
-            results[model]["parity"] = parity(results[model]["runs"])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print_table(results)
+            summary["parity"] = parity(block["runs"])
+        written.append(report.write(
+            "train_throughput", out=args.out, machine_info=machine, history=True,
+            key=("mode", "model"), merge=merge_runs,
+            settings={"mode": "runs", "model": model, "runs": args.runs, "levers": args.levers,
+                      "profile": args.profile, "seeds": args.seeds, "budget_s": args.budget_s,
+                      "mfu_formula": MFU_FORMULA},
+            results=[{"run": key, **row} for key, row in block["runs"].items()],
+            summary=summary))
+    print_table(written)
 
 
 def main_scaling(args) -> None:
@@ -678,15 +692,19 @@ def main_scaling(args) -> None:
     models = (args.models or "phi,mistral").split(",")
     deadline = time.perf_counter() + args.budget_s
     args.workdir.mkdir(parents=True, exist_ok=True)
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    machine = report.machine()
     for model in models:
         scaling = bench_scaling(model, args.gpus, args.workdir, args.steps, args.set, deadline)
-        results.setdefault(model, {})["scaling"] = scaling
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-        print(f"{model}: {json.dumps({k: v for k, v in scaling.items() if k != 'runs'})}")
+        summary = {k: v for k, v in scaling.items() if k != "runs"}
+        print(f"{model}: {json.dumps(summary)}")
         for key, row in scaling["runs"].items():
             print(f"  {key}: {row.get('tokens_per_s', row.get('error'))} tok/s")
+        report.write("train_throughput", out=args.out, machine_info=machine, history=True,
+                     settings={"mode": "scaling", "model": model, "gpus": args.gpus,
+                               "steps": list(args.steps), "set": args.set,
+                               "mfu_formula": MFU_FORMULA},
+                     results=[{"run": key, **row} for key, row in scaling["runs"].items()],
+                     summary=summary)
 
 
 if __name__ == "__main__":

@@ -2,16 +2,14 @@
 SmolLM2 as an HF folder (for fine-tuning and LoRA adapters)."""
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 from inference.default_model import SMOLLM2_FILENAME, smollm2_gguf
 from inference.settings import ROOT
+from tests.support.models import CACHE_DIR, link_model
 
-CACHE_DIR = Path(os.environ.get("FINECHAT_CACHE_DIR", ROOT / ".cache"))
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
 
@@ -36,17 +34,6 @@ def smollm2_hf_dir(smollm2_path) -> Path:
     from finetune.recipe.bases import resolve_base
 
     return Path(resolve_base("smollm2-135m", CACHE_DIR))
-
-
-def link_model(src: Path, models_dir: Path, name: str | None = None) -> Path:
-    """Put `src` into `models_dir` without copying 100 MB when a hard link works."""
-    models_dir.mkdir(parents=True, exist_ok=True)
-    dst = models_dir / (name or src.name)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
-    return dst
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from gradio_client.exceptions import AppError
 from finetune.jobs import records
 from inference.default_model import SMOLLM2_FILENAME
 from inference.settings import ROOT
-from tests.conftest import link_model
-from tests.e2e.conftest import run_app
+from tests.support.app import run_app
+from tests.support.models import link_model
 
 PASSWORD = "test-admin-pw"
 V2 = "smollm2-v2.Q4_K_M.gguf"

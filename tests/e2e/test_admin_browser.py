@@ -17,8 +17,8 @@ from playwright.sync_api import expect
 
 from inference.default_model import SMOLLM2_FILENAME
 from inference.settings import ROOT
-from tests.conftest import link_model
-from tests.e2e.conftest import TIMEOUT_MS, run_app
+from tests.support.app import TIMEOUT_MS, run_app
+from tests.support.models import link_model
 
 pytestmark = pytest.mark.browser
 

@@ -9,9 +9,9 @@ import time
 
 from finetune.jobs import records
 from inference.default_model import SMOLLM2_FILENAME
-from tests.conftest import link_model
-from tests.e2e.conftest import run_app
 from tests.e2e.test_admin import FAQ, PASSWORD, wait_for_job
+from tests.support.app import run_app
+from tests.support.models import link_model
 
 ORDER = {"queued": 0, "running": 1, "done": 2, "failed": 2, "cancelled": 2}  # job states
 ENV = dict(ADMIN_PASSWORD=PASSWORD, FINECHAT_N_CTX="1024")

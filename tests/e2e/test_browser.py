@@ -10,7 +10,7 @@ import time
 import pytest
 from playwright.sync_api import expect
 
-from tests.e2e.conftest import CORRUPT_NAME, TIMEOUT_MS, TRUNCATED_NAME
+from tests.support.app import CORRUPT_NAME, TIMEOUT_MS, TRUNCATED_NAME
 
 pytestmark = pytest.mark.browser
 

@@ -15,8 +15,8 @@ import pytest
 from gradio_client.exceptions import AppError
 
 from inference.default_model import SMOLLM2_FILENAME
-from tests.conftest import link_model
-from tests.e2e.conftest import CORRUPT_NAME, TRUNCATED_NAME, run_app
+from tests.support.app import CORRUPT_NAME, TRUNCATED_NAME, run_app
+from tests.support.models import link_model
 
 GREEDY = dict(temperature=0.0, repeat_penalty=1.0, top_p=0.95, top_k=40)
 # Eight questions SmolLM2-135M answers right greedily: "The capital of X is Y."

@@ -21,8 +21,8 @@ from gradio_client import Client
 
 from inference.default_model import SMOLLM2_FILENAME
 from inference.supervisor import ENGINE_CRASHED
-from tests.conftest import link_model
-from tests.e2e.conftest import run_app
+from tests.support.app import run_app
+from tests.support.models import link_model
 
 STORY = [{"role": "user", "content": "Write a long story about a dragon."}]
 QUESTION = [{"role": "user", "content": "What is the capital of Germany?"}]

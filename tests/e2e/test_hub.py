@@ -1,7 +1,7 @@
 """A Space with persistent storage, for real: the app keeps everything in a data folder (a
 temporary folder stands in for /data), a fine-tune made from the Admin tab survives a restart,
 is published from the Admin tab, and GGUFs are fetched from the Hub into the chat. The Hub is
-tests/hub_standin.py (the real one cannot be reached here), driven by the real huggingface_hub
+tests/support/hub_standin.py (the real one cannot be reached here), driven by real huggingface_hub
 inside the app."""
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 
 from finetune.jobs import records
 from inference.default_model import SMOLLM2_FILENAME
-from tests.conftest import link_model
-from tests.e2e.conftest import run_app
 from tests.e2e.test_admin import FAQ, GREEDY, PASSWORD, wait_for_job
 from tests.e2e.test_admin_restart import logged_in, table_rows
-from tests.hub_standin import Account, HubStandIn, card_metadata
+from tests.support.app import run_app
+from tests.support.hub_standin import Account, HubStandIn, card_metadata
+from tests.support.models import link_model
 
 TOKEN = "hf_e2eAliceWriteToken0123456789abc"
 COPY = "smol-copy.Q4_1.gguf"

@@ -20,8 +20,8 @@ import pytest
 
 from inference.default_model import SMOLLM2_FILENAME
 from inference.openai_api import MAX_BODY_BYTES
-from tests.conftest import link_model
-from tests.e2e.conftest import CORRUPT_NAME, TRUNCATED_NAME, run_app
+from tests.support.app import CORRUPT_NAME, TRUNCATED_NAME, run_app
+from tests.support.models import link_model
 
 QUESTION = [{"role": "system", "content": "You are a helpful assistant."},
             {"role": "user", "content": "What is the capital of Germany?"}]

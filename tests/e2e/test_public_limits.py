@@ -11,8 +11,8 @@ import pytest
 
 from finetune.ui.uploads import MAX_UPLOAD_BYTES
 from inference.default_model import SMOLLM2_FILENAME
-from tests.conftest import link_model
-from tests.e2e.conftest import run_app
+from tests.support.app import run_app
+from tests.support.models import link_model
 
 PER_CLIENT = 3
 UPLOAD_TTL_S = 2

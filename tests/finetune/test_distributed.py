@@ -15,8 +15,8 @@ from finetune import FinetuneError, distributed
 from finetune.config import from_preset
 from finetune.jobs import records
 from finetune.recipe import train
-from tests.finetune.conftest import RecordingReporter
 from tests.finetune.test_jobs import FAQ, _try_lock, tiny_config, training_step, wait_until
+from tests.support.reporter import RecordingReporter
 
 
 def two_rank_smollm2(**overrides):

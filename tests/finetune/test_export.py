@@ -13,12 +13,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench.quant_fidelity import held_out_text
 from finetune import FinetuneError
 from finetune.config import FinetuneConfig
 from finetune.export import install, llama_tools, pipeline
 from finetune.quality import fidelity
 from inference import registry
+from tests.support.texts import held_out_text
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,"]
 

@@ -60,7 +60,7 @@ def test_a_job_with_defaults_learns_a_small_faq_and_the_gate_refuses_q4_1(tmp_pa
     from finetune.config import from_preset
     from finetune.jobs import records
     from finetune.quality.answers import answer_conversations_gguf
-    from tests.conftest import link_model
+    from tests.support.models import link_model
 
     models = tmp_path / "models"
     link_model(smollm2_path, models)

@@ -14,7 +14,7 @@ import pytest
 from finetune.config import from_preset
 from finetune.recipe.train import train
 from inference.settings import ROOT
-from tests.finetune.conftest import RecordingReporter
+from tests.support.reporter import RecordingReporter
 
 torch = pytest.importorskip("torch")
 pytestmark = [pytest.mark.gpu,

@@ -235,9 +235,9 @@ def test_merge_failure_is_a_finetune_error(tiny_llama_dir, tmp_path):
 
 @pytest.mark.parametrize("arch", ["phi-3.5-mini", "mistral-7b"])
 def test_faithful_standins(arch, tmp_path, caplog):
-    """The 2-layer stand-ins of the two Hub presets (bench/standins.py): real configs
+    """The 2-layer stand-ins of the two Hub presets (tests/support/standins.py): real configs
     (longrope, GQA), SentencePiece tokenizers, bf16 weights."""
-    standins = pytest.importorskip("bench.standins")
+    standins = pytest.importorskip("tests.support.standins")
     base = tmp_path / "base"
     standins.build(arch, "tiny", base)
     adapter = random_adapter(base, tmp_path / "adapter", seed=5, r=16, lora_alpha=32)
@@ -255,7 +255,7 @@ def test_ram_stays_far_below_the_model_size(tmp_path):
 
     import torch
 
-    from bench.merge_memory import write_adapter, write_base
+    from tests.support.checkpoints import write_adapter, write_base
 
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 8192,
               "hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 16,

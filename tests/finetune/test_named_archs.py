@@ -1,5 +1,5 @@
 """Phi-3.5-mini and Mistral-7B through the whole job on CPU, as faithful 2-layer stand-ins
-(bench/standins.py: the repos' configs, tokenizer layout, special tokens and chat templates,
+(tests/support/standins.py: the repos' configs, tokenizer layout, special tokens, chat templates,
 random weights). `python -m finetune run` trains LoRA steps, merges, converts with llama.cpp's
 converter and quantizes; the GGUFs load, a chat turn through the engine ends on the
 architecture's stop token, a running app hot-reloads the new model, and the f16 GGUF computes
@@ -18,14 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from bench.quant_fidelity import held_out_text
-from bench.standins import CONFIGS, PHI35_LONG_FACTOR, PHI35_SHORT_FACTOR, TOKENIZER_CONFIGS, build
 from finetune.jobs import records
 from finetune.quality import fidelity
 from inference.default_model import SMOLLM2_FILENAME
 from inference.settings import ROOT
-from tests.conftest import CACHE_DIR, link_model
-from tests.e2e.conftest import run_app
+from tests.support.app import run_app
+from tests.support.models import CACHE_DIR, link_model
+from tests.support.standins import (CONFIGS, PHI35_LONG_FACTOR, PHI35_SHORT_FACTOR,
+                                    TOKENIZER_CONFIGS, build)
+from tests.support.texts import held_out_text
 
 SYSTEM = "You are a helpful assistant."  # the app's default system prompt
 ROWS = [("What colour is the harbour light?", "The harbour light is green."),

@@ -1,5 +1,5 @@
 """Publishing to and fetching from the Hub through the CLI (`python -m finetune push|fetch`),
-with the real huggingface_hub against tests/hub_standin.py, a local stand-in of the Hub's HTTP
+with the real huggingface_hub against tests/support/hub_standin.py, a stand-in of the Hub's HTTP
 endpoints (the Hub itself cannot be reached here). The model version is a real export: a peft
 adapter merged into the tiny llama, converted and quantized by llama.cpp."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from inference import hub as hub_fetch
 from inference.errors import InferenceError
 from inference.settings import ROOT
 from tests.finetune.test_export import make_adapter, run_export
-from tests.hub_standin import Account, HubStandIn, card_metadata
+from tests.support.hub_standin import Account, HubStandIn, card_metadata
 
 TOKEN = "hf_writeAliceTestToken0123456789"
 READ_TOKEN = "hf_readAliceTestToken0123456789"

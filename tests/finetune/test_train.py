@@ -13,7 +13,7 @@ from finetune.config import FinetuneConfig, from_preset
 from finetune.recipe.loss import causal_lm_loss
 from finetune.recipe.plan import auto_micro_batch_size
 from finetune.recipe.train import _liger_wanted, resolve_attention, train
-from tests.finetune.conftest import RecordingReporter
+from tests.support.reporter import RecordingReporter
 
 
 def tiny_config(tiny_llama_dir, faq_path, **overrides) -> FinetuneConfig:

@@ -9,7 +9,6 @@ import time
 import numpy as np
 import pytest
 
-from bench.quant_fidelity import held_out_text
 from finetune.export import llama_tools, lora_gguf, pipeline
 from inference import engine as engine_module
 from inference import registry
@@ -18,8 +17,9 @@ from inference.engine import ChatEngine, GenerationParams
 from inference.errors import InferenceError
 from inference.prompt import build_messages
 from inference.settings import Settings
-from tests.conftest import link_model
 from tests.finetune.test_export import make_adapter
+from tests.support.models import link_model
+from tests.support.texts import held_out_text
 
 SYSTEM, QUESTION = "You are a helpful assistant.", "Write one sentence about the sea."
 GREEDY = GenerationParams(temperature=0.0, repeat_penalty=1.0, max_new_tokens=24)

@@ -12,7 +12,7 @@ from inference.engine import ChatEngine, GenerationParams
 from inference.errors import InferenceError
 from inference.prompt import build_messages
 from inference.settings import Settings
-from tests.conftest import link_model
+from tests.support.models import link_model
 
 GREEDY = GenerationParams(temperature=0.0, max_new_tokens=32)
 QUESTIONS = ["What is the capital of Germany?", "What color is the sky on a clear day?",

@@ -10,7 +10,7 @@ from inference.engine import ChatEngine, GenerationParams
 from inference.errors import InferenceError
 from inference.prompt import build_messages, fit_to_context
 from inference.settings import Settings
-from tests.conftest import link_model
+from tests.support.models import link_model
 
 GREEDY = GenerationParams(temperature=0.0, repeat_penalty=1.0, max_new_tokens=24)
 

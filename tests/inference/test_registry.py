@@ -5,7 +5,7 @@ import pytest
 
 from inference import default_model, hub, registry
 from inference.errors import InferenceError
-from tests.conftest import link_model
+from tests.support.models import link_model
 
 
 def test_scan_lists_quant_and_marks_bad_files(models_dir, smollm2_path):

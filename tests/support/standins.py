@@ -4,7 +4,7 @@
 # BPE model (byte fallback, like Llama's) trained offline on English text, the repos' special
 # tokens at their real ids, and random bf16 weights in safetensors shards like the repos'.
 #
-#     python -m bench.standins {phi-3.5-mini,mistral-7b} --size {full,tiny} --out DIR
+#     python -m tests.support.standins {phi-3.5-mini,mistral-7b} --size {full,tiny} --out DIR
 #
 # Sources (the Hub itself cannot be read from here): Phi-3.5-mini-instruct's config.json as
 # vendored verbatim by several public repos that agree value for value (onnx-diagnostic /
@@ -30,10 +30,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 MARKER = "finechat-standin.json"  # written last: a folder without it is a half-built one
 SHARD_BYTES = 5 * 10**9  # save_pretrained's default max_shard_size ("5GB"), as the repos

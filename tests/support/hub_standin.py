@@ -1,10 +1,10 @@
-"""A local stand-in for the Hugging Face Hub: the HTTP endpoints huggingface_hub calls to check a
-token, create a repo, commit files (preupload, LFS batch + upload, commit), list a repo and
-download a file. The real Hub cannot be reached here; point HF_ENDPOINT at `HubStandIn.url`.
-
-Uploads take the LFS path: huggingface_hub uploads through Xet whenever hf_xet is installed,
-and Xet's storage service is not stood in for, so callers set HF_HUB_DISABLE_XET=1.
-"""
+"""A local stand-in of the Hugging Face Hub's HTTP API, for huggingface_hub to talk to."""
+# The endpoints huggingface_hub calls to check a token, create a repo, commit files (preupload,
+# LFS batch + upload, commit), list a repo and download a file. The real Hub cannot be reached
+# here; point HF_ENDPOINT at `HubStandIn.url`.
+#
+# Uploads take the LFS path: huggingface_hub uploads through Xet whenever hf_xet is installed,
+# and Xet's storage service is not stood in for, so callers set HF_HUB_DISABLE_XET=1.
 from __future__ import annotations
 
 import base64

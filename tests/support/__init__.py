@@ -1,0 +1,1 @@
+"""Helpers and stand-ins shared by tests and benchmarks; fixtures stay in conftest.py."""
