@@ -2,7 +2,8 @@
 
 `run` goes through finetune.jobs.records exactly like the admin tab: the job runs in its own process,
 and this command follows its status file with progress bars. Flags of `run` are generated from
-FinetuneConfig's fields, so a new setting appears here without touching this file.
+FinetuneConfig's fields, one argument group per section (finetune.config.SECTIONS), so a new
+setting appears here, under its section in --help, without touching this file.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ ALIASES = {"dataset": ["--data"], "num_epochs": ["--epochs"], "learning_rate": [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from finetune.config import config_fields
+    from finetune.config import config_fields, fields_by_section
     from finetune.presets import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m finetune",
@@ -37,17 +38,19 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the new GGUF files. Unset flags take the preset's value.")
     run.add_argument("--preset", choices=list(PRESETS), help="start from a preset's settings")
     run.add_argument("--detach", action="store_true", help="start the job, print its id, return")
-    for spec in config_fields():
-        names = [f"--{spec.name.replace('_', '-')}", *ALIASES.get(spec.name, [])]
-        help_text = f"{spec.help} (default: {spec.default!r})".replace("%", "%%")
-        if spec.kind in ("bool", "optional_bool"):
-            run.add_argument(*names, dest=spec.name, action=argparse.BooleanOptionalAction,
-                             help=help_text)
-        else:
-            kind = {"int": int, "float": float}.get(spec.kind, str)
-            extra = {"nargs": "+"} if spec.kind == "str_list" else {}
-            run.add_argument(*names, dest=spec.name, type=kind, metavar=spec.kind.upper(),
-                             help=help_text, choices=spec.choices or None, **extra)
+    for section, specs in fields_by_section(config_fields()):  # --help reads by section
+        group = run.add_argument_group(f"{section} settings")
+        for spec in specs:
+            names = [f"--{spec.name.replace('_', '-')}", *ALIASES.get(spec.name, [])]
+            help_text = f"{spec.help} (default: {spec.default!r})".replace("%", "%%")
+            if spec.kind in ("bool", "optional_bool"):
+                group.add_argument(*names, dest=spec.name, action=argparse.BooleanOptionalAction,
+                                   help=help_text)
+            else:
+                kind = {"int": int, "float": float}.get(spec.kind, str)
+                extra = {"nargs": "+"} if spec.kind == "str_list" else {}
+                group.add_argument(*names, dest=spec.name, type=kind, metavar=spec.kind.upper(),
+                                   help=help_text, choices=spec.choices or None, **extra)
 
     sub.add_parser("jobs", parents=[dirs], help="list jobs, newest first")
     status = sub.add_parser("status", parents=[dirs], help="show one job and its log tail")

@@ -1,15 +1,27 @@
-"""One dataclass describes a fine-tuning run: the CLI flags, the admin form and the job record
-are all generated from its fields (name, type, default, `help=`), so settings are listed once.
+"""One dataclass describes a fine-tuning run. Each field carries its name, type and default, and
+in its metadata a help text, a short label, its section (SECTIONS: model, data, LoRA, ...) and,
+where the value is one of a few, its choices. `config_fields()` hands these out, and from them:
+
+- the CLI (`python -m finetune run`) makes one flag per field, grouped by section in --help;
+- the Admin tab shows a few fields in its Training panel and generates every other one, by
+  section, under "Advanced settings" (label, help as the widget's info, widget from the kind);
+- the job record stores `to_dict()`, and the job's process rebuilds it with `from_dict()`.
+
+So a new setting is declared once, here. Help texts say what a setting does and when to use
+it; measured speed-ups belong in the docs, not here.
 
 `validate()` checks everything a user can get wrong before any model is loaded and raises a
-single FinetuneError naming every problem and what to do about it.
+single FinetuneError naming every problem and what to do about it; it changes nothing and
+returns a normalised copy. It runs once per job, in finetune.jobs.records.create_job (the
+Admin tab and the CLI both create jobs there); finetune.recipe.train.train() trusts the config
+it is given, so a direct caller validates first.
 """
 from __future__ import annotations
 
 import difflib
 import re
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from finetune import FinetuneError, presets
@@ -35,137 +47,188 @@ _ALIASES = {"lr": "learning_rate", "epochs": "num_epochs", "r": "lora_r", "alpha
             "batch_size": "micro_batch_size", "data": "dataset", "model": "base_model"}
 
 
-def _help(text: str, choices: tuple[str, ...] = (), **kw):
-    return field(metadata={"help": text, "choices": choices}, **kw)
+# The sections of the settings, in the order the CLI's --help and the Admin form list them.
+SECTIONS = ("model", "data", "LoRA", "training", "memory & speed", "export", "evaluation",
+            "serving")
+
+
+def _help(text: str, choices: tuple[str, ...] = (), *, section: str, label: str, **kw):
+    """A field with its help text, short label, section and choices in its metadata."""
+    assert section in SECTIONS, section
+    return field(metadata={"help": text, "choices": choices, "section": section,
+                           "label": label}, **kw)
 
 
 @dataclass
 class FinetuneConfig:
     base_model: str = _help("Preset (smollm2-135m, phi-3.5-mini, mistral-7b), Hugging Face id, "
-                            "local model folder or .gguf file.")
+                            "local model folder or .gguf file.",
+                            section="model", label="Base model")
     dataset: str = _help("Dataset: a .json/.jsonl/.csv/.parquet file or a `datasets` Hub name. "
                          "Rows: question/answer, instruction/input/output, prompt/completion "
-                         "or messages.")
+                         "or messages.", section="data", label="Dataset")
     output_name: str = _help("Version prefix of the new model files (default: <base>-ft).",
-                             default="")
-    lora_r: int = _help("LoRA rank: capacity of the adapter.", default=16)
-    lora_alpha: int = _help("LoRA alpha: the adapter's scale is alpha / r.", default=32)
+                             section="export", label="Output name", default="")
+    lora_r: int = _help("LoRA rank: capacity of the adapter.",
+                        section="LoRA", label="LoRA rank r", default=16)
+    lora_alpha: int = _help("LoRA alpha: the adapter's scale is alpha / r.",
+                            section="LoRA", label="LoRA alpha", default=32)
     lora_dropout: float = _help("Dropout on the LoRA input during training; 0 is fastest (dropout "
-                                "copies every adapter input).", default=0.0)
+                                "copies every adapter input).",
+                                section="LoRA", label="LoRA dropout", default=0.0)
     target_modules: list[str] | str = _help(
         "Layers that get an adapter: 'all-linear' or a comma-separated list of module names.",
-        default="all-linear")
-    learning_rate: float = _help("Peak learning rate.", default=2e-4)
+        section="LoRA", label="Target modules", default="all-linear")
+    learning_rate: float = _help("Peak learning rate.",
+                                 section="training", label="Learning rate", default=2e-4)
     num_epochs: float = _help("Passes over the training rows (ignored when max_steps > 0).",
-                              default=1.0)
-    max_steps: int = _help("Optimizer steps to run; -1 means use num_epochs.", default=-1)
+                              section="training", label="Epochs", default=1.0)
+    max_steps: int = _help("Optimizer steps to run; -1 means use num_epochs.",
+                           section="training", label="Max steps", default=-1)
     micro_batch_size: int = _help("Sequences per forward pass (packed: bins of max_seq_length "
-                                  "tokens); 0 sizes it from free memory.", default=0)
-    gradient_accumulation: int = _help("Micro-batches per optimizer step.", default=4)
+                                  "tokens); 0 sizes it from free memory.",
+                                  section="training", label="Micro-batch size", default=0)
+    gradient_accumulation: int = _help("Micro-batches per optimizer step.",
+                                       section="training", label="Gradient accumulation",
+                                       default=4)
     max_seq_length: int = _help("Longest training sequence in tokens; longer rows are cut.",
-                                default=1024)
+                                section="data", label="Max sequence length", default=1024)
     warmup_ratio: float = _help("Fraction of the steps spent warming the learning rate up.",
-                                default=0.03)
-    lr_scheduler: str = _help("Learning-rate schedule.", LR_SCHEDULERS, default="cosine")
-    seed: int = _help("Seed for the split, shuffling and adapter init.", default=42)
+                                section="training", label="Warmup ratio", default=0.03)
+    lr_scheduler: str = _help("Learning-rate schedule.", LR_SCHEDULERS,
+                              section="training", label="Learning-rate schedule",
+                              default="cosine")
+    seed: int = _help("Seed for the split, shuffling and adapter init.",
+                      section="training", label="Seed", default=42)
     val_split: float = _help("Fraction of rows held out for validation loss (0 to 0.5). -1 "
                              "(auto): 10% from 300 rows on; below that none, and the validation "
-                             "loss is measured on the training rows' answers.", default=-1.0)
+                             "loss is measured on the training rows' answers.",
+                             section="data", label="Validation split", default=-1.0)
     packing: bool | None = _help("Pack rows into full sequences without padding (rows never "
                                  "attend to each other). Default: on from 300 rows, off below "
-                                 "(more optimizer steps for a small dataset).", default=None)
+                                 "(more optimizer steps for a small dataset).",
+                                 section="data", label="Packing", default=None)
     min_optimizer_steps: int = _help("Raise num_epochs until the run has at least this many "
                                      "optimizer steps, so a small dataset is learned (ignored "
-                                     "with max_steps; 0 turns it off).", default=100)
+                                     "with max_steps; 0 turns it off).",
+                                     section="training", label="Minimum optimizer steps",
+                                     default=100)
     gradient_checkpointing: bool = _help("Recompute activations in the backward pass: much less "
-                                         "memory, ~30% more compute.", default=True)
+                                         "memory for about one more forward pass per step.",
+                                         section="memory & speed",
+                                         label="Gradient checkpointing", default=True)
     checkpoint_every_n_layers: int = _help(
         "With gradient checkpointing, checkpoint only every n-th layer (more memory, faster). "
         "0 (auto): every layer in the lean memory mode and on CPU; in the fast mode as few "
         "layers as the free GPU memory needs (none where a 12,288-token micro-batch fits with "
-        "all its activations kept).", default=0)
+        "all its activations kept).",
+        section="memory & speed", label="Checkpoint every n-th layer", default=0)
     offload_activations: bool = _help("With gradient checkpointing on a GPU, keep each layer's "
                                       "saved input in pinned CPU memory, copied on a side stream "
                                       "while compute goes on (finetune.recipe.offload): "
                                       "frees layers x tokens x hidden x 2 bytes of GPU memory "
                                       "for host copies each step. No effect on CPU.",
+                                      section="memory & speed", label="Offload activations",
                                       default=False)
     memory_mode: str = _help("GPU memory against speed. fast: micro-batches and activation "
-                             "checkpointing sized to the free memory; lean: checkpointed activations offloaded to pinned host "
-                             "memory (offload_activations) and micro-batches of at most 8,192 "
-                             "tokens, the least memory (16-24 GB cards, a card shared with the "
-                             "chat). auto: lean when under 24 GB of GPU memory is usable (free, "
-                             "or gpu_memory_limit_gb), else fast. No effect on CPU.",
-                             MEMORY_MODES, default="auto")
+                             "checkpointing sized to the free memory; lean: checkpointed "
+                             "activations offloaded to pinned host memory (offload_activations) "
+                             "and micro-batches of at most 8,192 tokens, the least memory "
+                             "(16-24 GB cards, a card shared with the chat). auto: lean when "
+                             "under 24 GB of GPU memory is usable (free, or gpu_memory_limit_gb), "
+                             "else fast. No effect on CPU.", MEMORY_MODES,
+                             section="memory & speed", label="GPU memory mode", default="auto")
     loss_chunk_tokens: int = _help(
         "Target tokens projected onto the vocabulary at a time by the loss (each chunk "
         "recomputed in the backward pass). -1 (auto): 1,024 in the lean memory mode, else "
-        "2,048; 0: all logits at once (the model's own loss).", default=-1)
+        "2,048; 0: all logits at once (the model's own loss).",
+        section="memory & speed", label="Loss chunk (tokens)", default=-1)
     host_embeddings: bool | None = _help(
         "Keep the frozen input and output embedding tables in pinned host memory (input rows "
         "looked up on the CPU, the output table copied to the GPU for each micro-batch's loss): "
-        "frees 2 x vocab x hidden x 2 bytes of GPU memory (Phi-3.5 0.39 GB, Mistral-7B 0.52 GB) "
-        "for a copy of the table per micro-batch. Default: on in the lean memory mode with one "
-        "GPU and untied tables; off otherwise.", default=None)
+        "frees 2 x vocab x hidden x 2 bytes of GPU memory for a copy of the table per "
+        "micro-batch. Default: on in the lean memory mode with one GPU and untied tables; off "
+        "otherwise.", section="memory & speed", label="Embeddings in host memory",
+        default=None)
     compile_layers: bool | None = _help(
         "torch.compile each decoder layer (one compiled region reused by every layer; "
-        "checkpointing keeps its memory saving): faster steps after a compile of a minute or "
-        "less. Default: on with Ampere and newer GPUs (on an H100 Phi-3.5's lean steps 1.38x, "
-        "fast 1.08x faster) where every micro-batch has one shape (packed rows, or padding "
-        "max_length); off on older GPUs, CPU and rows padded to their longest.", default=None)
+        "checkpointing keeps its memory saving): faster steps after a one-time compile at the "
+        "start, worth it for all but the shortest runs. Default: on with Ampere and newer GPUs "
+        "where every micro-batch has one shape (packed rows, or padding max_length); off on "
+        "older GPUs, CPU and rows padded to their longest.",
+        section="memory & speed", label="Compile layers", default=None)
     load_in_4bit: bool | None = _help("Quantize the base to NF4 (QLoRA). Default: on with CUDA, "
-                                      "off on CPU.", default=None)
+                                      "off on CPU.", section="model", label="4-bit QLoRA",
+                                      default=None)
     compute_dtype: str = _help("Compute dtype; auto is bf16 on Ampere+, fp16 on older GPUs, "
-                               "fp32 on CPU.", COMPUTE_DTYPES, default="auto")
+                               "fp32 on CPU.", COMPUTE_DTYPES,
+                               section="model", label="Compute dtype", default="auto")
     optimizer: str = _help("Optimizer; auto is paged_adamw_8bit on CUDA, adamw_torch on CPU.",
-                           OPTIMIZERS, default="auto")
+                           OPTIMIZERS, section="training", label="Optimizer", default="auto")
     attn_implementation: str = _help("Attention kernel; auto is flex_attention for packed rows on "
-                                     "Ampere+ GPUs, sdpa otherwise.", ATTENTION, default="auto")
+                                     "Ampere+ GPUs, sdpa otherwise.", ATTENTION,
+                                     section="model", label="Attention kernel", default="auto")
     padding: str = _help("Without packing: pad each batch to its longest row or to "
-                         "max_seq_length.", PADDING, default="longest")
-    use_liger: bool | None = _help("Liger fused RMSNorm/SwiGLU/RoPE kernels (~17% faster on an "
-                                   "H100 with eager layers). Default: on with CUDA when the "
+                         "max_seq_length.", PADDING, section="data", label="Padding",
+                         default="longest")
+    use_liger: bool | None = _help("Liger fused RMSNorm/SwiGLU/RoPE kernels: faster layers "
+                                   "where they run uncompiled. Default: on with CUDA when the "
                                    "liger-kernel package is installed, except in the fast memory "
                                    "mode with compiled layers, where torch.compile fuses those "
-                                   "ops itself (faster there).", default=None)
+                                   "ops itself.", section="memory & speed",
+                                   label="Liger kernels", default=None)
     gpu_memory_limit_gb: float = _help("Use at most this much GPU memory (0: all of it): "
                                        "caps PyTorch's allocator and sizes the micro-batch to "
                                        "it, e.g. to leave room for the chat on a shared card.",
+                                       section="memory & speed", label="GPU memory limit (GB)",
                                        default=0.0)
     num_processes: int = _help("Training processes, one per GPU (torchrun + DDP; an optimizer "
                                "step sees as many sequences as on one GPU): 0 = one per visible "
                                "GPU, 1 = a single process, N = N GPUs (refused beyond the GPUs "
                                "visible). Without a GPU, N > 1 runs N CPU processes over gloo "
-                               "(for tests).", default=0)
-    max_grad_norm: float = _help("Gradient clipping norm (0 disables).", default=1.0)
-    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+                               "(for tests).", section="memory & speed",
+                               label="Training processes", default=0)
+    max_grad_norm: float = _help("Gradient clipping norm (0 disables).",
+                                 section="training", label="Max gradient norm", default=1.0)
+    weight_decay: float = _help("AdamW weight decay.",
+                                section="training", label="Weight decay", default=0.0)
     quant_types: list[str] = _help("GGUF quantizations to produce.",
+                                   section="export", label="GGUF outputs",
                                    default_factory=lambda: list(PREFERRED_QUANTS))
     parallel_quantize: bool = _help("Quantize every type at once, each on its share of the "
                                     "cores (llama.cpp's quantizer reads and writes one tensor "
-                                    "at a time: two types take ~0.65x as long as one after "
-                                    "the other).", default=True)
+                                    "at a time, so several types together finish sooner than "
+                                    "one after the other).", section="export",
+                                    label="Quantize in parallel", default=True)
     export_adapter: bool = _help("Also export the LoRA adapter as a llama.cpp GGUF, served at "
                                  "16-bit on the base's GGUF (quantization cannot erase it).",
+                                 section="export", label="Also export the LoRA adapter (GGUF)",
                                  default=True)
     adapter_base_quant: str = _help("Quantization of the base GGUF that adapters run on (made "
                                     "once per base; a base that is a GGUF is used as it is).",
-                                    QUANT_TYPES, default="Q4_K_M")
+                                    QUANT_TYPES, section="export",
+                                    label="Adapter base quantization", default="Q4_K_M")
     gate_probes: int = _help("Training questions the fidelity gate asks every produced file "
                              "and the f16 model; 0 skips the gate (the Q4_K_M file is served "
-                             "unchecked).", default=16)
+                             "unchecked).", section="evaluation",
+                             label="Fidelity gate questions", default=16)
     serve_mode: str = _help("What the chat serves after the job: auto = the file that keeps "
-                            "the most of what training taught (by the gate; then the closest to f16), "
-                            "merged = the best quantized merged GGUF, adapter = the LoRA "
-                            "adapter on its base.", SERVE_MODES, default="auto")
+                            "the most of what training taught (by the gate; then the closest to "
+                            "f16), merged = the best quantized merged GGUF, adapter = the LoRA "
+                            "adapter on its base.", SERVE_MODES, section="serving",
+                            label="Serve", default="auto")
     eval_prompts: list[str] = _help("Prompts answered by the base and tuned models "
                                     "(default: the first 3 validation questions).",
+                                    section="evaluation", label="Eval prompts",
                                     default_factory=list)
     eval_max_new_tokens: int = _help("Answer length for the eval prompts (0: no answers).",
+                                     section="evaluation", label="Eval answer length (tokens)",
                                      default=96)
     activate_when_done: bool = _help("When the app is running, serve the new Q4_K_M model in "
-                                     "the chat as soon as the job ends.", default=True)
+                                     "the chat as soon as the job ends.", section="serving",
+                                     label="Activate in chat when done", default=True)
     keep_intermediates: bool = _help("Keep the adapter, merged folder and f16 GGUF.",
+                                     section="export", label="Keep intermediates",
                                      default=False)
 
     # -- (de)serialisation ---------------------------------------------------------------
@@ -200,6 +263,8 @@ class FinetuneConfig:
 
     # -- validation ----------------------------------------------------------------------
     def validate(self) -> "FinetuneConfig":
+        """Check every setting; raise one FinetuneError listing each problem with its fix, or
+        return a normalised copy (quant types upper-cased). Leaves this config unchanged."""
         problems = []
 
         def check(ok: bool, message: str) -> None:
@@ -267,16 +332,16 @@ class FinetuneConfig:
             value = getattr(self, spec.name)
             check(not spec.choices or value in spec.choices,
                   f"{spec.name} {value!r} is not one of {', '.join(spec.choices)}.")
-        self.quant_types = [str(q).strip().upper() for q in self.quant_types]
-        bad_quants = [q for q in self.quant_types if q not in QUANT_TYPES]
-        check(bool(self.quant_types) and not bad_quants,
-              f"quant_types {bad_quants or self.quant_types!r}: choose from "
+        quant_types = [str(q).strip().upper() for q in self.quant_types]
+        bad_quants = [q for q in quant_types if q not in QUANT_TYPES]
+        check(bool(quant_types) and not bad_quants,
+              f"quant_types {bad_quants or quant_types!r}: choose from "
               f"{', '.join(QUANT_TYPES)}.")
         check(all(isinstance(p, str) and p.strip() for p in self.eval_prompts),
               "eval_prompts must be non-empty strings.")
         if problems:
             raise FinetuneError("Invalid settings: " + " ".join(problems))
-        return self
+        return replace(self, quant_types=quant_types)
 
 
 def _suggest(key: str, known: set[str]) -> str:
@@ -321,10 +386,17 @@ class FieldSpec:
     help: str
     choices: tuple[str, ...] = ()
     required: bool = False
+    section: str = ""  # one of SECTIONS
+    label: str = ""  # a short human name, for the Admin form
+
+    def coerce(self, value):
+        """`value` (a form's or a flag's) as this field's type, or FinetuneError saying why not."""
+        return _coerce(self.name, value, self.kind)
 
 
 def config_fields() -> list[FieldSpec]:
-    """Every FinetuneConfig field as (name, kind, default, help, choices, required)."""
+    """Every FinetuneConfig field, in declaration order, as (name, kind, default, help, choices,
+    required, section, label)."""
     hints = typing.get_type_hints(FinetuneConfig)
     kinds = {int: "int", float: "float", str: "str", bool: "bool", bool | None: "optional_bool",
              list[str]: "str_list", list[str] | str: "str_list"}
@@ -334,8 +406,17 @@ def config_fields() -> list[FieldSpec]:
                    f.default_factory() if f.default_factory is not MISSING else None)
         specs.append(FieldSpec(f.name, kinds[hints[f.name]], default, f.metadata["help"],
                                f.metadata["choices"], f.default is MISSING
-                               and f.default_factory is MISSING))
+                               and f.default_factory is MISSING, f.metadata["section"],
+                               f.metadata["label"]))
     return specs
+
+
+def fields_by_section(specs: list[FieldSpec] | None = None) -> list[tuple[str, list[FieldSpec]]]:
+    """`specs` (default: every field) grouped by section, in SECTIONS order; empty sections
+    left out. Within a section the fields keep their declaration order."""
+    specs = config_fields() if specs is None else specs
+    groups = [(section, [s for s in specs if s.section == section]) for section in SECTIONS]
+    return [(section, group) for section, group in groups if group]
 
 
 def _coerce(name: str, value, kind: str):

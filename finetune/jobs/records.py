@@ -131,7 +131,7 @@ def create_job(config, jobs_dir: Path, models_dir: Path) -> JobRecord:
     from finetune.recipe.data import inspect_dataset
     from finetune.export.install import make_version
 
-    config = config.validate()
+    config = config.validate()  # the one check of a job's settings (Admin tab, CLI, tests)
     config = replace(config, dataset=_absolute(config.dataset),  # the worker's cwd differs
                      base_model=config.base_model if config.base_model in PRESETS
                      else _absolute(config.base_model))

@@ -88,7 +88,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter) -> TrainRes
 
     # 1. settings and data, before any model loads
     reporter.stage("loading", "checking settings and dataset")
-    config.validate()
+    # no config.validate(): records.create_job checked it; a direct caller validates first
     conversations, report = data.load_conversations(config.dataset)
     reporter.log(report.summary())
     data_plan = plan.plan_data(config, len(conversations))

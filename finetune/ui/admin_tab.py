@@ -13,7 +13,9 @@ import gradio as gr
 import pandas as pd
 
 from finetune import FinetuneError
-from finetune.config import MEMORY_MODES, SERVE_MODES, FinetuneConfig, from_preset
+from finetune import presets
+from finetune.config import (FieldSpec, FinetuneConfig, config_fields, fields_by_section,
+                             from_preset)
 from finetune.jobs import records
 from finetune.presets import OFFLINE_PRESET, PRESETS
 from finetune.recipe.data import inspect_dataset
@@ -26,7 +28,20 @@ from inference.supervisor import EngineSupervisor
 
 CUSTOM = "custom (HF id or local path)"
 LOG_LINES = 14  # the Code box shows its first lines: send only as many as it shows
-TRISTATE = {"auto": None, "on": True, "off": False}
+TRISTATE = {"auto": None, "on": True, "off": False}  # an optional_bool setting's choices
+# The Training panel's own settings, outside "Advanced settings" (every other field is there,
+# by section, but the data panel's DATA_FIELDS).
+VISIBLE = ("num_epochs", "max_steps", "learning_rate", "lora_r", "max_seq_length", "quant_types",
+           "activate_when_done")
+DATA_FIELDS = ("base_model", "dataset")
+FORM_QUANTS = ("Q4_K_M", "Q5_K_M", "Q8_0")  # the GGUF outputs the form offers
+# The settings /admin_start took, in this order, before the form was generated from the
+# fields: they keep their positions (positional API calls still fit) and always apply.
+LEGACY_FIELDS = ("num_epochs", "max_steps", "learning_rate", "lora_r", "max_seq_length",
+                 "lora_alpha", "lora_dropout", "micro_batch_size", "gradient_accumulation",
+                 "val_split", "seed", "packing", "load_in_4bit", "quant_types",
+                 "activate_when_done", "min_optimizer_steps", "gate_probes", "serve_mode",
+                 "export_adapter", "memory_mode")
 PRIVATE = dict(api_visibility="private")  # hidden from API docs; each still checks auth
 
 
@@ -244,75 +259,124 @@ def _resolve_dataset(tab, upload_file, path_text) -> str:
 
 
 def _training_panel(tab, data: SimpleNamespace) -> SimpleNamespace:
-    """The few settings that matter, the rest under Advanced. `fields` lists, in order, the
-    FinetuneConfig field each input sets (the order of the admin_start API after the data)."""
+    """The few settings that matter, every other one under "Advanced settings"."""
     gr.Markdown("### 2 · Training")
-    w = _training_inputs(FinetuneConfig(base_model="", dataset=""))
+    w = _training_inputs()
     start_btn = gr.Button("Start fine-tune", variant="primary", elem_id="start-job")
     start_msg = gr.Markdown()
     job_pick = gr.Dropdown([], label="Job", scale=3, elem_id="job-pick",
                            allow_custom_value=True, render=False)  # shown in the jobs panel
-    fields = list(w)
+    specs = {spec.name: spec for spec in config_fields()}
 
     @tab.guard
-    def start(preset_name, custom, upload_file, path_text, *values):
-        base = custom.strip() if preset_name == CUSTOM else preset_name
+    def start(preset, base_custom, dataset_upload, dataset_path, **settings):
+        """/admin_start: preset, base_custom, dataset_upload, dataset_path, then one value per
+        setting, in start_fields() order: first LEGACY_FIELDS (the positions the endpoint has
+        always had), then every other FinetuneConfig field in config_fields() order (without
+        base_model and dataset, which the four data inputs give). Each is also a keyword
+        parameter named after its field. LEGACY_FIELDS always apply; any other setting applies
+        when it differs from its default, so one left at the default (or left out of an API
+        call) keeps the preset's value."""
+        base = base_custom.strip() if preset == CUSTOM else preset
         if not base:
             raise FinetuneError("Give a base model: an HF id or a local folder.")
-        overrides = {name: TRISTATE.get(value, value) if name in ("packing", "load_in_4bit")
-                     else value for name, value in zip(fields, values)}
-        overrides["dataset"] = _resolve_dataset(tab, upload_file, path_text)
+        overrides = {}
+        for name, value in settings.items():
+            spec = specs[name]
+            value = spec.coerce(_from_form(spec, value))
+            if name in LEGACY_FIELDS or value != spec.default:
+                overrides[name] = value
+        overrides["dataset"] = _resolve_dataset(tab, dataset_upload, dataset_path)
         config = (from_preset(base, **overrides) if base in PRESETS
-                  else FinetuneConfig.from_dict({"base_model": base, **overrides})).validate()
-        record = records.submit(config, tab.jobs_dir, tab.models_dir)
+                  else FinetuneConfig.from_dict({"base_model": base, **overrides}))
+        record = records.submit(config, tab.jobs_dir, tab.models_dir)  # validates, once
         ids = [r.id for r in records.list_jobs(tab.jobs_dir)]
         return f"Started job `{record.id}`.", gr.Dropdown(choices=ids, value=record.id)
 
-    start_btn.click(start, [tab.token, data.preset, data.base_custom, data.upload,
-                            data.data_path, *w.values()], [start_msg, job_pick],
+    inputs = {"preset": data.preset, "base_custom": data.base_custom,
+              "dataset_upload": data.upload, "dataset_path": data.data_path,
+              **{name: w[name] for name in start_fields()}}
+    start_btn.click(start, [tab.token], [start_msg, job_pick], inputs_kwargs=inputs,
                     api_name="admin_start")
     return SimpleNamespace(start_msg=start_msg, job_pick=job_pick)
 
 
-def _training_inputs(d: FinetuneConfig) -> dict:
-    """FinetuneConfig field -> its input, in the order of the admin_start API."""
-    w = {}
-    w["num_epochs"] = gr.Number(d.num_epochs, label="Epochs")
-    w["max_steps"] = gr.Number(d.max_steps, label="Max steps (-1 = use epochs)", precision=0)
-    w["learning_rate"] = gr.Number(d.learning_rate, label="Learning rate")
-    w["lora_r"] = gr.Number(d.lora_r, label="LoRA rank r", precision=0)
-    w["max_seq_length"] = gr.Number(d.max_seq_length, label="Max sequence length", precision=0)
-    with gr.Accordion("Advanced", open=False):
-        w["lora_alpha"] = gr.Number(d.lora_alpha, label="LoRA alpha", precision=0)
-        w["lora_dropout"] = gr.Number(d.lora_dropout, label="LoRA dropout")
-        w["micro_batch_size"] = gr.Number(d.micro_batch_size, precision=0,
-                                          label="Micro-batch (0 = size to free memory)")
-        w["gradient_accumulation"] = gr.Number(d.gradient_accumulation, precision=0,
-                                               label="Gradient accumulation")
-        w["val_split"] = gr.Number(d.val_split, label="Validation split (-1 = auto: 10% "
-                                   "from 300 rows, else the training rows)")
-        w["seed"] = gr.Number(d.seed, label="Seed", precision=0)
-        w["packing"] = gr.Dropdown(list(TRISTATE), value="auto",
-                                   label="Packing (auto: on from 300 rows)")
-        w["load_in_4bit"] = gr.Dropdown(list(TRISTATE), value="auto",
-                                        label="4-bit QLoRA (auto: on with CUDA)")
-        memory = gr.Dropdown(list(MEMORY_MODES), value=d.memory_mode, elem_id="memory-mode",
-                             label="GPU memory (auto: lean under 24 GB usable, else fast; "
-                                   "lean offloads activations to host memory)")
-    w["quant_types"] = gr.CheckboxGroup(["Q4_K_M", "Q5_K_M", "Q8_0"],
-                                        value=list(d.quant_types), label="GGUF outputs")
-    w["activate_when_done"] = gr.Checkbox(True, label="Activate in chat when done")
-    with gr.Accordion("Advanced: steps, fidelity gate, serving", open=False):
-        w["min_optimizer_steps"] = gr.Number(d.min_optimizer_steps, precision=0,
-                                             label="Minimum optimizer steps (small datasets)")
-        w["gate_probes"] = gr.Number(d.gate_probes, precision=0,
-                                     label="Fidelity gate: training questions (0 = no gate)")
-        w["serve_mode"] = gr.Dropdown(list(SERVE_MODES), value=d.serve_mode,
-                                      label="Serve (auto: the file that keeps most, by the gate)")
-        w["export_adapter"] = gr.Checkbox(d.export_adapter,
-                                          label="Also export the LoRA adapter (GGUF)")
-    w["memory_mode"] = memory  # last in the API: older clients' positional calls still fit
+def form_layout() -> tuple[list[FieldSpec], list[tuple[str, list[FieldSpec]]]]:
+    """What the Training panel shows: (the VISIBLE fields, in that order; every other field but
+    the data panel's, by section, for "Advanced settings")."""
+    specs = {spec.name: spec for spec in config_fields()}
+    visible = [specs[name] for name in VISIBLE]
+    rest = [s for s in specs.values() if s.name not in VISIBLE and s.name not in DATA_FIELDS]
+    return visible, fields_by_section(rest)
+
+
+def start_fields() -> list[str]:
+    """The settings of /admin_start after its four data inputs, in order."""
+    rest = [s.name for s in config_fields() if s.name not in DATA_FIELDS]
+    return [*LEGACY_FIELDS, *(name for name in rest if name not in LEGACY_FIELDS)]
+
+
+def _training_inputs() -> dict:
+    """FinetuneConfig field -> its input, generated from the fields' specs: the VISIBLE ones,
+    then an "Advanced settings" accordion with one accordion per section."""
+    visible, advanced = form_layout()
+    w = {spec.name: _field_input(spec) for spec in visible}
+    with gr.Accordion("Advanced settings", open=False, elem_id="advanced-settings"):
+        for section, specs in advanced:
+            with gr.Accordion(section[0].upper() + section[1:], open=False):
+                for spec in specs:
+                    w[spec.name] = _field_input(spec, _preset_note(spec))
     return w
+
+
+def _field_input(spec: FieldSpec, note: str = ""):
+    """The widget for one setting, at its default: label and help (as info) from the spec."""
+    common = dict(label=spec.label, info=spec.help + note,
+                  elem_id="setting-" + spec.name.replace("_", "-"))
+    if spec.name == "quant_types":
+        return gr.CheckboxGroup(list(FORM_QUANTS), value=list(spec.default), **common)
+    if spec.choices:
+        return gr.Dropdown(list(spec.choices), value=spec.default, **common)
+    if spec.kind == "optional_bool":
+        return gr.Dropdown(list(TRISTATE), value=_tristate(spec.default), **common)
+    if spec.kind == "bool":
+        return gr.Checkbox(spec.default, **common)
+    if spec.kind in ("int", "float"):
+        return gr.Number(spec.default, precision=0 if spec.kind == "int" else None, **common)
+    if spec.kind == "str_list" and not isinstance(spec.default, str):
+        return gr.Textbox("\n".join(spec.default), lines=2, **{
+            **common, "info": common["info"] + " One per line."})
+    return gr.Textbox(spec.default, **common)
+
+
+def _from_form(spec: FieldSpec, value):
+    """A widget's value as FinetuneConfig.from_dict takes it."""
+    if spec.kind == "optional_bool":
+        return TRISTATE.get(value, value) if isinstance(value, str) else value
+    if spec.kind == "str_list" and isinstance(value, str) and not isinstance(spec.default, str):
+        return [line.strip() for line in value.splitlines() if line.strip()]  # one per line
+    return value
+
+
+def _tristate(value: bool | None) -> str:
+    return next(key for key, known in TRISTATE.items() if known is value)
+
+
+def _preset_note(spec: FieldSpec) -> str:
+    """For a setting some preset sets itself: that the preset's value applies at the default
+    (not for LEGACY_FIELDS, which always apply)."""
+    if spec.name in LEGACY_FIELDS:
+        return ""
+
+    def shown(value):
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return ", ".join(value) if isinstance(value, (list, tuple)) else str(value)
+
+    own = [f"{name}: {shown(value)}" for name in PRESETS
+           if (value := presets.config_values(name).get(spec.name, spec.default)) != spec.default]
+    return f" Left at the default, a preset's own value applies ({'; '.join(own)})." if own \
+        else ""
 
 
 def _jobs_panel(tab, training: SimpleNamespace) -> SimpleNamespace:

@@ -10,6 +10,7 @@ import pytest
 from gradio_client.exceptions import AppError
 
 from finetune.jobs import records
+from finetune.ui.admin_tab import start_fields
 from inference.default_model import SMOLLM2_FILENAME
 from inference.settings import ROOT
 from tests.support.app import run_app
@@ -64,6 +65,9 @@ def test_every_admin_endpoint_refuses_without_login(admin_server):
     admin = [name for name in endpoints if name != "/chat"]
     assert {"/admin_start", "/admin_cancel", "/admin_activate", "/admin_rollback",
             "/admin_refresh", "/admin_preview"} <= set(admin)
+    # /admin_start: the data, then every setting by name (admin_tab.start_fields() order)
+    assert [p["parameter_name"] for p in endpoints["/admin_start"]["parameters"]] == [
+        "preset", "base_custom", "dataset_upload", "dataset_path", *start_fields()]
     before = snapshot(admin_server)
     for name in admin:
         args = [placeholder(p) for p in endpoints[name]["parameters"]]
@@ -140,12 +144,16 @@ def test_job_from_admin_handlers_runs_and_chat_serves_the_new_model(admin_server
     message, _ = admin.predict(
         "smollm2-135m", "", None, str(FAQ), 1, 6, 1e-3, 8, 256, 16, 0.0, 0, 1, 0.1, 42, "on",
         "off", ["Q4_K_M", "Q5_K_M"], True, 100, 0, "auto", True, "lean",  # 0: no gate
-        api_name="/admin_start")
+        eval_max_new_tokens=8, api_name="/admin_start")  # a setting after the legacy ones
     assert "Started job" in message
     out = wait_for_job(admin, timeout_s=900)
     assert "<b>done" in out[1], out[1] + "\n" + str(out[3])[-2000:]
     record = records.list_jobs(admin_server.models_dir.parent / "jobs")[0]
     assert record.config["memory_mode"] == "lean"  # the admin's choice reached the job
+    assert record.config["eval_max_new_tokens"] == 8
+    # settings left at their default keep the preset's own values
+    assert record.config["gradient_checkpointing"] is False
+    assert record.config["attn_implementation"] == "sdpa"
     new_models = sorted(p.name for p in admin_server.models_dir.glob("smollm2-135m*.gguf"))
     assert any(".Q4_K_M." in n for n in new_models) and any(".Q5_K_M." in n for n in new_models)
     deadline = time.monotonic() + 30  # the hot-reload watcher polls every 2 s

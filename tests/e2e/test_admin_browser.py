@@ -104,16 +104,18 @@ def test_login_upload_start_watch_and_new_model_in_chat(admin_page, admin_browse
            ).to_be_visible()
 
     # small and cheap: 4 steps, short sequences, one quant type
-    page.get_by_label("Max steps (-1 = use epochs)").fill("4")
-    page.get_by_label("Max sequence length").fill("256")
+    page.get_by_label("Max steps", exact=True).fill("4")
+    page.get_by_label("Max sequence length", exact=True).fill("256")
     for quant in ("Q5_K_M", "Q8_0"):
         box = page.get_by_label(quant, exact=True)
         if box.is_checked():
             box.uncheck()
     expect(page.get_by_label("Q4_K_M", exact=True)).to_be_checked()
     # 4 steps teach nothing the fidelity gate could measure: serve the Q4_K_M file unchecked
-    page.get_by_role("button", name="Advanced: steps, fidelity gate, serving").click()
-    page.get_by_label("Fidelity gate: training questions (0 = no gate)").fill("0")
+    page.get_by_role("button", name="Advanced settings").click()  # its name ends in ▼
+    page.get_by_role("button", name="Evaluation").click()
+    page.get_by_label("Fidelity gate questions", exact=True).fill("0")
+    page.get_by_label("Eval answer length (tokens)", exact=True).fill("0")  # no before/after
     start_button(page).click()
     expect(page.get_by_text("Started job")).to_be_visible()
 
@@ -138,6 +140,8 @@ def test_login_upload_start_watch_and_new_model_in_chat(admin_page, admin_browse
     assert re.search(r"\bdone\b", final), final + "\n" + (job_dir / "log.txt").read_text()[-3000:]
 
     status = json.loads((job_dir / "status.json").read_text())
+    config = json.loads((job_dir / "config.json").read_text())
+    assert (config["max_steps"], config["gate_probes"], config["eval_max_new_tokens"]) == (4, 0, 0)
     (new_model,) = [m for m in status["models"] if ".Q4_K_M." in m]
     assert new_model.startswith(status["version"]) and "-ft-" in new_model
     # the hot reload moves the admin's picker to the new model too

@@ -1,12 +1,16 @@
-"""FinetuneConfig: presets, (de)serialisation, field specs for the CLI, validation messages."""
+"""FinetuneConfig: presets, (de)serialisation, field specs (sections, labels) for the CLI and the
+Admin form, validation messages."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import re
 
 import pytest
 
 from finetune import FinetuneError
-from finetune.config import FinetuneConfig, config_fields, from_preset
+from finetune.config import LR_SCHEDULERS, SECTIONS, FinetuneConfig, config_fields, from_preset
 from finetune.presets import PRESETS
 
 
@@ -109,3 +113,118 @@ def test_accepted_sources(tmp_path, dataset):
         FinetuneConfig(base_model="smollm2-135m", dataset=name).validate()
     assert FinetuneConfig(base_model="smollm2-135m", dataset=dataset, max_steps=5,
                           num_epochs=0).validate().max_steps == 5  # max_steps wins
+
+
+def test_every_field_has_a_section_and_a_label():
+    specs = config_fields()
+    for spec in specs:
+        assert spec.section in SECTIONS, spec.name
+        assert spec.label.strip() and len(spec.label) <= 40, spec.name
+    labels = [s.label for s in specs]
+    assert len(set(labels)) == len(labels)  # the form finds its widgets by label
+    assert {s.section for s in specs} == set(SECTIONS)  # no section left empty
+
+
+def test_help_texts_state_rules_not_measurements():
+    for spec in config_fields():
+        assert not re.search(r"[HA]100|RTX|\b20\d\d\b|\d(\.\d+)?x (faster|as long)|~\d+%",
+                             spec.help), (spec.name, spec.help)
+
+
+def test_validate_leaves_the_config_unchanged_and_returns_a_normalised_copy(dataset):
+    config = FinetuneConfig(base_model="smollm2-135m", dataset=dataset,
+                            quant_types=["q4_k_m", " q8_0 "])
+    before = dataclasses.replace(config, quant_types=list(config.quant_types))
+    checked = config.validate()
+    assert config == before and config.quant_types == ["q4_k_m", " q8_0 "]
+    assert checked.quant_types == ["Q4_K_M", "Q8_0"]
+    assert checked == dataclasses.replace(config, quant_types=["Q4_K_M", "Q8_0"])
+    assert checked.validate() == checked  # validating again changes nothing
+    bad = FinetuneConfig(base_model="smollm2-135m", dataset=dataset, quant_types=["iq2_xs"])
+    with pytest.raises(FinetuneError, match="quant_types"):
+        bad.validate()
+    assert bad.quant_types == ["iq2_xs"]
+
+
+def test_cli_groups_the_run_flags_by_section():
+    from finetune.__main__ import build_parser
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    groups = {g.title: [a.dest for a in g._group_actions] for g in run._action_groups}
+    titles = [f"{section} settings" for section in SECTIONS]
+    assert [t for t in groups if t.endswith(" settings")] == titles  # the fixed order
+    grouped = [dest for title in titles for dest in groups[title]]
+    assert sorted(grouped) == sorted(s.name for s in config_fields())  # each field once
+    for spec in config_fields():
+        assert spec.name in groups[f"{spec.section} settings"]
+    assert {"preset", "detach", "models_dir", "jobs_dir"} <= set(groups["options"])
+    flags = {a.dest: a for a in run._actions}
+    assert flags["learning_rate"].option_strings == ["--learning-rate", "--lr"]
+    assert tuple(flags["lr_scheduler"].choices) == LR_SCHEDULERS
+    assert isinstance(flags["packing"], argparse.BooleanOptionalAction)
+    assert flags["quant_types"].nargs == "+" and flags["lora_r"].type is int
+
+
+def test_admin_form_shows_a_few_settings_and_every_other_one_under_advanced():
+    import gradio as gr
+
+    from finetune.ui import admin_tab
+
+    visible, advanced = admin_tab.form_layout()
+    assert [s.name for s in visible] == list(admin_tab.VISIBLE)
+    shown = [section for section, _ in advanced]
+    assert shown == [section for section in SECTIONS if section in shown]  # in SECTIONS order
+    in_advanced = [s.name for _, group in advanced for s in group]
+    every = [s.name for s in config_fields() if s.name not in admin_tab.DATA_FIELDS]
+    assert sorted(in_advanced + list(admin_tab.VISIBLE)) == sorted(every)  # each once
+    for section, group in advanced:
+        assert all(s.section == section for s in group)
+    # /admin_start: the legacy positions first, then the rest in config_fields() order
+    start = admin_tab.start_fields()
+    assert sorted(start) == sorted(every)
+    assert start[:len(admin_tab.LEGACY_FIELDS)] == list(admin_tab.LEGACY_FIELDS)
+    rest = start[len(admin_tab.LEGACY_FIELDS):]
+    assert rest == [n for n in every if n in rest]
+
+    with gr.Blocks():
+        widgets = admin_tab._training_inputs()
+    assert set(widgets) == set(every)
+    specs = {s.name: s for s in config_fields()}
+
+    def accordions(widget) -> list[str]:
+        found, parent = [], widget.parent
+        while parent is not None:
+            if isinstance(parent, gr.Accordion):
+                found.append(parent.label)
+            parent = parent.parent
+        return found
+
+    for name, widget in widgets.items():
+        spec = specs[name]
+        assert widget.label == spec.label and widget.info.startswith(spec.help)
+        if name in admin_tab.VISIBLE:
+            assert accordions(widget) == []
+        else:
+            assert accordions(widget) == [spec.section[0].upper() + spec.section[1:],
+                                          "Advanced settings"]
+        kind = (gr.CheckboxGroup if name == "quant_types" else
+                gr.Dropdown if spec.choices or spec.kind == "optional_bool" else
+                gr.Checkbox if spec.kind == "bool" else
+                gr.Number if spec.kind in ("int", "float") else gr.Textbox)
+        assert type(widget) is kind, name
+    assert widgets["packing"].choices == [("auto", "auto"), ("on", "on"), ("off", "off")]
+    assert widgets["packing"].value == "auto"
+    assert "smollm2-135m: off" in widgets["gradient_checkpointing"].info  # the preset's own
+    assert "preset" not in widgets["gradient_accumulation"].info  # a legacy field: it applies
+
+
+def test_admin_form_values_become_config_values():
+    from finetune.ui import admin_tab
+
+    specs = {s.name: s for s in config_fields()}
+    assert admin_tab._from_form(specs["packing"], "on") is True
+    assert admin_tab._from_form(specs["host_embeddings"], "auto") is None
+    assert admin_tab._from_form(specs["eval_prompts"], "Hi, who are you?\n\n Why? ") == \
+        ["Hi, who are you?", "Why?"]
+    assert admin_tab._from_form(specs["target_modules"], "q_proj, v_proj") == "q_proj, v_proj"
+    assert specs["lora_r"].coerce(8.0) == 8 and specs["num_epochs"].coerce("2") == 2.0
