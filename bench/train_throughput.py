@@ -305,7 +305,7 @@ def run(label: str, preset: str, base: Path, dataset: Path, workdir: Path, n_par
               "eval_prompts": [], "warmup_ratio": 0.0, "val_split": 0.01,
               # measured_steps 0: as configured
               "max_steps": warmup_steps + measured_steps + profile}
-    config = from_preset(preset, **{**values, **overrides})
+    config = from_preset(preset, **{**values, **overrides}).validate()  # as a job would
     started = time.perf_counter()
     if torch.cuda.is_available():  # compile as a job does, not reusing an earlier run's graphs
         torch._dynamo.reset()
