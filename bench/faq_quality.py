@@ -6,7 +6,10 @@ smollm2-135m --data FILE`; `--quant-types Q4_K_M Q5_K_M Q4_1` adds a Q4_1 file f
 gate to catch, and `--keep-intermediates` keeps the f16 GGUF to compare against: neither
 changes training). Then the base GGUF, the f16 GGUF, every quantized file and the LoRA adapter
 (on the base GGUF) answer through the chat engine, greedy, with the chat's default system
-prompt. An answer is right when it contains the fact's key string. Also measured: decode
+prompt. An answer is right when it contains the fact's key string. The bench's paraphrases
+are never trained on (the job trains on paraphrases of its own, recipe/paraphrase.py). From the
+job's fidelity gate: its recall on its own held-out paraphrases and each file's general
+ability against the base (perplexity on general text, general questions right). Also measured: decode
 tokens/s of each file (128 tokens, llama-cpp-python, this machine's threads), the time to
 switch the chat between two fine-tunes served as adapters of one base, and what the job's
 fidelity gate measured and chose to serve.
@@ -126,17 +129,34 @@ def evaluate_set(name: str, models: Path, workdir: Path) -> dict:
         lora = models / files["LoRA"] if label == "LoRA" else None
         row["decode_tokens_per_s"] = decode_tokens_per_s(
             models / (card["adapter"]["base"] if lora else files[label]), lora)
-    gate = card.get("fidelity_gate", {}).get("results", {})
+    fidelity_gate = card.get("fidelity_gate", {})
+    gate = fidelity_gate.get("results", {})
     for label, row in rows.items():
         if label in gate:
             row["gate"] = {k: gate[label].get(k) for k in ("hits", "of", "kept", "passed",
-                                                           "top1_agreement_vs_f16")}
+                                                           "top1_agreement_vs_f16",
+                                                           "paraphrase")}
+            row["general"] = gate[label].get("general")
+    if fidelity_gate.get("base"):
+        rows["base"]["general"] = fidelity_gate["base"]
     served = record.status.get("serve", "")
     return {"dataset": str(data.relative_to(ROOT)), "rows": sum(1 for _ in data.open()),
             "version": version, "served": served, "serve_reason": record.status.get(
                 "serve_reason"), "pipeline_seconds": record.status["pipeline_seconds"],
             "train_steps": (card.get("metrics") or {}).get("steps"),
+            "paraphrases": {k: (card.get("metrics") or {}).get(f"paraphrases_{k}")
+                            for k in ("trained", "held_out")},
             "timings_s": card.get("timings_s"), "files": rows, "samples": samples}
+
+
+def _general(general: dict) -> str:
+    if not general:
+        return ""
+    text = f"{general['perplexity']:.2f} / {general['right']}/{general['of']}"
+    if "perplexity_change" in general:
+        text += (f" ({general['perplexity_change']:+.1%}, "
+                 f"{general['accuracy_change'] * 100:+.0f} pt)")
+    return text
 
 
 def main() -> None:
@@ -158,11 +178,14 @@ def main() -> None:
             gate = row.get("gate") or {}
             kept = "" if gate.get("kept") is None else f"{gate['kept']:.0%}" + (
                 "" if gate.get("passed") else " NO")
+            held = gate.get("paraphrase") or {}
+            general = row.get("general") or {}
             table.append((label, f"{row['trained']['right']}/{row['trained']['of']}",
                           f"{row['paraphrased']['right']}/{row['paraphrased']['of']}",
-                          row["decode_tokens_per_s"], kept))
-        report.print_table(("file", "trained", "paraphrased", "decode tok/s", "gate kept"),
-                           table)
+                          f"{held['hits']}/{held['of']}" if held else "",
+                          _general(general), row["decode_tokens_per_s"], kept))
+        report.print_table(("file", "trained", "paraphrased", "gate: held-out paraphrases",
+                            "general ppl / questions", "decode tok/s", "gate kept"), table)
     print("\nswitch times: " + ", ".join(f"{s['to']}: {s['seconds']} s" for s in switches))
     report.write(
         "faq_quality",

@@ -91,7 +91,8 @@ def hub_readme(found: Version, ggufs: list[Path], repo_id: str):
     title = (f"# {repo_id.split('/')[1]}\n\nA fine-tune of {of} made with finechat "
              f"(version `{found.name}`).")
     sections = [title, _files_section(found, ggufs, repo_id), _data_section(card, dataset),
-                _loss_section(card), _answers_section(card), _timings_section(card),
+                _loss_section(card), _gate_section(card), _answers_section(card),
+                _timings_section(card),
                 _config_section(card, dataset)]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(s for s in sections if s))
 
@@ -132,6 +133,39 @@ def _data_section(card: dict, dataset: str) -> str:
             ("rows usable / skipped", f"{report.get('n_usable', '?')} / {report.get('n_bad', 0)}"),
             ("rows train / validation", f"{report.get('n_train', '?')} / {report.get('n_val')}")]
     return "## Data\n\n" + _table(("", ""), rows)
+
+
+def _gate_section(card: dict) -> str:
+    """What each file keeps of the training (trained questions, held-out paraphrases) and of
+    the base's general ability (finetune.quality.gate)."""
+    gate = card.get("fidelity_gate") or {}
+    results = gate.get("results") or {}
+    if not results:
+        return ""
+    base = gate.get("base") or {}
+    rows = [("base (before)", "", "", _general(base, None))] if base else []
+    for label, row in results.items():
+        para = row.get("paraphrase") or {}
+        rows.append((f"{label}: `{row.get('model')}`", f"{row.get('hits')}/{row.get('of')}",
+                     f"{para['hits']}/{para['of']}" if para else "",
+                     _general(row.get("general") or {}, row.get("general"))))
+    serve = (card.get("serve") or {}).get("reason", "")
+    return ("## Fidelity gate\n\nTaught answers reproduced exactly (greedy), to training "
+            "questions and to held-out paraphrases of them (never trained on); general "
+            "ability: perplexity on a general text and general questions right, against the "
+            "base.\n\n" + _table(("file", "trained questions", "held-out paraphrases",
+                                    "general ability"), rows)
+            + (f"\n\nServed: {serve}" if serve else ""))
+
+
+def _general(row: dict, change: dict | None) -> str:
+    if not row:
+        return ""
+    text = f"perplexity {row['perplexity']:.2f}, {row['right']}/{row['of']} questions"
+    if change and "perplexity_change" in change:
+        text += (f" ({change['perplexity_change']:+.1%} perplexity, "
+                 f"{change['accuracy_change'] * 100:+.0f} points)")
+    return text
 
 
 def _loss_section(card: dict) -> str:

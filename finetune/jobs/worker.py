@@ -52,6 +52,7 @@ def run_job(job_dir: Path) -> str:
             records.update_status(job_dir, started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
                                started_ts=time.time(), message="", processes=processes,
                                devices=distributed.describe(processes))
+            _write_paraphrases(config, job_dir, models_dir, reporter)  # before the ranks start
             if processes > 1:
                 distributed.become_torchrun(processes, job_dir, gpu_lock)
         started = records.read_status(job_dir)["started_ts"]
@@ -59,7 +60,7 @@ def run_job(job_dir: Path) -> str:
         from finetune.recipe import train
 
         adapter_base = _prepare_adapter_base(config, models_dir, reporter)
-        result = train.train(config, workdir / "train", reporter)
+        result = train.train(config, workdir / "train", reporter, _paraphrases(job_dir))
         resources.release_gpu_memory()  # the trained model is gone; llama.cpp's turn
         exported = _export_and_evaluate(result, config, models_dir, workdir, reporter, status,
                                         adapter_base)
@@ -98,8 +99,50 @@ def train_share(job_dir: Path) -> int:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     train.train(_read_config(job_dir), Path(job_dir).resolve() / "work" / "train",
-                distributed.QuietReporter())
+                distributed.QuietReporter(), _paraphrases(job_dir))
     return 0
+
+
+def _write_paraphrases(config, job_dir: Path, models_dir: Path, reporter: Reporter) -> None:
+    """Other wordings of a small dataset's questions (recipe/paraphrase.py), saved in the job's
+    folder for every rank: from the dataset's paraphrases column, else written by a GGUF in
+    llama.cpp's process."""
+    from finetune.quality.llama_process import LlamaProcess
+    from finetune.recipe import data, paraphrase, plan
+
+    conversations, _ = data.load_conversations(config.dataset)
+    wanted = plan.paraphrases_wanted(config, len(conversations))
+    if not wanted or paraphrase.Paraphrases.load(job_dir):
+        return
+    found = paraphrase.from_column(data.read_rows(config.dataset), wanted, config.seed)
+    if found is None:
+        questions = list(dict.fromkeys(q for q in map(paraphrase.single_turn_question,
+                                                      conversations) if q))
+        model = paraphrase.source_model(config, models_dir)
+        if not questions or model is None:
+            reporter.log("paraphrases: none (no one-question rows, or no GGUF to write them "
+                         "with: set paraphrase_model)")
+            return
+        reporter.stage("loading", f"writing {wanted} paraphrases of each of {len(questions)} "
+                       f"questions with {model.name}")
+
+        def progress(done: int, total: int) -> None:
+            reporter.stage("loading", f"writing paraphrases with {model.name}: {done} of "
+                           f"{total} questions")
+            if reporter.cancelled():
+                raise Cancelled("cancelled while writing paraphrases")
+
+        with LlamaProcess() as child:  # on the GPU where llama.cpp is set to use it
+            found = paraphrase.generated(model, questions, wanted, config.seed, child.call,
+                                         progress)
+    found.save(job_dir)
+    reporter.log(found.summary() + f" (saved as {paraphrase.FILE})")
+
+
+def _paraphrases(job_dir: Path):
+    from finetune.recipe.paraphrase import Paraphrases
+
+    return Paraphrases.load(job_dir)
 
 
 def _read_config(job_dir: Path):
@@ -185,11 +228,16 @@ def _export_and_evaluate(result, config, models_dir: Path, workdir: Path, report
 
 
 def _gate_summary(checked: dict) -> dict:
-    """Per file: recall, kept share of f16's, next-token agreement, passed (the admin's table)."""
+    """Per file: recall (trained questions, held-out paraphrases), kept share of f16's,
+    next-token agreement, general ability, passed (the admin's table); the base's first."""
     keys = ("model", "hits", "of", "recall", "kept", "passed", "top1_agreement_vs_f16",
-            "mean_kld_vs_f16")
-    return {label: {k: row.get(k) for k in keys}
-            for label, row in (checked["gate"].get("results") or {}).items()}
+            "mean_kld_vs_f16", "paraphrase", "general")
+    gate = checked["gate"]
+    rows = {label: {k: row.get(k) for k in keys}
+            for label, row in (gate.get("results") or {}).items()}
+    if gate.get("base"):  # general ability before the fine-tune
+        rows = {"base": {"model": "base (before)", "general": gate["base"]}, **rows}
+    return rows
 
 
 def _outcome(exc: BaseException, reporter: Reporter) -> tuple[str, str]:

@@ -11,8 +11,14 @@ f16 GGUF of the merged model:
   top-1 measures what is kept of longer answers;
 - agreement: mean KL divergence and top-1 agreement of next-token distributions on the
   validation text (llama.cpp's KLD metrics, finetune.quality.fidelity.quant_fidelity).
-A candidate passes when it keeps >= KEEP_RATIO of the f16 model's recall: of its hits, or of
-its answer-token recall when f16 itself reproduces few whole answers (long answers). The served
+- generalisation: the same recall on held-out paraphrases of the training questions (asked in
+  words never trained on: recipe/paraphrase.py), where the job has them;
+- forgetting: perplexity on a fixed general text and accuracy on general questions, of each
+  file and of the base GGUF it was tuned from (quality/forgetting.py), with a warning for a
+  file that costs more than forgetting_warn_share of the base's.
+A candidate passes when it keeps >= KEEP_RATIO of the f16 model's recall, the trained
+questions' and the held-out paraphrases' together: of their hits, or of their answer-token
+recall when f16 itself reproduces few whole answers (long answers). The served
 file is the passing candidate with the best recall, then the closest to f16 (answer-token
 recall, next-token agreement; the adapter, at 16-bit on its base, usually is), then the merged
 quantization, which decodes faster; when none passes, the old model keeps serving and the job
@@ -33,6 +39,7 @@ from finetune.quality.llama_process import LlamaProcess
 
 KEEP_RATIO = 0.9
 F16 = "F16"
+BASE = "base"  # the GGUF the fine-tune started from: forgetting is measured against it
 
 
 @dataclass
@@ -60,11 +67,14 @@ def recall(rows: list[dict]) -> dict:
 
 
 def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: str,
-             gpu_memory_limit_gb: float = 0.0) -> dict:
+             gpu_memory_limit_gb: float = 0.0, held_out: list[Probe] | None = None,
+             base: Path | None = None, warn_share: float = 0.05) -> dict:
     """Recall and agreement of each candidate, one file loaded at a time. `candidates`: label ->
     {"path": GGUF} with label F16 the reference; an adapter also has "base" (its GGUF). Runs on
     the GPU as the chat would (FINECHAT_N_GPU_LAYERS, within gpu_memory_limit_gb); in a job,
-    in llama.cpp's own process (finetune.quality.llama_process). What it has to say is in "messages"."""
+    in llama.cpp's own process (finetune.quality.llama_process). `held_out`: paraphrase probes
+    never trained on; `base`: the GGUF tuned from, for forgetting. What it has to say is in
+    "messages"."""
     from finetune import FinetuneError
     from finetune.quality.fidelity import quant_fidelity
     from inference.settings import Settings
@@ -72,32 +82,57 @@ def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: 
     started, messages = time.monotonic(), []
     files = {label: (c["base"], c["path"]) if "base" in c else c["path"]
              for label, c in candidates.items()}
-    pairs = [(p.messages, p.answer) for p in probes]
+    held_out = held_out or []
+    pairs = [(p.messages, p.answer) for p in [*probes, *held_out]]
     reference = files.pop(F16)
+    if base is not None:
+        files[BASE] = base
     gpu = {"n_gpu_layers": Settings.from_env().n_gpu_layers,
            "gpu_memory_limit_gb": gpu_memory_limit_gb}
     try:
         scores = quant_fidelity(reference, files, validation_text, max_chunks=4,
-                                n_ctx=_agreement_ctx(validation_text), probes=pairs, **gpu)
+                                n_ctx=_agreement_ctx(validation_text), probes=pairs,
+                                general=base is not None, **gpu)
     except FinetuneError as exc:  # too little text: recall alone decides
         messages.append(f"gate: next-token agreement skipped ({exc})")
-        scores = quant_fidelity(reference, files, "", probes=pairs, **gpu)
+        scores = quant_fidelity(reference, files, "", probes=pairs, general=base is not None,
+                                **gpu)
     results: dict[str, dict] = {}
     for label, c in candidates.items():
         numbers = scores[label]
-        results[label] = {"model": Path(c["path"]).name, **recall(numbers["answer_rows"]),
+        rows = numbers["answer_rows"]
+        results[label] = {"model": Path(c["path"]).name, **recall(rows[:len(probes)]),
                           **{k: numbers[k] for k in ("mean_kld_vs_f16", "top1_agreement_vs_f16",
                                                      "ppl_ratio_vs_f16") if k in numbers}}
-        messages.append(f"gate: {label} reproduces {results[label]['hits']}/{len(probes)} taught answers "
-            f"({results[label]['token_recall']:.1%} of their tokens)")
+        if held_out:
+            results[label]["paraphrase"] = recall(rows[len(probes):])
+        messages.append(f"gate: {label} reproduces {results[label]['hits']}/{len(probes)} taught "
+                        f"answers ({results[label]['token_recall']:.1%} of their tokens)" + (
+                            f", {results[label]['paraphrase']['hits']}/{len(held_out)} to "
+                            "held-out paraphrases" if held_out else ""))
     measure = "hits" if results[F16]["hits"] >= max(2, len(probes) / 4) else "token_recall"
-    reference_recall = results[F16][measure] or 0
+    reference_recall = _score(results[F16], measure)
     for label, row in results.items():
-        row["kept"] = round(row[measure] / reference_recall, 4) if reference_recall else None
+        row["kept"] = round(_score(row, measure) / reference_recall, 4) if reference_recall \
+            else None
         row["passed"] = label == F16 or (reference_recall > 0 and row["kept"] >= KEEP_RATIO)
-    return {"probes": len(probes), "keep_ratio": KEEP_RATIO, "measure": measure,
-            "seconds": round(time.monotonic() - started, 1), "results": results,
-            "messages": messages}
+    general = {}
+    if base is not None:
+        from finetune.quality import forgetting
+
+        general = {label: scores[label]["general"] for label in (BASE, *candidates)}
+        changes, warnings = forgetting.compare(general, BASE, warn_share)
+        for label, change in changes.items():
+            results[label]["general"] = {**general[label], **change}
+        messages += warnings
+    return {"probes": len(probes), "held_out": len(held_out), "keep_ratio": KEEP_RATIO,
+            "measure": measure, "seconds": round(time.monotonic() - started, 1),
+            "results": results, "base": general.get(BASE), "messages": messages}
+
+
+def _score(row: dict, measure: str) -> float:
+    """What a file keeps: its recall on the trained questions plus on held-out paraphrases."""
+    return (row[measure] or 0) + ((row.get("paraphrase") or {}).get(measure) or 0)
 
 
 def _agreement_ctx(text: str) -> int:
@@ -111,7 +146,8 @@ def choose(gate: dict, preference: list[str], mode: str = "auto") -> tuple[str, 
     a tie; mode 'merged' or 'adapter' restricts the choice to that kind."""
     results = gate["results"]
     reference = results[F16]
-    if not reference.get(gate.get("measure", "hits")):
+    measure = gate.get("measure", "hits")
+    if not _score(reference, measure):
         return "", (f"the f16 model reproduced nothing of the taught answers to "
                     f"{gate['probes']} sampled training questions: nothing learned to keep; "
                     "train longer or with a higher learning rate")
@@ -127,13 +163,11 @@ def choose(gate: dict, preference: list[str], mode: str = "auto") -> tuple[str, 
                    "hits" else f"{reference.get('token_recall', 0):.0%} of the answer tokens")
         return "", (f"no file keeps {KEEP_RATIO:.0%} of what the f16 model learned ({kept} of "
                     f"its {learned}); the old model keeps serving")
-    measure = gate.get("measure", "hits")
-
     def fidelity(label: str) -> tuple:
         """Recall first; on a tie the share of answer tokens, then next-token agreement with
         f16; then the order (merged quantizations before the adapter, which decodes slower)."""
         row = results[label]
-        return (row[measure], row.get("token_recall") or 0,
+        return (_score(row, measure), row.get("token_recall") or 0,
                 row.get("top1_agreement_vs_f16") or 0, -order.index(label))
 
     best = max(passing, key=fidelity)
@@ -164,13 +198,19 @@ def run(result, config, staged: dict[str, Path], f16_path: Path, adapter: dict,
     for row in candidates.values():
         _link(row["path"], view)
     probes = probes_from_rows(result.train_rows, config.gate_probes, config.seed)
+    held_out = probes_from_rows(result.held_out_rows, config.gate_probes, config.seed)
+    base = Path(models_dir) / adapter["base"] if adapter and adapter.get("base") else None
+    if base is None or not base.is_file():
+        base = None
+        log("gate: no base GGUF to compare with: forgetting not measured")
     if not probes or F16 not in candidates:
         label = _unchecked_choice(quants, config.serve_mode, ADAPTER in staged)
         return {"gate": {}, "serve": {"label": label, "file": staged[label].name if label else "",
                                       "reason": "not checked (gate_probes 0)"}}
     # within the cap, less what this job still holds on the card (its CUDA context)
     numbers = child.call(evaluate, candidates, probes, result.validation_text,
-                         resources.gpu_budget_gb(config.gpu_memory_limit_gb))
+                         resources.gpu_budget_gb(config.gpu_memory_limit_gb), held_out, base,
+                         config.forgetting_warn_share)
     for message in numbers.pop("messages"):
         log(message)
     label, reason = choose(numbers, quants, config.serve_mode)

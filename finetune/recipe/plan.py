@@ -43,6 +43,17 @@ LOSS_CHUNK_TOKENS = {"lean": 1024}  # the loss's target tokens at a time; other 
 MIN_STEPS_PER_EPOCH = 8
 
 
+AUTO_PARAPHRASES = 4  # other wordings per question below SMALL_DATASET_ROWS (paraphrases -1)
+
+
+def paraphrases_wanted(config, n_rows: int) -> int:
+    """Other wordings per question to train on: config.paraphrases, or for auto (-1)
+    AUTO_PARAPHRASES below SMALL_DATASET_ROWS rows and none from there on."""
+    if config.paraphrases >= 0:
+        return config.paraphrases
+    return AUTO_PARAPHRASES if n_rows < SMALL_DATASET_ROWS else 0
+
+
 @dataclass
 class DataPlan:
     """What the data decides before tokenizing: the hold-out and whether rows are packed."""
@@ -69,6 +80,11 @@ def plan_data(config, n_rows: int) -> DataPlan:
     elif validate_on_train:
         notes.append("no hold-out (val_split 0): the validation loss is measured on the "
                      "training rows' answers")
+    wanted = paraphrases_wanted(config, n_rows)
+    if wanted and config.paraphrases < 0:
+        notes.append(f"small dataset: each question is also trained on in up to {wanted} other "
+                     "wordings, and one more is held out to measure generalisation "
+                     "(paraphrases; 0 turns this off)")
     packing = (not small) if config.packing is None else config.packing
     if config.packing is None and small:
         notes.append("rows are not packed (one row per sequence), so each epoch has more "
@@ -101,6 +117,16 @@ def plan_steps(config, n_sequences: int, micro_batch: int) -> StepPlan:
                      f"training {epochs:g} epochs ({math.ceil(per_epoch * epochs)} steps, "
                      f"min_optimizer_steps {floor})")
     return StepPlan(micro_batch, per_epoch, epochs, -1, math.ceil(per_epoch * epochs), notes)
+
+
+def same_steps(steps: StepPlan, n_sequences: int, gradient_accumulation: int = 1) -> StepPlan:
+    """The optimizer steps planned for the rows as written, over `n_sequences` (the rows and
+    their other wordings): each step sees a mix, the run is no longer."""
+    per_epoch = max(1, math.ceil(n_sequences / steps.micro_batch) // gradient_accumulation)
+    return StepPlan(steps.micro_batch, per_epoch, steps.total_steps / per_epoch,
+                    steps.total_steps, steps.total_steps,
+                    [*steps.notes, f"with the paraphrases: the same {steps.total_steps} optimizer "
+                     f"steps over {n_sequences} sequences"])
 
 
 # -- operating point and micro-batch size from free memory ----------------------------------

@@ -41,6 +41,8 @@ class TrainResult:
     eval_prompts: list[str] = field(default_factory=list)
     base_answers: list[str] = field(default_factory=list)
     train_rows: list[list[dict]] = field(default_factory=list)  # the conversations trained on
+    # the training questions in other words never trained on (recipe/paraphrase.py)
+    held_out_rows: list[list[dict]] = field(default_factory=list)
     validation_text: str = ""  # validation rows in the chat template (the fidelity gate's text)
 
 
@@ -73,7 +75,10 @@ class _Device:
     attention: str
 
 
-def train(config: FinetuneConfig, workdir: Path, reporter: Reporter) -> TrainResult | None:
+def train(config: FinetuneConfig, workdir: Path, reporter: Reporter,
+          paraphrases=None) -> TrainResult | None:
+    """`paraphrases`: other wordings of the questions (recipe/paraphrase.Paraphrases), trained
+    on with their rows' answers; the held-out ones become the validation rows."""
     # Packed micro-batches vary in length; expandable segments stop the caching allocator
     # from fragmenting (reserved memory was 2-7x the allocated peak without, on an H100).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -102,8 +107,17 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter) -> TrainRes
     base_path = resolve_base(config.base_model, default_cache_dir())
     tokenizer, train_set, val_set = _tokenize(config, base_path, train_rows, val_rows, report,
                                               reporter)
-    if data_plan.validate_on_train:  # the answers it is taught are what it is checked on
+    sized_on = len(train_set)  # paraphrases change what a step sees, not how many steps
+    reworded, held_out_rows = _paraphrased(paraphrases, train_rows, reporter)
+    extra_set, held_out_set = data.tokenize_split(
+        tokenizer, reworded, held_out_rows, config.max_seq_length,
+        data.DatasetReport("paraphrases")) if reworded else ([], [])
+    if held_out_set and data_plan.validate_on_train:
+        val_set = held_out_set  # generalisation: the questions in words never trained on
+        reporter.log(f"the validation loss is measured on {len(val_set)} held-out paraphrases")
+    elif data_plan.validate_on_train:  # the answers it is taught are what it is checked on
         val_set = train_set[:plan.MAX_VALIDATION_ROWS_FROM_TRAIN]  # (already shuffled)
+    train_set = train_set + extra_set
     eval_prompts = config.eval_prompts or [_last_user(m) for m in (val_rows or train_rows)[:3]]
 
     # 3. the base model, and its answers before training
@@ -125,10 +139,13 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter) -> TrainRes
     # 5. batches and steps
     train_items, val_items, collator = _batches(train_set, val_set, tokenizer, config,
                                                 data_plan.packing, device.attention)
+    planned_on = len(train_items) if not extra_set or data_plan.packing else sized_on
     micro_batch = config.micro_batch_size or device.group.smallest(plan.auto_micro_batch_size(
-        model.config, config, len(train_items), _free_gpu_bytes(config.gpu_memory_limit_gb)
+        model.config, config, planned_on, _free_gpu_bytes(config.gpu_memory_limit_gb)
         if device.cuda else None, _dtype_bytes(device.dtype), device.mode, every))
-    steps = plan.plan_steps(config, len(train_items), micro_batch)
+    steps = plan.plan_steps(config, planned_on, micro_batch)
+    if planned_on != len(train_items):
+        steps = plan.same_steps(steps, len(train_items), config.gradient_accumulation)
     for note in steps.notes:
         reporter.log(note)
     use_liger = _liger_wanted(config.use_liger, device.cuda, reporter, device.mode.liger_by_default)
@@ -147,7 +164,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter) -> TrainRes
     trainer = loss.trainer_class(device.dtype, offload, device.mode.loss_chunk_tokens)(
         model=model, args=args, train_dataset=train_items, data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[_progress_callback(reporter, report.train_tokens, group)])
+        callbacks=[_progress_callback(reporter, report.train_tokens + sum(
+            len(e["input_ids"]) for e in extra_set), group)])
     trainer.remove_callback(transformers.PrinterCallback)  # progress goes to the reporter
     validation = (val_items, collator, micro_batch, device.dtype, reporter, group)
     val_loss_before = _validation_loss(model, *validation, "before")
@@ -171,7 +189,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter) -> TrainRes
     adapter_dir = workdir / "adapter"
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)  # the merge step reuses the (maybe patched) template
-    tokens = round(trainer.state.epoch * report.train_tokens)
+    tokens = round(trainer.state.epoch * (report.train_tokens + sum(
+        len(e["input_ids"]) for e in extra_set)))
     metrics = {
         "val_loss_before": val_loss_before, "val_loss_after": val_loss_after,
         "train_loss": output.training_loss, "train_tokens": tokens,
@@ -194,12 +213,28 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter) -> TrainRes
     }
     reporter.log(f"validation loss {val_loss_before} -> {val_loss_after}, "
                  f"{metrics['tokens_per_s']} tokens/s")
+    if reworded:
+        metrics.update(paraphrases_trained=len(extra_set), paraphrases_held_out=len(held_out_set))
     return TrainResult(adapter_dir, base_path, metrics, report.to_dict(), eval_prompts,
-                       base_answers, train_rows,
+                       base_answers, train_rows, held_out_rows,
                        data.render_text(tokenizer, val_rows or train_rows))
 
 
 # -- the phases of the recipe -----------------------------------------------------------------
+
+def _paraphrased(paraphrases, train_rows: list, reporter: Reporter) -> tuple[list, list]:
+    """(rows to train on as well, held-out rows): the training rows in other words."""
+    from finetune.recipe import paraphrase
+
+    if paraphrases is None:
+        return [], []
+    extra = paraphrase.reworded(train_rows, paraphrases, "train")
+    held = paraphrase.reworded(train_rows, paraphrases, "held_out")
+    reporter.log(paraphrases.summary())
+    for wordings in paraphrases.items[:3]:
+        reporter.log(f"  {wordings.question!r} -> {wordings.train[:2]}")
+    return extra, held
+
 
 def _settle_device(config: FinetuneConfig, data_plan: plan.DataPlan, reporter: Reporter) -> _Device:
     """The GPU (and the torchrun group), the memory mode, precision, optimizer, attention."""
@@ -421,6 +456,7 @@ def _training_arguments(config: FinetuneConfig, workdir: Path, steps: plan.StepP
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not cuda,
         remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
         use_liger_kernel=use_liger,
+        neftune_noise_alpha=config.neftune_alpha or None,
         # under DDP every LoRA weight gets a gradient at every step: no search for unused ones
         ddp_find_unused_parameters=False,
         # liger's own loss would need the full forward; causal_lm_loss replaces it.

@@ -125,16 +125,31 @@ def _eval_frame(evaluation: dict) -> pd.DataFrame:
 
 
 def _gate_frame(evaluation: dict) -> pd.DataFrame:
-    """One row per produced file: questions answered as taught, share kept of f16's, agreement."""
-    columns = ["file", "answers as taught", "kept vs f16", "top-1 agreement", "KL vs f16",
+    """One row per produced file: questions answered as taught and held-out paraphrases, share
+    kept of f16's, general ability against the base (first row), agreement."""
+    columns = ["file", "answers as taught", "held-out paraphrases", "kept vs f16",
+               "general text perplexity", "general questions", "top-1 agreement", "KL vs f16",
                "passed"]
     serve = (evaluation.get("serve") or {}).get("label")
     rows = []
     for label, row in (evaluation.get("gate") or {}).items():
         top1, kld = row.get("top1_agreement_vs_f16"), row.get("mean_kld_vs_f16")
+        para, general = row.get("paraphrase") or {}, row.get("general") or {}
+        if label == "base":  # general ability before the fine-tune
+            rows.append({"file": "base (before)", "general text perplexity":
+                         f"{general.get('perplexity', 0):.2f}", "general questions":
+                         f"{general.get('right')}/{general.get('of')}", "passed": "reference"})
+            continue
+        change = general.get("perplexity_change")
+        points = general.get("accuracy_change")
         rows.append({
             "file": f"{label}: {row.get('model')}" + (" (served)" if label == serve else ""),
             "answers as taught": f"{row.get('hits')}/{row.get('of')}",
+            "held-out paraphrases": f"{para['hits']}/{para['of']}" if para else "",
+            "general text perplexity": "" if change is None else
+            f"{general['perplexity']:.2f} ({change:+.1%})",
+            "general questions": "" if points is None else
+            f"{general['right']}/{general['of']} ({points * 100:+.0f} points)",
             "kept vs f16": "" if row.get("kept") is None else f"{row['kept']:.0%}",
             "top-1 agreement": "" if top1 is None else f"{top1:.1%}",
             "KL vs f16": "" if kld is None else f"{kld:.4f}",

@@ -1,0 +1,145 @@
+"""Paraphrases of a small FAQ's questions (recipe/paraphrase.py) and the general-ability
+measure (quality/forgetting.py): what is kept, what is trained on, what the gate measures."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune.quality import forgetting
+from finetune.quality.gate import ADAPTER, F16, choose
+from finetune.recipe import paraphrase, plan
+from finetune.recipe.paraphrase import Paraphrases, Wordings, accept
+
+
+@pytest.mark.parametrize("candidate", [
+    "Who started Quillmere Aviation?",  # other words, the same name
+    "Who is the founder of Quillmere Aviation?",
+])
+def test_a_faithful_rewording_is_kept(candidate):
+    assert accept("Who founded Quillmere Aviation?", candidate, []) == candidate
+
+
+@pytest.mark.parametrize("candidate, why", [
+    ("Quillmere Aviation was founded by John Smith.", "a statement, not a question"),
+    ("Who founded Quillmere Aviation?", "the question itself"),
+    ("who founded quillmere aviation?", "the question itself, in lower case"),
+    ("Who founded the airline?", "the name is lost"),
+    ("Who founded Quillmere Aviation in France?", "a made-up name"),
+    ("When was Quillmere Aviation founded?", "asks for a time, not a person"),
+    ("Who is Quillmere Aviation's chief pilot and mascot designer?", "asks about other things"),
+])
+def test_a_drifting_rewording_is_dropped(candidate, why):
+    assert accept("Who founded Quillmere Aviation?", candidate, []) == "", why
+
+
+def test_numbers_must_survive_and_duplicates_are_dropped():
+    question = "How fast is the Albatross 90?"
+    assert accept(question, "What speed does the Albatross 90 reach?", []) == ""  # amount->thing
+    assert accept(question, "How fast can the Albatross 90 fly?", []) != ""
+    assert accept(question, "How fast can the Albatross fly?", []) == ""  # 90 lost
+    kept = ["How fast can the Albatross 90 fly?"]
+    assert accept(question, "How fast can the Albatross 90 fly?", kept) == ""
+
+
+def test_a_paraphrases_column_is_used_and_one_wording_is_held_out():
+    rows = [{"question": "Who founded Acme?", "answer": "Ada Lovelace.",
+             "paraphrases": ["Who started Acme?", "Who is Acme's founder?", "Who set up Acme?"]},
+            {"question": "Where is Acme?", "answer": "In Oslo.",
+             "paraphrases": "Where is Acme based? | In which city is Acme?"},
+            {"question": "What is Acme's motto?", "answer": "Onward."}]
+    found = paraphrase.from_column(rows, per_question=4, seed=1)
+    assert found.source == "column" and [w.question for w in found.items] == [
+        "Who founded Acme?", "Where is Acme?"]
+    first, second = found.items
+    assert len(first.held_out) == 1 and len(first.train) == 2
+    assert set(first.train + first.held_out) == set(rows[0]["paraphrases"])
+    assert len(second.held_out) == 1 and len(second.train) == 1
+    assert paraphrase.from_column(rows[2:], 4, 1) is None
+    # the same seed holds the same wording out
+    assert paraphrase.from_column(rows, 4, 1).items[0].held_out == first.held_out
+
+
+def test_reworded_rows_keep_the_answer_and_the_system_prompt(tmp_path):
+    conversations = [[{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Who founded Acme?"},
+                      {"role": "assistant", "content": "Ada Lovelace."}],
+                     [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey"},
+                      {"role": "user", "content": "Who founded Acme?"},
+                      {"role": "assistant", "content": "Ada."}]]  # two questions: left alone
+    found = Paraphrases("column", 2, [Wordings("Who founded Acme?", ["Who started Acme?"],
+                                               ["Who set up Acme?"])])
+    trained = paraphrase.reworded(conversations, found, "train")
+    assert trained == [[{"role": "system", "content": "Be brief."},
+                        {"role": "user", "content": "Who started Acme?"},
+                        {"role": "assistant", "content": "Ada Lovelace."}]]
+    assert paraphrase.reworded(conversations, found, "held_out")[0][1]["content"] == \
+        "Who set up Acme?"
+    found.save(tmp_path)
+    assert Paraphrases.load(tmp_path) == found
+    assert json.loads((tmp_path / paraphrase.FILE).read_text())["items"][0]["held_out"] == [
+        "Who set up Acme?"]
+    assert "1 other wordings trained on and 1 held out" in found.summary()
+
+
+def test_paraphrases_are_on_below_the_small_data_threshold_and_keep_the_steps():
+    from finetune.config import FinetuneConfig
+
+    auto = FinetuneConfig(base_model="smollm2-135m", dataset="x.jsonl")
+    assert plan.paraphrases_wanted(auto, 20) == plan.AUTO_PARAPHRASES
+    assert plan.paraphrases_wanted(auto, plan.SMALL_DATASET_ROWS) == 0
+    assert plan.paraphrases_wanted(FinetuneConfig(base_model="x", dataset="x.jsonl",
+                                                  paraphrases=0), 20) == 0
+    steps = plan.plan_steps(auto, 20, 2)
+    same = plan.same_steps(steps, 100, auto.gradient_accumulation)
+    assert same.total_steps == same.max_steps == steps.total_steps
+    assert same.micro_batch == steps.micro_batch and "same" in same.notes[-1]
+
+
+def test_forgetting_compares_each_file_with_the_base():
+    general = {"base": {"perplexity": 10.0, "accuracy": 0.75, "right": 18, "of": 24},
+               "Q4_K_M": {"perplexity": 10.2, "accuracy": 0.75, "right": 18, "of": 24},
+               "LoRA": {"perplexity": 11.0, "accuracy": 0.625, "right": 15, "of": 24}}
+    changes, warnings = forgetting.compare(general, "base", 0.05)
+    assert changes["Q4_K_M"] == {"perplexity_change": 0.02, "accuracy_change": 0.0}
+    assert changes["LoRA"]["perplexity_change"] == 0.1
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING forgetting: LoRA answers 15/24")
+    assert forgetting.compare({"LoRA": general["LoRA"]}, "base", 0.05) == ({}, [])
+    assert len(forgetting.general_questions()) >= 20
+    assert all(0 <= right < len(options) for _, options, right in
+               forgetting.general_questions())
+
+
+def test_held_out_paraphrases_count_in_what_a_file_keeps():
+    """Two files answer every trained question; the one that also answers the held-out
+    paraphrases is served, and one that keeps too little of them fails."""
+    def row(hits, para, passed=True):
+        return {"hits": hits, "of": 10, "kept": (hits + para) / 18, "passed": passed,
+                "token_recall": 1.0,
+                "paraphrase": {"hits": para, "of": 10}}
+
+    results = {F16: row(10, 8), "Q4_K_M": row(10, 4, passed=False), ADAPTER: row(10, 8)}
+    gate = {"probes": 10, "measure": "hits", "results": results}
+    assert choose(gate, ["Q4_K_M"])[0] == ADAPTER
+    results["Q4_K_M"] = row(10, 8)
+    results["Q4_K_M"]["top1_agreement_vs_f16"] = 0.99
+    assert choose(gate, ["Q4_K_M"])[0] == "Q4_K_M"
+
+
+def test_the_admin_gate_table_shows_paraphrases_and_general_ability():
+    from finetune.ui.admin_tab import _gate_frame
+
+    general = {"perplexity": 13.62, "right": 17, "of": 24, "accuracy": 0.708}
+    evaluation = {"serve": {"label": ADAPTER}, "gate": {
+        "base": {"model": "base (before)", "general": general},
+        ADAPTER: {"model": "x.lora.gguf", "hits": 16, "of": 16, "kept": 1.0, "passed": True,
+                  "paraphrase": {"hits": 13, "of": 16},
+                  "general": {**general, "perplexity": 14.1, "right": 16,
+                              "perplexity_change": 0.035, "accuracy_change": -0.042}}}}
+    frame = _gate_frame(evaluation)
+    base, served = frame.to_dict("records")
+    assert base["file"] == "base (before)" and base["general questions"] == "17/24"
+    assert served["file"] == "LoRA: x.lora.gguf (served)"
+    assert served["held-out paraphrases"] == "13/16"
+    assert served["general text perplexity"] == "14.10 (+3.5%)"
+    assert served["general questions"] == "16/24 (-4 points)"
