@@ -145,7 +145,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter,
         if device.cuda else None, _dtype_bytes(device.dtype), device.mode, every))
     steps = plan.plan_steps(config, planned_on, micro_batch)
     if planned_on != len(train_items):
-        steps = plan.same_steps(steps, len(train_items), config.gradient_accumulation)
+        steps = plan.same_steps(steps, len(train_items), config.gradient_accumulation,
+                                1.0 if config.max_steps > 0 else plan.PARAPHRASE_STEPS_FACTOR)
     for note in steps.notes:
         reporter.log(note)
     use_liger = _liger_wanted(config.use_liger, device.cuda, reporter, device.mode.liger_by_default)

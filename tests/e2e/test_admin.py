@@ -144,7 +144,7 @@ def test_job_from_admin_handlers_runs_and_chat_serves_the_new_model(admin_server
     message, _ = admin.predict(
         "smollm2-135m", "", None, str(FAQ), 1, 6, 1e-3, 8, 256, 16, 0.0, 0, 1, 0.1, 42, "on",
         "off", ["Q4_K_M", "Q5_K_M"], True, 100, 0, "auto", True, "lean",  # 0: no gate
-        eval_max_new_tokens=8, api_name="/admin_start")  # a setting after the legacy ones
+        eval_max_new_tokens=8, paraphrases=0, api_name="/admin_start")  # a setting after the legacy ones
     assert "Started job" in message
     out = wait_for_job(admin, timeout_s=900)
     assert "<b>done" in out[1], out[1] + "\n" + str(out[3])[-2000:]

@@ -40,7 +40,7 @@ def test_job_survives_app_restart_and_is_activated_once(tmp_path, smollm2_path):
     with run_app(workdir, models, **ENV) as first:
         message, _ = logged_in(first).predict(
             "smollm2-135m", "", None, str(FAQ), 1, 6, 1e-3, 8, 256, 16, 0.0, 0, 1, 0.1, 42,
-            "on", "off", ["Q4_K_M"], True, 100, 0, api_name="/admin_start")
+            "on", "off", ["Q4_K_M"], True, 100, 0, paraphrases=0, api_name="/admin_start")
         assert "Started job" in message
         (record,) = records.list_jobs(jobs_dir)
         time.sleep(3)

@@ -61,7 +61,7 @@ def finished_job(tmp_path_factory, smollm2_path, hub):
         assert f"data folder: {data} (FINECHAT_DATA_DIR)" in first.log()
         message, _ = logged_in(first).predict(
             "smollm2-135m", "", None, str(FAQ), 1, 6, 1e-3, 8, 256, 16, 0.0, 0, 1, 0.1, 42,
-            "on", "off", ["Q4_K_M"], True, 100, 0, api_name="/admin_start")
+            "on", "off", ["Q4_K_M"], True, 100, 0, paraphrases=0, api_name="/admin_start")
         assert "Started job" in message
         out = wait_for_job(logged_in(first), timeout_s=900)
         assert "<b>done" in out[1], out[1] + str(out[3])[-2000:]

@@ -68,7 +68,7 @@ def test_run_smollm2_end_to_end_then_list_and_status(dirs, tmp_path):
                  "--max-seq-length", "128", "--micro-batch-size", "1",
                  "--gradient-accumulation", "1", "--no-gradient-checkpointing",
                  "--eval-max-new-tokens", "8", "--val-split", "0.1", "--gate-probes", "4",
-                 "--output-name", "cli-test", *dirs, timeout_s=900)
+                 "--paraphrases", "0", "--output-name", "cli-test", *dirs, timeout_s=900)
     assert result.returncode == 0, result.stderr[-3000:]
     paths = [Path(line) for line in result.stdout.strip().splitlines()]
     assert [p.name.split(".")[-2] for p in paths] == ["Q4_K_M", "Q5_K_M", "lora"]

@@ -25,7 +25,7 @@ def two_rank_smollm2(**overrides):
     values = dict(dataset=str(FAQ), num_processes=2, max_steps=3, max_seq_length=128,
                   micro_batch_size=1, gradient_accumulation=2, val_split=0.1,
                   eval_max_new_tokens=0, gate_probes=0, export_adapter=False,
-                  quant_types=["Q4_K_M"])
+                  quant_types=["Q4_K_M"], paraphrases=0)
     return from_preset("smollm2-135m", **{**values, **overrides})
 
 

@@ -22,7 +22,7 @@ FAQ = Path(__file__).resolve().parents[1] / "data" / "faq.jsonl"
 def tiny_config(base: Path, **overrides) -> FinetuneConfig:
     settings = dict(base_model=str(base), dataset=str(FAQ), max_steps=3, max_seq_length=128,
                     micro_batch_size=2, gradient_accumulation=1, eval_max_new_tokens=4,
-                    gradient_checkpointing=False)
+                    gradient_checkpointing=False, paraphrases=0)
     return FinetuneConfig(**{**settings, **overrides})
 
 

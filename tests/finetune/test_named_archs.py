@@ -40,7 +40,7 @@ OUTPUT_NAMES = {"phi-3.5-mini": "harbour-phi", "mistral-7b": "harbour-mistral"}
 QUANTS = ("Q4_K_M", "Q5_K_M")
 # The fidelity gate has tests of its own (it would cost a minute per job here); the LoRA
 # adapter GGUF stays on: its conversion (fused qkv, q/k permutation) is architecture work.
-EXTRAS_OFF = ["--gate-probes", "0"]
+EXTRAS_OFF = ["--gate-probes", "0", "--paraphrases", "0"]
 EXPECTED = {
     "phi-3.5-mini": {
         "gguf_arch": "phi3", "stop": "<|end|>", "add_bos": False,

@@ -93,7 +93,9 @@ def test_paraphrases_are_on_below_the_small_data_threshold_and_keep_the_steps():
     steps = plan.plan_steps(auto, 20, 2)
     same = plan.same_steps(steps, 100, auto.gradient_accumulation)
     assert same.total_steps == same.max_steps == steps.total_steps
-    assert same.micro_batch == steps.micro_batch and "same" in same.notes[-1]
+    assert same.micro_batch == steps.micro_batch
+    twice = plan.same_steps(steps, 100, auto.gradient_accumulation, 2.0)
+    assert twice.total_steps == 2 * steps.total_steps and "2x the" in twice.notes[-1]
 
 
 def test_forgetting_compares_each_file_with_the_base():
