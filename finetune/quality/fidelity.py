@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from finetune import FinetuneError
+from finetune.quality.scoring import chat_renderer, log_probs, windows
 
 
 def _llama(*args, **kwargs):
@@ -102,13 +103,13 @@ def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path | tuple[Path, Path]
                     logits_all=True, verbose=False)
         try:
             if not chunks:
-                chunks = _windows(llm, text, n_ctx, max_chunks) if text else []
+                chunks = windows(llm, text, n_ctx, max_chunks) if text else []
             row = {"answer_rows": answer_rows(llm, probes)} if probes else {}
             if general:
                 from finetune.quality import forgetting
 
                 row["general"] = forgetting.measure(llm)
-            logps = [_log_probs(llm, ids) for ids in chunks]
+            logps = [log_probs(llm, ids) for ids in chunks]
         finally:
             llm.close()
         if chunks:
@@ -129,30 +130,6 @@ def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path | tuple[Path, Path]
         result[quant] = row
     result.update(tokens_scored=scored, chunks=len(chunks))
     return result
-
-
-def _windows(llm, text: str, n_ctx: int, max_chunks: int) -> list[list[int]]:
-    # special=True: chat-template text keeps its control tokens (<|im_start|>, <|end|>)
-    tokens = llm.tokenize(text.encode(), add_bos=False, special=True)
-    prefix = llm.tokenize(b"", add_bos=True)  # [bos] only if the model wants one
-    width = n_ctx - len(prefix)
-    chunks = [prefix + tokens[i:i + width] for i in range(0, len(tokens), width)]
-    chunks = [c for c in chunks if len(c) == n_ctx][:max_chunks]
-    if not chunks:
-        raise FinetuneError(f"Held-out text too short: need at least {n_ctx} tokens.")
-    return chunks
-
-
-def _log_probs(llm, ids: list[int]):
-    """Log-softmax of the next-token logits over the second half of the window (float32)."""
-    import numpy as np
-
-    first = len(ids) // 2
-    llm.reset()
-    llm.eval(ids)
-    logits = np.asarray(llm.scores[first - 1:len(ids) - 1], dtype=np.float64)
-    logits -= logits.max(axis=1, keepdims=True)
-    return (logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))).astype(np.float32)
 
 
 def logits_agreement(merged_dir: Path, f16_gguf: Path, text: str, n_tokens: int = 400,
@@ -212,7 +189,7 @@ def answer_rows(llm, probes: list[tuple[list[dict], str]]) -> list[dict]:
     import llama_cpp
     import numpy as np
 
-    render = _chat_renderer(llm)
+    render = chat_renderer(llm)
     rows = []
     for messages, answer in probes:
         prompt = render(messages, True)
@@ -233,22 +210,3 @@ def answer_rows(llm, probes: list[tuple[list[dict], str]]) -> list[dict]:
         rows.append({"tokens": int(top1.size), "top1": int(top1.sum()),
                      "exact": bool(top1.size and top1.all())})
     return rows
-
-
-def _chat_renderer(llm):
-    """(messages, add_generation_prompt) -> text, with the GGUF's chat template as the chat
-    engine uses it (ChatML when the file has none)."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    from finetune.recipe.data import CHATML_TEMPLATE
-
-    template = llm.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
-
-    def token(i: int) -> str:
-        return llm._model.token_get_text(i) if i >= 0 else ""
-
-    formatters = {flag: Jinja2ChatFormatter(template, eos_token=token(llm.token_eos()),
-                                            bos_token=token(llm.token_bos()),
-                                            add_generation_prompt=flag) for flag in (True, False)}
-    return lambda messages, generation: formatters[generation](messages=messages).prompt
-

@@ -19,6 +19,8 @@ import json
 import math
 from pathlib import Path
 
+from finetune.quality.scoring import chat_renderer, log_probs, windows
+
 GENERAL = Path(__file__).with_name("general")
 WINDOW = 256
 
@@ -37,16 +39,14 @@ def measure(llm) -> dict:
     logits_all and n_ctx >= WINDOW)."""
     import numpy as np
 
-    from finetune.quality.fidelity import _chat_renderer, _log_probs, _windows
-
-    windows = _windows(llm, general_text(), WINDOW, max_chunks=64)
+    chunks = windows(llm, general_text(), WINDOW, max_chunks=64)
     nll, scored = 0.0, 0
-    for ids in windows:
-        logps = _log_probs(llm, ids)
+    for ids in chunks:
+        logps = log_probs(llm, ids)
         targets = np.asarray(ids[len(ids) // 2:])
         nll -= float(logps[np.arange(len(targets)), targets].sum())
         scored += len(targets)
-    render = _chat_renderer(llm)
+    render = chat_renderer(llm)
     right = 0
     questions = general_questions()
     for question, options, answer in questions:
