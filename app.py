@@ -24,6 +24,7 @@ from finetune.ui.hot_reload import start_watcher
 from finetune.ui.uploads import MAX_UPLOAD_BYTES
 from inference import limits
 from inference.chat_tab import build_chat_tab
+from inference.monitoring import ServingMetrics, build_monitoring_router
 from inference.openai_api import build_openai_router
 from inference.settings import Settings
 from inference.supervisor import EngineSupervisor
@@ -72,7 +73,9 @@ def main(argv=None) -> None:
         host=args.host, port=args.port, hub_model=args.hub_model, n_ctx=args.n_ctx,
         n_threads=args.n_threads, n_gpu_layers=args.n_gpu_layers,
         models_dir=Path(args.models_dir) if args.models_dir else None)
-    engine = EngineSupervisor(settings)  # llama.cpp runs in a process of its own
+    metrics = ServingMetrics()
+    engine = EngineSupervisor(settings, metrics)  # llama.cpp runs in a process of its own
+    metrics.attach(engine)
     engine.start()
     auth = AdminAuth(settings.admin_password)
     start_watcher(engine, settings.jobs_dir)
@@ -89,7 +92,8 @@ def main(argv=None) -> None:
     api_key = settings.api_key
     server = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)  # "/" is Gradio's
     server.include_router(build_openai_router(engine, api_key,
-                                              settings.stream_interval_ms / 1000))
+                                              settings.stream_interval_ms / 1000, metrics))
+    server.include_router(build_monitoring_router(engine, metrics, api_key))
     limits.bound_queue_per_client(server, demo, settings.max_queue_per_client)
     # Anyone can POST to Gradio's upload route: no file beyond the dataset limit is kept.
     server = gr.mount_gradio_app(server, demo, path="/", server_name=settings.host,

@@ -43,6 +43,16 @@ class Sampling:
     top_k: int
     repeat_penalty: float
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = MIN_P
+    typical_p: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    grammar: str = ""  # GBNF; the answer follows it (llama.cpp's grammar sampler)
+
+    def penalised(self) -> bool:
+        return (self.repeat_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -91,6 +101,7 @@ class Request(AnswerStream):
     stop: tuple[str, ...] = ()
     adapter: object = None  # the engine's LoadedAdapter (or None: the plain base)
     on_done: object = None  # called once, from the scheduler, when the slot is freed
+    chain: object = None  # its llama_sampler chain: made by submit(), freed when it ends
 
 
 class _Slot:
@@ -177,6 +188,8 @@ class BatchScheduler:
 
     # -- callers ------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
+        """Queue the request; its sampler chain is made here, so a grammar llama.cpp cannot
+        parse is refused before it waits."""
         with self._cond:
             if self._closing:
                 raise InferenceError(f"{self.name} is being unloaded: send the request again.",
@@ -184,6 +197,12 @@ class BatchScheduler:
             if len(self._waiting) >= self.max_queue:
                 raise InferenceError(f"The server is busy ({len(self._waiting)} requests waiting "
                                      f"for {self.n_slots} slots): try again shortly.", "busy")
+        request.chain = self._sampler_chain(request.sampling)
+        with self._cond:
+            if self._closing:
+                self._free_chain(request)
+                raise InferenceError(f"{self.name} is being unloaded: send the request again.",
+                                     "busy")
             self._waiting.append(request)
             self._cond.notify_all()
 
@@ -253,6 +272,7 @@ class BatchScheduler:
             self._waiting = collections.deque(kept)
         for request in dropped:
             request.finish_reason = "cancelled"
+            self._free_chain(request)
             self._done(request, None)
 
     def _admit(self) -> None:
@@ -273,6 +293,7 @@ class BatchScheduler:
                 try:
                     self._set_adapter(request.adapter)
                 except InferenceError as exc:
+                    self._free_chain(request)
                     self._done(request, exc)
                     continue
             self._place(request, free)
@@ -295,9 +316,9 @@ class BatchScheduler:
         # from a slot still answering; with the prompt cache, also from a finished one
         source, shared = self._share_source(slot, prompt)
         slot.share = (source, shared) if shared >= keep + SHARE_MIN_TOKENS else None
-        # the repetition penalty looks back over the answer's own tokens (llama_sampler_sample
-        # accepts each), not the prompt: as llama-cpp-python's create_chat_completion
-        slot.chain = self._sampler_chain(request.sampling)
+        # the penalties look back over the answer's own tokens (llama_sampler_sample accepts
+        # each), not the prompt: as llama-cpp-python's create_chat_completion
+        slot.chain, request.chain = request.chain, None
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def _share_source(self, slot: _Slot, prompt: list[int]) -> tuple[_Slot | None, int]:
@@ -339,22 +360,48 @@ class BatchScheduler:
                 slot.share = None  # it will not be evaluated there: evaluate it here
 
     def _sampler_chain(self, s: Sampling):
+        """llama.cpp's samplers in llama.cpp's own order: grammar, logit bias, penalties, then
+        top-k, typical, top-p, min-p, temperature and the draw (or greedy)."""
         ll = self._ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if s.repeat_penalty != 1.0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
-                self._n_vocab, PENALTY_LAST_N, s.repeat_penalty, 0.0, 0.0))
+        add = lambda sampler: ll.llama_sampler_chain_add(chain, sampler)  # noqa: E731
+        if s.grammar:
+            grammar = ll.llama_sampler_init_grammar(self._vocab, s.grammar.encode(), b"root")
+            if not grammar:
+                ll.llama_sampler_free(chain)
+                raise InferenceError("The grammar could not be parsed (llama.cpp's GBNF format, "
+                                     "with a rule named root).")
+            add(grammar)
+        if s.logit_bias:
+            valid = [(t, b) for t, b in s.logit_bias if 0 <= t < self._n_vocab]
+            if len(valid) != len(s.logit_bias):
+                ll.llama_sampler_free(chain)
+                raise InferenceError(f"logit_bias names a token id outside this model's "
+                                     f"vocabulary (0 to {self._n_vocab - 1}).")
+            biases = (ll.llama_logit_bias * len(valid))(*[ll.llama_logit_bias(t, b)
+                                                          for t, b in valid])
+            add(ll.llama_sampler_init_logit_bias(self._n_vocab, len(valid), biases))
+        if s.penalised():
+            add(ll.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N, s.repeat_penalty,
+                                                s.frequency_penalty, s.presence_penalty))
         if s.temperature <= 0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+            add(ll.llama_sampler_init_greedy())
             return chain
         if s.top_k > 0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(s.top_k))
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(s.top_p, 1))
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_min_p(MIN_P, 1))
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(s.temperature))
-        seed = _DEFAULT_SEED if s.seed is None else s.seed
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(seed))
+            add(ll.llama_sampler_init_top_k(s.top_k))
+        if s.typical_p < 1.0:
+            add(ll.llama_sampler_init_typical(s.typical_p, 1))
+        add(ll.llama_sampler_init_top_p(s.top_p, 1))
+        if s.min_p > 0:
+            add(ll.llama_sampler_init_min_p(s.min_p, 1))
+        add(ll.llama_sampler_init_temp(s.temperature))
+        add(ll.llama_sampler_init_dist(_DEFAULT_SEED if s.seed is None else s.seed))
         return chain
+
+    def _free_chain(self, request: Request) -> None:
+        if request.chain is not None:
+            self._ll.llama_sampler_free(request.chain)
+            request.chain = None
 
     def _step(self) -> None:
         """One llama_decode: every streaming slot's last token, then prompt chunks."""
@@ -493,6 +540,7 @@ class BatchScheduler:
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()
         for request in waiting:
+            self._free_chain(request)
             self._done(request, error)
 
     def _free(self) -> None:

@@ -21,13 +21,15 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from inference import batching, default_model, hub, llama_build, registry
-from inference.errors import InferenceError
+from inference.errors import InferenceError, first_line
 from inference.prompt import fit_to_context
 from inference.settings import Settings
 
 log = logging.getLogger("finechat.engine")
 MAX_ADAPTERS_PER_BASE = 8  # a few MB to ~100 MB each; least recently used ones are freed
 MAX_STOP_STRINGS = 4  # as OpenAI's API
+MAX_LOGIT_BIAS = 300  # as OpenAI's API
+MAX_GRAMMAR_CHARS = 100_000
 MAX_AUTO_SLOTS = 8  # answers decoded together when FINECHAT_PARALLEL is not set
 OWN_CONTEXT_TOKENS = 64
 TEST_RUN_TIMEOUT_S = 300  # a model must produce one token within this after loading
@@ -42,6 +44,13 @@ class GenerationParams:
     max_new_tokens: int = 512
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
     seed: int | None = None  # None: a fresh random seed per answer
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from a token already in the answer
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per time a token is in the answer
+    min_p: float = batching.MIN_P  # tokens below min_p x the top token's probability are cut
+    typical_p: float = 1.0  # locally typical sampling; 1 is off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    grammar: str = ""  # GBNF (llama.cpp's grammar format) the answer must follow
+    json_schema: str = ""  # a JSON schema (as text) the answer must follow; "{}": any JSON object
 
     def validated(self) -> "GenerationParams":
         checks = [
@@ -54,11 +63,57 @@ class GenerationParams:
             (0 <= self.top_k <= 1000, "top-k must be between 0 and 1000"),
             (0.5 <= self.repeat_penalty <= 2.0, "repetition penalty must be between 0.5 and 2"),
             (1 <= self.max_new_tokens <= 2048, "max new tokens must be between 1 and 2048"),
+            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be between -2 and 2"),
+            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be between -2 and 2"),
+            (0.0 <= self.min_p <= 1.0, "min_p must be between 0 and 1"),
+            (0.0 < self.typical_p <= 1.0, "typical_p must be in (0, 1]"),
+            (len(self.logit_bias) <= MAX_LOGIT_BIAS and all(
+                -100 <= bias <= 100 for _, bias in self.logit_bias),
+             f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens, each with a bias from -100 to "
+             "100"),
+            (len(self.grammar) <= MAX_GRAMMAR_CHARS and len(self.json_schema) <= MAX_GRAMMAR_CHARS,
+             f"a grammar or JSON schema may be at most {MAX_GRAMMAR_CHARS} characters"),
+            (not (self.grammar and self.json_schema),
+             "give a grammar or a JSON schema (response_format), not both"),
         ]
         for ok, message in checks:
             if not ok:
                 raise InferenceError(message)
         return self
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "GenerationParams":
+        """The inverse of dataclasses.asdict after a JSON round trip (lists back to tuples)."""
+        return cls(**{**raw, "stop": tuple(raw.get("stop") or ()),
+                      "logit_bias": tuple((int(t), float(b)) for t, b in
+                                          raw.get("logit_bias") or ())})
+
+    def sampling(self) -> batching.Sampling:
+        return batching.Sampling(
+            self.temperature, self.top_p, self.top_k, self.repeat_penalty, self.seed,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            min_p=self.min_p, typical_p=self.typical_p, logit_bias=self.logit_bias,
+            grammar=self.grammar or (json_schema_grammar(self.json_schema)
+                                     if self.json_schema else ""))
+
+
+def json_schema_grammar(schema_text: str) -> str:
+    """GBNF for a JSON schema, by llama-cpp-python's converter ("{}": any JSON object)."""
+    import json
+
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    try:
+        schema = json.loads(schema_text)
+    except ValueError:
+        raise InferenceError("The JSON schema is not valid JSON.") from None
+    if schema == {}:
+        return JSON_GBNF
+    try:
+        return json_schema_to_gbnf(schema_text)
+    except Exception as exc:  # the converter raises plain exceptions for what it cannot do
+        raise InferenceError(f"The JSON schema cannot be turned into a grammar: "
+                             f"{first_line(exc, 200)}") from None
 
 
 class LoadedAdapter:
@@ -385,8 +440,7 @@ class ChatEngine:
                                                 model.n_ctx, params.max_new_tokens)
             tokens, template_stops = model.prompt(fitted)
             request = batching.Request(
-                tokens, batching.Sampling(params.temperature, params.top_p, params.top_k,
-                                          params.repeat_penalty, params.seed),
+                tokens, params.sampling(),
                 max_tokens=max_tokens, stop=params.stop + template_stops, adapter=adapter,
                 on_done=lambda: self._release(model, adapter))
             model.scheduler.submit(request)

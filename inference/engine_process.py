@@ -157,7 +157,7 @@ class EngineServer:
     # -- commands -----------------------------------------------------------------------
     def generate(self, cmd: dict):
         rid = cmd["rid"]
-        params = GenerationParams(**{**cmd["params"], "stop": tuple(cmd["params"]["stop"])})
+        params = GenerationParams.from_dict(cmd["params"])
         generation = self.engine.generate(cmd["messages"], params, cmd.get("model") or "")
         request = generation._request
 

@@ -67,6 +67,19 @@ _KINDS = {
 }
 
 
+def wrong_key() -> APIError:
+    return APIError(401, "Missing or wrong API key: send the header 'Authorization: Bearer "
+                         "<FINECHAT_API_KEY>'.", code="invalid_api_key")
+
+
+def bearer_ok(request: Request, key: bytes) -> bool:
+    """No key set, or the request's `Authorization: Bearer` header carries it."""
+    if not key:
+        return True
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), key)
+
+
 def api_error(exc: InferenceError) -> APIError:
     status, type_, param, code = _KINDS.get(exc.kind, _KINDS["server_error"])
     return APIError(status, str(exc), type_, param, code)
@@ -77,19 +90,25 @@ def _server_error() -> APIError:
 
 
 class OpenAIRoute(APIRoute):
-    """Answers APIError (from a handler or the key check) and unexpected failures as JSON."""
+    """Answers APIError (from a handler or the key check) and unexpected failures as JSON;
+    counts each request by its route (the template: a bounded set) and status."""
+    metrics = None  # inference.monitoring.ServingMetrics: set on a subclass per router
 
     def get_route_handler(self):
         handler = super().get_route_handler()
+        counter = self.metrics.requests if self.metrics is not None else None
 
         async def route(request: Request):
             try:
-                return await handler(request)
+                response = await handler(request)
             except APIError as exc:
-                return exc.response()
+                response = exc.response()
             except Exception:
                 log.exception("%s %s failed", request.method, request.url.path)
-                return _server_error().response()
+                response = _server_error().response()
+            if counter is not None:
+                counter.labels(self.path, str(response.status_code)).inc()
+            return response
         return route
 
 
@@ -158,13 +177,69 @@ def parse_messages(raw) -> list[dict]:
     return messages
 
 
+# Fields a chat request may carry. Every other one is refused by name: a field that would be
+# accepted and not acted on gives an answer that does not do what was asked.
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repeat_penalty",
+                   "presence_penalty", "frequency_penalty", "logit_bias", "seed", "stop")
+CHAT_FIELDS = {"model", "messages", "stream", "stream_options", "max_tokens",
+               "max_completion_tokens", "n", "response_format", "grammar", *SAMPLING_FIELDS,
+               # about the caller, not the answer: nothing to act on
+               "user", "metadata", "store"}
+# refused with their own message below (tools, n > 1, logprobs)
+_NOT_YET = {"tools": "Tool calls are not supported by this server.",
+            "functions": "Function calls are not supported by this server.",
+            "tool_choice": "tool_choice needs tools, which this server does not support.",
+            "function_call": "Function calls are not supported by this server.",
+            "logprobs": "logprobs are not supported by this server.",
+            "top_logprobs": "top_logprobs are not supported by this server."}
+
+
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    raw = _field(body, "logit_bias", (dict,), "an object of token id -> bias", {})
+    biases = []
+    for token, bias in raw.items():
+        if not str(token).isdigit() or isinstance(bias, bool) \
+                or not isinstance(bias, (int, float)):
+            raise _invalid("logit_bias", "logit_bias maps token ids (as strings of digits) to "
+                                         f"numbers from -100 to 100, got {json.dumps({token: bias})[:80]}.")
+        biases.append((int(token), float(bias)))
+    return tuple(biases)
+
+
+def _response_format(body: dict) -> str:
+    """The JSON schema (as text) an answer must follow: "" for plain text, "{}" for any JSON
+    object (json_object)."""
+    raw = _field(body, "response_format", (dict,), "an object", None)
+    if raw is None:
+        return ""
+    kind = raw.get("type")
+    if kind == "text":
+        return ""
+    if kind == "json_object":
+        return "{}"
+    if kind == "json_schema":
+        spec = raw.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise _invalid("response_format", "response_format json_schema needs "
+                                              '{"json_schema": {"name": ..., "schema": {...}}}.')
+        return json.dumps(schema) if schema else '{"type": "object"}'
+    raise _invalid("response_format", "response_format type must be text, json_object or "
+                                      f"json_schema, got {json.dumps(kind)[:40]}.")
+
+
 def parse_chat_request(body: dict) -> ChatRequest:
     """Check the body's fields and types; value ranges are checked by the engine."""
+    for key in body:
+        if key in _NOT_YET and body[key] not in (None, False, [], 0) \
+                and not (key == "tool_choice" and body[key] == "none"):
+            raise _invalid(key, _NOT_YET[key])
+        if key not in CHAT_FIELDS and key not in _NOT_YET and key != "parallel_tool_calls":
+            raise _invalid(key, f"{key} is not supported by this server; it takes "
+                                f"{', '.join(sorted(CHAT_FIELDS))}.")
     model = _field(body, "model", (str,), "a model file name from /v1/models", "")
     if _whole(body, "n", 1) != 1:
         raise _invalid("n", "n must be 1: this server gives one answer per request.")
-    if body.get("tools") or body.get("functions"):
-        raise _invalid("tools", "Tool calls are not supported by this server.")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
@@ -173,12 +248,21 @@ def parse_chat_request(body: dict) -> ChatRequest:
     max_tokens = _whole(body, "max_completion_tokens", None)
     if max_tokens is None:
         max_tokens = _whole(body, "max_tokens", _DEFAULTS.max_new_tokens)
+    grammar = _field(body, "grammar", (str,), "a GBNF grammar", "")
+    json_schema = _response_format(body)
+    if grammar and json_schema:
+        raise _invalid("grammar", "Give grammar or response_format, not both.")
     params = GenerationParams(
         temperature=_number(body, "temperature", _DEFAULTS.temperature),
         top_p=_number(body, "top_p", _DEFAULTS.top_p),
         top_k=_whole(body, "top_k", _DEFAULTS.top_k),
         repeat_penalty=_number(body, "repeat_penalty", _DEFAULTS.repeat_penalty),
-        max_new_tokens=max_tokens, stop=tuple(stop or ()), seed=_whole(body, "seed", None))
+        max_new_tokens=max_tokens, stop=tuple(stop or ()), seed=_whole(body, "seed", None),
+        presence_penalty=_number(body, "presence_penalty", 0.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0),
+        min_p=_number(body, "min_p", _DEFAULTS.min_p),
+        typical_p=_number(body, "typical_p", _DEFAULTS.typical_p),
+        logit_bias=_logit_bias(body), grammar=grammar, json_schema=json_schema)
     stream = _field(body, "stream", (bool,), "true or false", False)
     options = _field(body, "stream_options", (dict,), "an object", {})
     include_usage = _field(options, "include_usage", (bool,), "true or false", False)
@@ -250,12 +334,8 @@ class OpenAIAPI:
         self._in_flight = 0  # only touched on the event loop
 
     async def check_key(self, request: Request) -> None:
-        if not self._key:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._key):
-            raise APIError(401, "Missing or wrong API key: send the header 'Authorization: "
-                                "Bearer <FINECHAT_API_KEY>'.", code="invalid_api_key")
+        if not bearer_ok(request, self._key):
+            raise wrong_key()
 
     async def list_models(self):
         infos = await anyio.to_thread.run_sync(self._engine.models, limiter=self._limiter)
@@ -307,7 +387,8 @@ class OpenAIAPI:
 
     async def not_found(self, request: Request):
         raise APIError(404, f"Invalid URL ({request.method} {request.url.path}): this server "
-                            "offers GET /v1/models and POST /v1/chat/completions.")
+                            "offers GET /v1/models and POST /v1/chat/completions (and GET /health, "
+                            "GET /metrics).")
 
     async def _finish(self, gen: Generation) -> None:
         """Close the generation (it may wait for the model to free its slot: in a thread), even
@@ -365,11 +446,13 @@ class OpenAIAPI:
 
 
 def build_openai_router(engine: EngineSupervisor, api_key: str = "",
-                        stream_interval_s: float = 0.0) -> APIRouter:
+                        stream_interval_s: float = 0.0, metrics=None) -> APIRouter:
     """The /v1 routes; with `api_key` set every call needs `Authorization: Bearer <key>`.
-    Streamed answers get at most one chunk per `stream_interval_s` (the first at once)."""
+    Streamed answers get at most one chunk per `stream_interval_s` (the first at once).
+    `metrics` (inference.monitoring.ServingMetrics) counts the requests."""
     api = OpenAIAPI(engine, api_key, stream_interval_s)
-    router = APIRouter(prefix="/v1", route_class=OpenAIRoute,
+    route_class = type("CountedRoute", (OpenAIRoute,), {"metrics": metrics})
+    router = APIRouter(prefix="/v1", route_class=route_class,
                        dependencies=[Depends(api.check_key)])
     router.add_api_route("/models", api.list_models, methods=["GET"])
     router.add_api_route("/chat/completions", api.chat_completions, methods=["POST"])

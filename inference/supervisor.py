@@ -54,6 +54,15 @@ class RemoteAnswer(batching.AnswerStream):
         super().__init__()
         self._supervisor, self.rid = supervisor, rid
         self._told = False
+        self._started = time.monotonic()
+        self._first = True  # no text yet (the metrics' time to first token)
+
+    def emit(self, item) -> None:
+        if self._first and isinstance(item, str):
+            self._first = False
+            if self._supervisor.metrics is not None:
+                self._supervisor.metrics.first_text(time.monotonic() - self._started)
+        super().emit(item)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -65,6 +74,9 @@ class RemoteAnswer(batching.AnswerStream):
             error: InferenceError | None = None) -> None:
         self.finish_reason = finish_reason
         self.completion_tokens, self.cached_tokens = completion_tokens, cached_tokens
+        if self._supervisor.metrics is not None:
+            self._supervisor.metrics.answer_ended(finish_reason, completion_tokens,
+                                                  time.monotonic() - self._started)
         self.emit(error)
         self.ended.set()
 
@@ -88,8 +100,9 @@ class _Incarnation:
 
 
 class EngineSupervisor:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, metrics=None):
         self.settings = settings
+        self.metrics = metrics  # inference.monitoring.ServingMetrics, or None
         self.active_name = ""
         self._lock = threading.Lock()  # guards the tables below and the incarnation
         self._send_lock = threading.Lock()
@@ -329,6 +342,8 @@ class EngineSupervisor:
         result = self._command({"t": "generate", "rid": answer.rid, "messages": messages,
                                 "params": dataclasses.asdict(params), "model": name},
                                answer=answer)
+        if self.metrics is not None:
+            self.metrics.answer_started(result["prompt_tokens"])
         return Generation(result["model"], answer, result["prompt_tokens"])
 
     def stream_chat(self, messages: list[dict], params: GenerationParams,

@@ -174,6 +174,16 @@ def test_prompt_longer_than_the_context_is_refused(oai):
     (dict(max_tokens=100_000), None),
     (dict(max_tokens="ten"), "max_tokens"),
     (dict(n=2), "n"),
+    (dict(presence_penalty=3), None),
+    (dict(logit_bias={"not-a-token": 5}), "logit_bias"),
+    (dict(logit_bias={"99999999": 5}), None),
+    (dict(response_format={"type": "xml"}), "response_format"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x"}}),
+     "response_format"),
+    (dict(extra_body={"grammar": "this is not GBNF"}), None),
+    (dict(extra_body={"mirostat": 2}), "mirostat"),  # unknown: refused by name, not ignored
+    (dict(logprobs=True), "logprobs"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
     (dict(stop=["a", "b", "c", "d", "e"]), None),
     (dict(messages=[{"role": "tool", "content": "hi"}]), "messages[0].role"),
     (dict(messages=[{"role": "user", "content": [
@@ -183,6 +193,107 @@ def test_bad_parameters_are_refused(oai, change, param):
     with pytest.raises(openai.BadRequestError) as err:
         oai.chat.completions.create(**{"model": SMOLLM2_FILENAME, "messages": QUESTION, **change})
     assert err.value.type == "invalid_request_error" and err.value.param == param
+
+
+# -- sampling fields and structured output ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def token_id(smollm2_path):
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(smollm2_path), vocab_only=True, verbose=False)
+    return lambda text: vocab.tokenize(text.encode(), add_bos=False, special=False)
+
+
+def test_logit_bias_acts_on_the_named_tokens(oai, token_id):
+    """-100 takes a token out of the answer; +100 makes the model say nothing else."""
+    berlin = token_id(" Berlin")
+    assert len(berlin) == 1
+    banned = oai.chat.completions.create(model="", messages=QUESTION, max_tokens=16,
+                                         logit_bias={str(berlin[0]): -100}, **GREEDY)
+    assert banned.choices[0].message.content != ANSWER
+    forced = token_id(" yes")[0]
+    answer = oai.chat.completions.create(model="", messages=QUESTION, max_tokens=5,
+                                         logit_bias={str(forced): 100}, **GREEDY)
+    assert answer.choices[0].message.content.strip() == "yes yes yes yes yes"
+
+
+def test_presence_and_frequency_penalties_change_a_repetitive_answer(oai):
+    """A count-to-fifty answer repeats tokens (".", "\\n", digits): OpenAI's penalties push the
+    greedy answer off its path (llama.cpp's penalty sampler, over the last 64 tokens)."""
+    ask = [{"role": "user", "content": "Count from 1 to 50, separated by commas."}]
+    plain = oai.chat.completions.create(model="", messages=ask, max_tokens=48, **GREEDY)
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        pushed = oai.chat.completions.create(model="", messages=ask, max_tokens=48,
+                                             **{penalty: 2.0}, **GREEDY)
+        assert pushed.choices[0].message.content != plain.choices[0].message.content, penalty
+
+
+def test_min_p_and_typical_p_are_used(oai):
+    """min_p 1.0 keeps only the top token: sampling at temperature 1 then answers greedily."""
+    greedy = oai.chat.completions.create(model="", messages=QUESTION, max_tokens=16, **GREEDY)
+    for seed in (1, 2):
+        kept = oai.chat.completions.create(model="", messages=QUESTION, max_tokens=16,
+                                           temperature=1.0, seed=seed, top_p=1.0,
+                                           extra_body={"min_p": 1.0, "typical_p": 0.9,
+                                                       "repeat_penalty": 1.0})
+        assert kept.choices[0].message.content == greedy.choices[0].message.content
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string"},
+                                           "age": {"type": "integer"},
+                                           "city": {"type": "string", "enum": ["Paris", "Rome"]}},
+          "required": ["name", "age", "city"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_answers_follow_the_schema(oai, stream):
+    import jsonschema
+
+    ask = [{"role": "user", "content": "Describe a made-up person."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON,
+                                                 "strict": True}}
+    answer = oai.chat.completions.create(model="", messages=ask, max_tokens=80,
+                                         response_format=fmt, stream=stream, **GREEDY)
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in answer if c.choices)
+    else:
+        text = answer.choices[0].message.content
+        assert answer.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(text), PERSON)
+
+
+def test_json_object_and_grammar(oai):
+    answer = oai.chat.completions.create(model="", messages=QUESTION, max_tokens=60,
+                                         response_format={"type": "json_object"}, **GREEDY)
+    assert isinstance(json.loads(answer.choices[0].message.content), dict)
+    yes_no = oai.chat.completions.create(
+        model="", messages=QUESTION, max_tokens=8,
+        extra_body={"grammar": 'root ::= "yes" | "no"', "repeat_penalty": 1.0}, temperature=0)
+    assert yes_no.choices[0].message.content in ("yes", "no")
+
+
+def test_health_and_metrics(chat_server, oai):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(chat_server.url + "/health", timeout=30) as resp:
+        assert resp.status == 200 and json.load(resp) == {"status": "ok",
+                                                          "model": SMOLLM2_FILENAME}
+    oai.chat.completions.create(model="", messages=QUESTION, max_tokens=4, **GREEDY)
+    with urllib.request.urlopen(chat_server.url + "/metrics", timeout=30) as resp:
+        samples = [s for family in text_string_to_metric_families(resp.read().decode())
+                   for s in family.samples]
+    value = lambda name, **labels: sum(  # noqa: E731
+        s.value for s in samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    assert {"finechat_answers_total", "finechat_slots_busy"} <= {s.name for s in samples}
+    assert value("finechat_answers_total") >= 1
+    assert value("finechat_completion_tokens_total") >= 1
+    assert value("finechat_prompt_tokens_total") > 10
+    assert value("finechat_time_to_first_token_seconds_count") >= 1
+    assert value("finechat_api_requests_total", route="/v1/chat/completions",
+                 status="200") >= 1
+    assert value("finechat_slots") >= 1 and value("finechat_queue_waiting") == 0
 
 
 def test_malformed_or_oversized_bodies_are_refused(chat_server):
@@ -220,6 +331,16 @@ def test_api_key_is_required_when_set(small_server):
     answer = keyed.chat.completions.create(model="", messages=QUESTION, max_tokens=4)
     assert answer.choices[0].message.content
     assert KEY not in small_server.log()
+    # /health is public; /metrics needs the key, as the API does
+    with urllib.request.urlopen(small_server.url + "/health", timeout=30) as resp:
+        assert resp.status == 200
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(small_server.url + "/metrics", timeout=30)
+    assert err.value.code == 401
+    keyed_get = urllib.request.Request(small_server.url + "/metrics",
+                                       headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(keyed_get, timeout=30) as resp:
+        assert b"finechat_answers_total" in resp.read()
 
 
 def test_full_queue_is_told_to_retry(small_server):
