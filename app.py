@@ -25,7 +25,7 @@ from finetune.ui.uploads import MAX_UPLOAD_BYTES
 from inference import limits
 from inference.chat_tab import build_chat_tab
 from inference.monitoring import ServingMetrics, build_monitoring_router
-from inference.openai_api import build_openai_router
+from inference.api_routes import build_openai_router
 from inference.settings import Settings
 from inference.supervisor import EngineSupervisor
 

@@ -57,7 +57,8 @@ class Sampling:
 
 @dataclass(eq=False, kw_only=True)
 class AnswerStream:
-    """An answer's text as it is produced, for its reader: str pieces through `out`, then one
+    """An answer's text as it is produced, for its reader: str pieces through `out` (and, when
+    log-probabilities were asked for, a {"lp": [entry]} after each token's text), then one
     final item, None when the answer ended (`finish_reason` set) or an InferenceError.
     (The engine process's Request; in the web process, its mirror: inference/supervisor.py.)"""
     out: "queue.SimpleQueue" = field(default_factory=queue.SimpleQueue)
@@ -102,6 +103,8 @@ class Request(AnswerStream):
     adapter: object = None  # the engine's LoadedAdapter (or None: the plain base)
     on_done: object = None  # called once, from the scheduler, when the slot is freed
     chain: object = None  # its llama_sampler chain: made by submit(), freed when it ends
+    top_logprobs: int = -1  # >= 0: each token's log-probability and this many alternatives
+    prompt_logprobs: bool = False  # the prompt's tokens' entries first (evaluated afresh)
 
 
 class _Slot:
@@ -116,6 +119,7 @@ class _Slot:
         self.decoder = None
         self.held = ""  # text held back: it may be the start of a stop string
         self.share: tuple[_Slot, int] | None = None  # (slot, n): copy n prompt tokens' cells
+        self.prompt_rows: list[tuple[int, int]] = []  # (batch row, prompt position it scores)
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -156,6 +160,7 @@ class BatchScheduler:
         self._model = model
         self._vocab = llama_cpp.llama_model_get_vocab(model)
         self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self.n_vocab = self._n_vocab
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = n_slots * n_ctx_slot
         params.n_seq_max = n_slots
@@ -301,10 +306,10 @@ class BatchScheduler:
     def _place(self, request: Request, free: list[_Slot]) -> None:
         ll = self._ll
         prompt = request.tokens
-        if self.prompt_cache:
+        if self.prompt_cache and not request.prompt_logprobs:
             slot = max(free, key=lambda s: common_prefix(s.cached, prompt))
             keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1)
-        else:
+        else:  # prompt logprobs: every prompt token's logits are needed, so none is reused
             slot, keep = free[0], 0
         if not ll.llama_memory_seq_rm(self._mem, slot.seq_id, keep, -1):
             ll.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)  # cannot cut here: all
@@ -315,7 +320,14 @@ class BatchScheduler:
         request.cached_tokens = keep
         # from a slot still answering; with the prompt cache, also from a finished one
         source, shared = self._share_source(slot, prompt)
-        slot.share = (source, shared) if shared >= keep + SHARE_MIN_TOKENS else None
+        slot.share = (source, shared) if shared >= keep + SHARE_MIN_TOKENS \
+            and not request.prompt_logprobs else None
+        slot.prompt_rows = []
+        if request.prompt_logprobs:  # the first token has no log-probability: nothing before it
+            raw = self._piece(prompt[0])
+            request.emit({"lp": [{"token": raw.decode("utf-8", errors="replace"),
+                                  "logprob": None, "bytes": list(raw), "top_logprobs": [],
+                                  "prompt": True}]})
         # the penalties look back over the answer's own tokens (llama_sampler_sample accepts
         # each), not the prompt: as llama-cpp-python's create_chat_completion
         slot.chain, request.chain = request.chain, None
@@ -423,9 +435,12 @@ class BatchScheduler:
             if slot.request is None or not slot.pending or slot.share or room <= 0:
                 continue
             chunk, slot.pending = slot.pending[:room], slot.pending[room:]
+            every = slot.request.prompt_logprobs
             for i, token in enumerate(chunk):
                 last = not slot.pending and i == len(chunk) - 1
-                self._put(n, token, len(slot.cached), slot.seq_id, last)
+                if every and not last:  # this row's logits score the next prompt token
+                    slot.prompt_rows.append((n, len(slot.cached) + 1))
+                self._put(n, token, len(slot.cached), slot.seq_id, last or every)
                 slot.cached.append(token)
                 if last:
                     slot.batch_index = n
@@ -440,11 +455,61 @@ class BatchScheduler:
             return
         with handoff.one_wakeup_per_loop():
             for slot in self._slots:
+                if slot.prompt_rows and slot.request is not None:
+                    self._emit_prompt_logprobs(slot)
                 if slot.request is None or slot.batch_index < 0:
                     continue
                 index, slot.batch_index = slot.batch_index, -1
+                logits = self._logits(index) if slot.request.top_logprobs >= 0 else None
                 token = ll.llama_sampler_sample(slot.chain, self._ctx, index)
-                self._emit(slot, token)
+                self._emit(slot, token, logits)
+
+    def _emit_prompt_logprobs(self, slot: _Slot) -> None:
+        request, rows, slot.prompt_rows = slot.request, slot.prompt_rows, []
+        top = max(0, request.top_logprobs)
+        entries = [self.logprob_entry(self._logits(i), request.tokens[pos], top)
+                   for i, pos in rows]
+        request.emit({"lp": [{**e, "prompt": True} for e in entries]})
+
+    def _logits(self, index: int):
+        """The raw next-token logits of batch row `index` (a view of llama.cpp's buffer)."""
+        import numpy as np
+
+        pointer = self._ll.llama_get_logits_ith(self._ctx, index)
+        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+
+    def piece(self, token: int) -> bytes:
+        """The token's bytes (thread-safe: its own buffer)."""
+        buf = ctypes.create_string_buffer(256)
+        n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        return buf.raw[:max(n, 0)]
+
+    def _piece(self, token: int) -> bytes:
+        """The token's bytes, in the loop thread's buffer."""
+        n = self._ll.llama_token_to_piece(self._vocab, token, self._piece_buf,
+                                          len(self._piece_buf), 0, False)
+        return self._piece_buf.raw[:max(n, 0)]
+
+    def logprob_entry(self, logits, token: int, top: int) -> dict:
+        """OpenAI's logprobs entry for `token` under `logits` (the model's own distribution,
+        before any sampler): its log-probability, bytes and the `top` likeliest tokens."""
+        import numpy as np
+
+        shifted = logits.astype(np.float64) - float(logits.max())
+        logps = shifted - np.log(np.exp(shifted).sum())
+
+        def entry(t: int) -> dict:
+            raw = self._piece(int(t))
+            return {"token": raw.decode("utf-8", errors="replace"),
+                    "logprob": round(float(logps[t]), 6), "bytes": list(raw)}
+
+        found = entry(token)
+        if top:
+            best = np.argpartition(-logps, top)[:top]
+            found["top_logprobs"] = [entry(t) for t in best[np.argsort(-logps[best])]]
+        else:
+            found["top_logprobs"] = []
+        return found
 
     def _put(self, i: int, token: int, pos: int, seq_id: int, logits: bool) -> None:
         batch = self._batch
@@ -454,7 +519,7 @@ class BatchScheduler:
         batch.seq_id[i][0] = seq_id
         batch.logits[i] = logits
 
-    def _emit(self, slot: _Slot, token: int) -> None:
+    def _emit(self, slot: _Slot, token: int, logits=None) -> None:
         request = slot.request
         if self._ll.llama_vocab_is_eog(self._vocab, token):
             self._flush(slot, final=True)
@@ -462,13 +527,13 @@ class BatchScheduler:
             return
         request.completion_tokens += 1
         slot.last = token
-        n = self._ll.llama_token_to_piece(self._vocab, token, self._piece_buf,
-                                          len(self._piece_buf), 0, False)
-        text = slot.held + slot.decoder.decode(self._piece_buf.raw[:max(n, 0)])
+        text = slot.held + slot.decoder.decode(self._piece(token))
         send, slot.held, stopped = split_at_stop(text, request.stop) if request.stop \
             else (text, "", False)
         if send:
             request.emit(send)
+        if logits is not None:
+            request.emit({"lp": [self.logprob_entry(logits, token, request.top_logprobs)]})
         if stopped:
             self._finish(slot, "stop")
         elif request.completion_tokens >= request.max_tokens \
@@ -560,10 +625,20 @@ def wait_ended(request: AnswerStream, timeout_s: float = 30.0) -> bool:
     return request.ended.wait(timeout_s)
 
 
-async def read_stream_async(request: AnswerStream, pump: handoff.LoopPump | None = None):
+def _split(items: list) -> tuple[str, list[dict], object]:
+    """Items read at once -> (their text, their logprob entries, the end item or "")."""
+    text = "".join(i for i in items if isinstance(i, str))
+    entries = [e for i in items if isinstance(i, dict) for e in i.get("lp", ())]
+    end = next((i for i in items if not isinstance(i, (str, dict))), "")
+    return text, entries, end
+
+
+async def read_stream_async(request: AnswerStream, pump: handoff.LoopPump | None = None,
+                            with_logprobs: bool = False):
     """The request's text as it comes, for an event loop: no thread waits on it, and what
     arrived since the last piece comes as one (`pump`, shared by the loop's answers, sets how
-    often). Raises its InferenceError, if any."""
+    often). Raises its InferenceError, if any. `with_logprobs`: (text, logprob entries)
+    pairs instead of text."""
     import asyncio
 
     arrived: asyncio.Queue = asyncio.Queue()
@@ -572,7 +647,7 @@ async def read_stream_async(request: AnswerStream, pump: handoff.LoopPump | None
 
     def sink(item) -> None:  # the first piece and the end go at once
         nonlocal first
-        pump.put(arrived, item, urgent=first or not isinstance(item, str))
+        pump.put(arrived, item, urgent=first or not isinstance(item, (str, dict)))
         first = False
 
     request.redirect(sink)
@@ -580,10 +655,11 @@ async def read_stream_async(request: AnswerStream, pump: handoff.LoopPump | None
         items = [await arrived.get()]
         while not arrived.empty():
             items.append(arrived.get_nowait())
-        text = "".join(i for i in items if isinstance(i, str))
-        if text:
+        text, entries, end = _split(items)
+        if with_logprobs and (text or entries):
+            yield text, entries
+        elif text and not with_logprobs:
             yield text
-        end = next((i for i in items if not isinstance(i, str)), "")
         if isinstance(end, InferenceError):
             raise end
         if end is None:
@@ -601,10 +677,9 @@ def read_stream(request: AnswerStream, timeout_s: float | None = None, interval_
                 items.append(request.out.get_nowait())
             except queue.Empty:
                 break
-        text = "".join(i for i in items if isinstance(i, str))
+        text, _, end = _split(items)
         if text:
             yield text
-        end = next((i for i in items if not isinstance(i, str)), "")
         if isinstance(end, InferenceError):
             raise end
         if end is None:

@@ -13,6 +13,7 @@ afresh: a KV cache computed with other weights is dropped).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -29,6 +30,7 @@ log = logging.getLogger("finechat.engine")
 MAX_ADAPTERS_PER_BASE = 8  # a few MB to ~100 MB each; least recently used ones are freed
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 MAX_LOGIT_BIAS = 300  # as OpenAI's API
+MAX_TOP_LOGPROBS = 20  # as OpenAI's API
 MAX_GRAMMAR_CHARS = 100_000
 MAX_AUTO_SLOTS = 8  # answers decoded together when FINECHAT_PARALLEL is not set
 OWN_CONTEXT_TOKENS = 64
@@ -51,6 +53,10 @@ class GenerationParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     grammar: str = ""  # GBNF (llama.cpp's grammar format) the answer must follow
     json_schema: str = ""  # a JSON schema (as text) the answer must follow; "{}": any JSON object
+    logprobs: int = -1  # >= 0: each token's log-probability and this many likeliest alternatives
+    tools: str = ""  # OpenAI's tools list as JSON text: put into the prompt (inference/tools.py)
+    tool_choice: str = "auto"  # "auto", "none", "required", or "function:<name>" (forced)
+    parallel_tool_calls: bool = True  # with a forced call: one or more
 
     def validated(self) -> "GenerationParams":
         checks = [
@@ -73,6 +79,8 @@ class GenerationParams:
              "100"),
             (len(self.grammar) <= MAX_GRAMMAR_CHARS and len(self.json_schema) <= MAX_GRAMMAR_CHARS,
              f"a grammar or JSON schema may be at most {MAX_GRAMMAR_CHARS} characters"),
+            (-1 <= self.logprobs <= MAX_TOP_LOGPROBS,
+             f"top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}"),
             (not (self.grammar and self.json_schema),
              "give a grammar or a JSON schema (response_format), not both"),
         ]
@@ -88,13 +96,31 @@ class GenerationParams:
                       "logit_bias": tuple((int(t), float(b)) for t, b in
                                           raw.get("logit_bias") or ())})
 
-    def sampling(self) -> batching.Sampling:
+    def tool_list(self) -> list[dict]:
+        """The tools the prompt offers (none with tool_choice "none")."""
+        import json
+
+        return json.loads(self.tools) if self.tools and self.tool_choice != "none" else []
+
+    def sampling(self, template: str | None = None) -> batching.Sampling:
+        """The sampler settings; a forced tool call is constrained to the call format of the
+        model's chat template."""
+        grammar = self.grammar or (json_schema_grammar(self.json_schema)
+                                   if self.json_schema else "")
+        if self.tool_choice == "required" or self.tool_choice.startswith("function:"):
+            import json
+
+            from inference import tools
+
+            schema = tools.call_schema(self.tool_list(), self.tool_choice.removeprefix(
+                "function:").removeprefix("required"))
+            grammar = tools.call_grammar(json_schema_grammar(json.dumps(schema)),
+                                         tools.family(template), self.parallel_tool_calls)
         return batching.Sampling(
             self.temperature, self.top_p, self.top_k, self.repeat_penalty, self.seed,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             min_p=self.min_p, typical_p=self.typical_p, logit_bias=self.logit_bias,
-            grammar=self.grammar or (json_schema_grammar(self.json_schema)
-                                     if self.json_schema else ""))
+            grammar=grammar)
 
 
 def json_schema_grammar(schema_text: str) -> str:
@@ -136,6 +162,7 @@ class LoadedModel:
         self.adapters: "OrderedDict[str, LoadedAdapter]" = OrderedDict()
         self.retired_adapters: list[LoadedAdapter] = []
         template = llama.metadata.get("tokenizer.chat_template")
+        self.template = template
         if template:
             from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -159,10 +186,19 @@ class LoadedModel:
         """Context of one answer (one slot)."""
         return self.scheduler.n_ctx_slot
 
-    def prompt(self, messages: list[dict]) -> tuple[list[int], tuple[str, ...]]:
+    def prompt(self, messages: list[dict], offered: list[dict] | None = None,
+               ) -> tuple[list[int], tuple[str, ...]]:
         """The messages in the model's chat template, as tokens, and the template's stop
-        strings (tokenized as llama-cpp-python's chat handler does)."""
-        result = self._formatter(messages=messages)
+        strings (tokenized as llama-cpp-python's chat handler does). `offered`: tools, through
+        the template where it takes them, else in a system prompt (inference/tools.py)."""
+        from inference import tools
+
+        if offered and tools.takes_tools(self.template):
+            result = self._formatter(messages=tools.native_messages(messages), tools=offered)
+        elif offered or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+            result = self._formatter(messages=tools.fallback_messages(messages, offered or []))
+        else:
+            result = self._formatter(messages=messages)
         tokens = self.llama.tokenize(result.prompt.encode("utf-8"),
                                      add_bos=not result.added_special, special=True)
         stop = result.stop or ()
@@ -170,6 +206,10 @@ class LoadedModel:
 
     def count_tokens(self, messages: list[dict]) -> int:
         return len(self.prompt(messages)[0])
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        """Raw text as llama-server tokenizes a prompt: special tokens parsed."""
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def free_adapter(self, adapter: LoadedAdapter) -> None:
         """Hold scheduler.paused(): the context must not point at a freed adapter."""
@@ -428,6 +468,37 @@ class ChatEngine:
                  model_name: str = "") -> "Generation":
         """Start an answer: the model is resolved and the prompt fitted now (errors raise here,
         before anything streams); iterate the result for text pieces."""
+        offered = params.tool_list()
+
+        def chat_prompt(model: LoadedModel):
+            count = lambda m: len(model.prompt(m, offered)[0])  # noqa: E731
+            fitted, max_tokens = fit_to_context(messages, count, model.n_ctx,
+                                                params.max_new_tokens)
+            tokens, template_stops = model.prompt(fitted, offered)
+            return tokens, max_tokens, template_stops
+
+        return self._start(params, model_name, chat_prompt)
+
+    def complete(self, prompt: str | list[int], params: GenerationParams, model_name: str = "",
+                 prompt_logprobs: bool = False) -> "Generation":
+        """A raw prompt, no chat template: text (tokenized as llama-server does, with the
+        model's BOS and its special tokens) or token ids. `prompt_logprobs`: each prompt
+        token's log-probability comes first in the stream (echo, as /v1/completions gives)."""
+        def raw_prompt(model: LoadedModel):
+            tokens = model.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+            n_vocab = model.scheduler.n_vocab
+            if not tokens or not all(isinstance(t, int) and 0 <= t < n_vocab for t in tokens):
+                raise InferenceError(f"The prompt must be non-empty text or token ids from 0 to "
+                                     f"{n_vocab - 1}.")
+            if len(tokens) >= model.n_ctx:
+                raise InferenceError(f"The prompt has {len(tokens)} tokens and the context holds "
+                                     f"{model.n_ctx}: shorten it.", "context_length_exceeded")
+            return tokens, min(params.max_new_tokens, model.n_ctx - len(tokens)), ()
+
+        return self._start(params, model_name, raw_prompt, prompt_logprobs)
+
+    def _start(self, params: GenerationParams, model_name: str, make_prompt,
+               prompt_logprobs: bool = False) -> "Generation":
         params = params.validated()
         name = model_name or self.active_name
         if not name:
@@ -436,18 +507,45 @@ class ChatEngine:
         model, adapter = self._get(name)
         try:
             self._sweep(model)
-            fitted, max_tokens = fit_to_context(messages, model.count_tokens,
-                                                model.n_ctx, params.max_new_tokens)
-            tokens, template_stops = model.prompt(fitted)
+            tokens, max_tokens, template_stops = make_prompt(model)
             request = batching.Request(
-                tokens, params.sampling(),
+                tokens, params.sampling(model.template),
                 max_tokens=max_tokens, stop=params.stop + template_stops, adapter=adapter,
-                on_done=lambda: self._release(model, adapter))
+                on_done=lambda: self._release(model, adapter), top_logprobs=params.logprobs,
+                prompt_logprobs=prompt_logprobs)
             model.scheduler.submit(request)
         except BaseException:
             self._release(model, adapter)
             raise
         return Generation(name, request)
+
+    def tokenize(self, text: str, model_name: str = "", add_special: bool = False,
+                 with_pieces: bool = False) -> list:
+        """Token ids of `text` (special tokens parsed), or [{"id", "piece"}] with_pieces."""
+        with self._using(model_name) as model:
+            tokens = model.tokenize(text, add_bos=add_special)
+            if not with_pieces:
+                return tokens
+            return [{"id": t, "piece": model.scheduler.piece(t).decode("utf-8", "replace")}
+                    for t in tokens]
+
+    def detokenize(self, tokens: list[int], model_name: str = "") -> str:
+        with self._using(model_name) as model:
+            n_vocab = model.scheduler.n_vocab
+            if not all(isinstance(t, int) and 0 <= t < n_vocab for t in tokens):
+                raise InferenceError(f"tokens must be ids from 0 to {n_vocab - 1}.")
+            return b"".join(model.scheduler.piece(t) for t in tokens).decode("utf-8", "replace")
+
+    @contextlib.contextmanager
+    def _using(self, model_name: str):
+        name = model_name or self.active_name
+        if not name:
+            raise InferenceError("No model is loaded.", "model_not_found")
+        model, adapter = self._get(name)
+        try:
+            yield model
+        finally:
+            self._release(model, adapter)
 
     def serving_info(self) -> dict:
         """The active model's slots: how many answers at once, the context of each."""
@@ -514,13 +612,14 @@ class Generation:
         finally:
             self._request.cancel()  # a no-op once it has ended
 
-    async def aiter_text(self, pump=None):
+    async def aiter_text(self, pump=None, with_logprobs: bool = False):
         """For an event loop: the text as it comes, what arrived meanwhile joined into one
         piece (no thread per answer, no hand-off per token; `pump`: the loop's
-        handoff.LoopPump). Leaving early cancels."""
+        handoff.LoopPump). Leaving early cancels. `with_logprobs`: (text, [entry per token])
+        pairs (GenerationParams.logprobs >= 0 fills the entries)."""
         try:
-            async for text in batching.read_stream_async(self._request, pump):
-                yield text
+            async for piece in batching.read_stream_async(self._request, pump, with_logprobs):
+                yield piece
         finally:
             self._request.cancel()
 

@@ -4,7 +4,8 @@ the web process (inference/supervisor.py) over one socket.
     python -m inference.engine_process FD     (started by the supervisor, never by hand)
 
 Messages are JSON, one per `Connection.send_bytes`. The web process sends commands
-(`generate`, `cancel`, `swap`, `rollback`, `info`, `close`); this process answers each
+(`generate` of a chat or a raw prompt, `cancel`, `swap`, `rollback`, `tokenize`,
+`detokenize`, `info`, `close`); this process answers each
 command that has an `id` with a `reply`, reports `load` start/end around reading a model file
 (a crash meanwhile blames that file), and sends every answer's new text as `out` messages:
 all slots' pieces of one decode step in one message (handoff.one_wakeup_per_loop), so the
@@ -156,16 +157,29 @@ class EngineServer:
 
     # -- commands -----------------------------------------------------------------------
     def generate(self, cmd: dict):
-        rid = cmd["rid"]
         params = GenerationParams.from_dict(cmd["params"])
-        generation = self.engine.generate(cmd["messages"], params, cmd.get("model") or "")
+        if "prompt" in cmd:
+            generation = self.engine.complete(cmd["prompt"], params, cmd.get("model") or "",
+                                              cmd.get("prompt_logprobs", False))
+        else:
+            generation = self.engine.generate(cmd["messages"], params, cmd.get("model") or "")
+        return self._stream(cmd["rid"], generation)
+
+    def tokenize(self, cmd: dict):
+        return self.engine.tokenize(cmd["text"], cmd.get("model") or "",
+                                    cmd.get("add_special", False), cmd.get("with_pieces", False))
+
+    def detokenize(self, cmd: dict):
+        return self.engine.detokenize(cmd["tokens"], cmd.get("model") or "")
+
+    def _stream(self, rid: int, generation):
         request = generation._request
 
         first = True
 
         def sink(item) -> None:
             nonlocal first
-            if isinstance(item, str):
+            if isinstance(item, (str, dict)):  # text, or a token's logprobs
                 self.pump.put(rid, item, urgent=first)
                 first = False
                 return
@@ -215,7 +229,7 @@ class EngineServer:
                 self.cancel(cmd)
             elif kind == "info":
                 self._reply(cmd, self.engine.serving_info())
-            elif kind in ("generate", "swap", "rollback"):
+            elif kind in ("generate", "swap", "rollback", "tokenize", "detokenize"):
                 self._run(cmd, lambda c=cmd, k=kind: getattr(self, k)(c))
             elif kind == "close":
                 break

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from inference.openai_api import bearer_ok, wrong_key
+from inference.api_requests import bearer_ok, wrong_key
 
 if TYPE_CHECKING:
     from inference.supervisor import EngineSupervisor

@@ -222,7 +222,7 @@ class EngineSupervisor:
                     answer = self._answers.get(rid)
                     if answer is None:
                         continue
-                    if isinstance(item, str):
+                    if isinstance(item, str) or "lp" in item:  # text, or a token's logprobs
                         answer.emit(item)
                         continue
                     end = item["end"]
@@ -332,6 +332,23 @@ class EngineSupervisor:
 
     def generate(self, messages: list[dict], params: GenerationParams,
                  model_name: str = "") -> Generation:
+        return self._generate({"messages": messages}, params, model_name)
+
+    def complete(self, prompt: str | list[int], params: GenerationParams, model_name: str = "",
+                 prompt_logprobs: bool = False) -> Generation:
+        """A raw prompt, no chat template (ChatEngine.complete)."""
+        return self._generate({"prompt": prompt, "prompt_logprobs": prompt_logprobs}, params,
+                              model_name)
+
+    def tokenize(self, text: str, model_name: str = "", add_special: bool = False,
+                 with_pieces: bool = False) -> list:
+        return self._command({"t": "tokenize", "text": text, "model": model_name,
+                              "add_special": add_special, "with_pieces": with_pieces})
+
+    def detokenize(self, tokens: list[int], model_name: str = "") -> str:
+        return self._command({"t": "detokenize", "tokens": tokens, "model": model_name})
+
+    def _generate(self, what: dict, params: GenerationParams, model_name: str) -> Generation:
         params = params.validated()
         self._wait_ready()
         name = model_name or self.active_name
@@ -339,7 +356,7 @@ class EngineSupervisor:
             raise InferenceError("No model is loaded: put a .gguf file in models/ "
                                  "or pick one in the model list.", "model_not_found")
         answer = RemoteAnswer(self, next(self._ids))
-        result = self._command({"t": "generate", "rid": answer.rid, "messages": messages,
+        result = self._command({"t": "generate", "rid": answer.rid, **what,
                                 "params": dataclasses.asdict(params), "model": name},
                                answer=answer)
         if self.metrics is not None:

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from inference.default_model import SMOLLM2_FILENAME
-from inference.openai_api import MAX_BODY_BYTES
+from inference.api_requests import MAX_BODY_BYTES
 from tests.support.app import CORRUPT_NAME, TRUNCATED_NAME, run_app
 from tests.support.models import link_model
 
@@ -173,7 +173,9 @@ def test_prompt_longer_than_the_context_is_refused(oai):
     (dict(temperature=5), None),
     (dict(max_tokens=100_000), None),
     (dict(max_tokens="ten"), "max_tokens"),
-    (dict(n=2), "n"),
+    (dict(n=99), "n"),
+    (dict(top_logprobs=2), "top_logprobs"),  # without logprobs: true
+    (dict(logprobs=True, top_logprobs=50), None),
     (dict(presence_penalty=3), None),
     (dict(logit_bias={"not-a-token": 5}), "logit_bias"),
     (dict(logit_bias={"99999999": 5}), None),
@@ -182,10 +184,15 @@ def test_prompt_longer_than_the_context_is_refused(oai):
      "response_format"),
     (dict(extra_body={"grammar": "this is not GBNF"}), None),
     (dict(extra_body={"mirostat": 2}), "mirostat"),  # unknown: refused by name, not ignored
-    (dict(logprobs=True), "logprobs"),
-    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools"),
+    (dict(tools=[{"type": "function", "function": {"parameters": {}}}]), "tools[0]"),
+    (dict(tools=[{"type": "function", "function": {"name": "f"}}],
+          tool_choice={"type": "function", "function": {"name": "g"}}), "tool_choice"),
+    (dict(tool_choice="required"), "tool_choice"),  # no tools to call
+    (dict(functions=[{"name": "f"}]), "functions"),
     (dict(stop=["a", "b", "c", "d", "e"]), None),
-    (dict(messages=[{"role": "tool", "content": "hi"}]), "messages[0].role"),
+    (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role"),
+    (dict(messages=[{"role": "assistant", "content": None, "tool_calls": [{"id": "x"}]}]),
+     "messages[0].tool_calls"),
     (dict(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]), "messages[0].content"),
 ])
@@ -273,6 +280,191 @@ def test_json_object_and_grammar(oai):
     assert yes_no.choices[0].message.content in ("yes", "no")
 
 
+# -- logprobs and n --------------------------------------------------------------------------
+
+def _check_entries(entries, content: str, top: int) -> None:
+    assert "".join(e.token for e in entries) == content
+    for e in entries:
+        assert e.logprob <= 0 and bytes(e.bytes).decode() == e.token
+        alternatives = [t.logprob for t in e.top_logprobs]
+        assert len(alternatives) == top and alternatives == sorted(alternatives, reverse=True)
+        # greedy: the chosen token is the likeliest one
+        assert e.top_logprobs[0].token == e.token
+        assert e.top_logprobs[0].logprob == pytest.approx(e.logprob)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_of_each_token_join_to_the_content(oai, stream):
+    answer = oai.chat.completions.create(model="", messages=QUESTION, max_tokens=16,
+                                         logprobs=True, top_logprobs=3, stream=stream, **GREEDY)
+    if stream:
+        chunks = [c for c in answer if c.choices]
+        content = "".join(c.choices[0].delta.content or "" for c in chunks)
+        entries = [e for c in chunks if c.choices[0].logprobs
+                   for e in c.choices[0].logprobs.content]
+    else:
+        content = answer.choices[0].message.content
+        entries = answer.choices[0].logprobs.content
+    assert content == ANSWER
+    _check_entries(entries, content, 3)
+    plain = oai.chat.completions.create(model="", messages=QUESTION, max_tokens=4, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_answers_to_one_prompt(oai, stream):
+    ask = [{"role": "user", "content": "Name a colour."}]
+    answer = oai.chat.completions.create(model="", messages=ask, max_tokens=12, n=3,
+                                         temperature=1.0, seed=11, stream=stream,
+                                         stream_options={"include_usage": True} if stream
+                                         else None)
+    if stream:
+        chunks = list(answer)
+        texts = ["".join(c.choices[0].delta.content or "" for c in chunks
+                         if c.choices and c.choices[0].index == i) for i in range(3)]
+        finished = [c.choices[0].index for c in chunks if c.choices
+                    and c.choices[0].finish_reason]
+        assert sorted(finished) == [0, 1, 2]
+        usage = chunks[-1].usage
+    else:
+        assert [c.index for c in answer.choices] == [0, 1, 2]
+        texts = [c.message.content for c in answer.choices]
+        usage = answer.usage
+    assert all(texts) and len(set(texts)) >= 2, texts  # seeds 11, 12, 13: different draws
+    assert usage.completion_tokens >= 3 and usage.prompt_tokens > 5
+
+
+# -- tools ----------------------------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The time in a time zone.",
+    "parameters": {"type": "object", "properties": {"zone": {"type": "string"}},
+                   "required": ["zone"]}}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function",
+                                                 "function": {"name": "get_weather"}}])
+def test_a_forced_tool_call_round_trip(oai, choice):
+    """SmolLM2's template takes no tools: they go into a system prompt (Hermes format) and the
+    forced call is constrained by grammar; the call's result goes back as a tool message."""
+    import jsonschema
+
+    answer = oai.chat.completions.create(model="", messages=ASK_WEATHER, tools=[WEATHER, TIME],
+                                         tool_choice=choice, parallel_tool_calls=False,
+                                         max_tokens=80, **GREEDY)
+    choice0 = answer.choices[0]
+    assert choice0.finish_reason == "tool_calls" and choice0.message.content is None
+    [call] = choice0.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name in ("get_weather", "get_time")
+    if isinstance(choice, dict):
+        assert call.function.name == "get_weather"
+    arguments = json.loads(call.function.arguments)
+    schema = {"get_weather": WEATHER, "get_time": TIME}[call.function.name]
+    jsonschema.validate(arguments, schema["function"]["parameters"])
+    follow_up = [*ASK_WEATHER, choice0.message.model_dump(exclude_none=True),
+                 {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 24 C."}]
+    final = oai.chat.completions.create(model="", messages=follow_up, tools=[WEATHER, TIME],
+                                        max_tokens=40, **GREEDY)
+    assert final.choices[0].message.content and final.choices[0].finish_reason != "tool_calls"
+
+
+def test_a_streamed_tool_call_comes_as_delta_tool_calls(oai):
+    chunks = list(oai.chat.completions.create(model="", messages=ASK_WEATHER, tools=[WEATHER],
+                                              tool_choice="required", max_tokens=80,
+                                              stream=True, **GREEDY))
+    calls = [tc for c in chunks if c.choices and c.choices[0].delta.tool_calls
+             for tc in c.choices[0].delta.tool_calls]
+    assert calls and calls[0].function.name == "get_weather" and calls[0].index == 0
+    assert "city" in json.loads(calls[0].function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_tools_offered_and_not_called_stream_as_text(oai):
+    plain = oai.chat.completions.create(model="", messages=QUESTION, tools=[WEATHER],
+                                        tool_choice="none", max_tokens=16, **GREEDY)
+    assert plain.choices[0].message.content == ANSWER  # "none": the prompt has no tools
+    auto = list(oai.chat.completions.create(model="", messages=QUESTION, tools=[WEATHER],
+                                            max_tokens=24, stream=True, **GREEDY))
+    text = "".join(c.choices[0].delta.content or "" for c in auto if c.choices)
+    assert "Berlin" in text and auto[-1].choices[0].finish_reason in ("stop", "length")
+    assert not any(c.choices[0].delta.tool_calls for c in auto if c.choices)
+
+
+# -- /v1/completions, /tokenize, /detokenize -------------------------------------------------
+
+PROMPT = "The capital of France is Paris. The capital of Germany is"
+
+
+def post_json(server, path: str, body: dict) -> tuple[int, dict]:
+    return post(server, path, json.dumps(body).encode())
+
+
+def test_completion_of_a_raw_prompt_streamed_and_not(oai):
+    answer = oai.completions.create(model="", prompt=PROMPT, max_tokens=6, **GREEDY)
+    choice = answer.choices[0]
+    assert answer.object == "text_completion" and "Berlin" in choice.text
+    assert choice.finish_reason in ("stop", "length") and choice.logprobs is None
+    assert answer.usage.completion_tokens <= 6 and answer.usage.prompt_tokens >= 10
+    pieces = oai.completions.create(model="", prompt=PROMPT, max_tokens=6, stream=True, **GREEDY)
+    assert "".join(c.choices[0].text for c in pieces if c.choices) == choice.text
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_does(oai):
+    """lm-evaluation-harness's log-likelihood request: echo, logprobs, the prompt's tokens'
+    log-probabilities. The right continuation is the likelier one."""
+    def score(continuation: str) -> tuple[float, object]:
+        answer = oai.completions.create(model="", prompt=PROMPT + continuation, max_tokens=1,
+                                        echo=True, logprobs=1, **GREEDY)
+        logprobs = answer.choices[0].logprobs
+        assert answer.choices[0].text.startswith(PROMPT + continuation)
+        assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+        assert all(lp <= 0 for lp in logprobs.token_logprobs[1:])
+        assert len(logprobs.tokens) == len(logprobs.text_offset) == answer.usage.prompt_tokens + 1
+        assert "".join(logprobs.tokens) == answer.choices[0].text
+        assert logprobs.text_offset == sorted(logprobs.text_offset)
+        return logprobs.token_logprobs[-2], logprobs  # the continuation's last prompt token
+
+    berlin, logprobs = score(" Berlin")
+    paris, _ = score(" Paris")
+    assert berlin > paris
+    # each alternative is at least as likely as the token actually there
+    assert all(max(top.values()) >= lp - 1e-4 for top, lp in
+               zip(logprobs.top_logprobs[1:], logprobs.token_logprobs[1:]))
+
+
+def test_token_ids_prompts_batches_and_the_token_routes(chat_server, oai):
+    status, body = post_json(chat_server, "/tokenize", {"content": PROMPT})
+    assert status == 200 and all(isinstance(t, int) for t in body["tokens"])
+    ids = body["tokens"]
+    status, back = post_json(chat_server, "/detokenize", {"tokens": ids})
+    assert status == 200 and back["content"] == PROMPT
+    status, pieces = post_json(chat_server, "/tokenize", {"content": PROMPT,
+                                                          "with_pieces": True})
+    assert "".join(p["piece"] for p in pieces["tokens"]) == PROMPT
+    as_text = oai.completions.create(model="", prompt=PROMPT, max_tokens=6, **GREEDY)
+    as_ids = oai.completions.create(model="", prompt=ids, max_tokens=6, echo=True, **GREEDY)
+    assert as_ids.choices[0].text == PROMPT + as_text.choices[0].text
+    batch = oai.completions.create(model="", prompt=[PROMPT, "One, two, three,"],
+                                   max_tokens=4, **GREEDY)
+    assert [c.index for c in batch.choices] == [0, 1]
+    assert batch.choices[0].text == as_text.choices[0].text[:len(batch.choices[0].text)]
+    for path, bad in [("/tokenize", {"content": 5}), ("/detokenize", {"tokens": ["a"]}),
+                      ("/detokenize", {"tokens": [10**9]}),
+                      ("/v1/completions", {"prompt": []}),
+                      ("/v1/completions", {"prompt": "hi", "suffix": "x"}),
+                      ("/v1/completions", {"prompt": "hi", "logprobs": 9}),
+                      ("/v1/completions", {"prompt": [10**9]})]:
+        status, body = post_json(chat_server, path, bad)
+        assert status == 400 and body["error"]["message"], (path, bad, body)
+
+
 def test_health_and_metrics(chat_server, oai):
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -307,7 +499,7 @@ def test_malformed_or_oversized_bodies_are_refused(chat_server):
     resp = conn.getresponse()
     assert resp.status == 413 and "larger than" in json.load(resp)["error"]["message"]
     conn.close()
-    status, body = post(chat_server, "/v1/embeddings", b"{}")
+    status, body = post(chat_server, "/v1/no-such-route", b"{}")
     assert status == 404 and "Invalid URL" in body["error"]["message"]
 
 
