@@ -7,7 +7,8 @@ recipe/paraphrase.py, and shared by the variants that use them), NEFTune embeddi
 LoRA dropout. The trained adapter (transformers, fp32, on the base) then answers, greedy, with
 the chat's default system prompt: the trained questions, the bench's hand-written paraphrases
 (never trained on by any variant) and the generated held-out paraphrases. Right = the answer
-contains the fact's key string. Also: the training time and the final validation loss.
+contains the fact's key string. Also: the training time, the final validation loss, and the
+perplexity on the gate's general text against the base's (forgetting; quality/forgetting.py).
 
     .venv/bin/python -m bench.faq_levers [--sets harborlight,quillmere] [--variants ...]
 
@@ -43,7 +44,15 @@ VARIANTS = {"defaults (no paraphrases)": ({"paraphrases": 0}, False),
             "NEFTune 5 + dropout 0.1": ({"paraphrases": 0, "neftune_alpha": 5.0,
                                          "lora_dropout": 0.1}, False),
             "system prompt as served": ({"paraphrases": 0, "system": DEFAULT_SYSTEM_PROMPT},
-                                        False)}
+                                        False),
+            # against forgetting (general-text perplexity): the defaults (4 paraphrases, twice
+            # the step floor) with one change each
+            "defaults": ({}, True),
+            "lr 5e-4": ({"learning_rate": 5e-4}, True),
+            "lr 2.5e-4": ({"learning_rate": 2.5e-4}, True),
+            "1x steps": ({"min_optimizer_steps": 50}, True),
+            "rank 4": ({"lora_r": 4, "lora_alpha": 8}, True),
+            "attention only": ({"target_modules": "q_proj,k_proj,v_proj,o_proj"}, True)}
 MAX_NEW_TOKENS = 48
 
 
@@ -63,6 +72,37 @@ def answer(adapter: Path, base: str, questions: list[str]) -> list[str]:
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, str(adapter)).eval()
     return answer_prompts_hf(model, tokenizer, questions, MAX_NEW_TOKENS, DEFAULT_SYSTEM_PROMPT)
+
+
+def general_perplexity(base: str, adapter: Path | None = None) -> float:
+    """Perplexity of the base (with the adapter) on the gate's general text, scored as the
+    gate scores it (quality/forgetting.py: windows of WINDOW tokens, the second half of each),
+    in transformers fp32."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.quality.forgetting import WINDOW, general_text
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    ids = tokenizer(general_text(), add_special_tokens=False)["input_ids"]
+    nll, scored = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - WINDOW + 1, WINDOW):
+            window = torch.tensor([ids[start:start + WINDOW]])
+            logps = model(window).logits[0].float().log_softmax(-1)
+            half = WINDOW // 2
+            targets = window[0, half:]
+            nll -= float(logps[half - 1:WINDOW - 1].gather(1, targets[:, None]).sum())
+            scored += len(targets)
+    return round(math.exp(nll / scored), 4)
 
 
 def run_set(name: str, variants: list[str], workdir: Path) -> dict:
@@ -115,6 +155,11 @@ def run_set(name: str, variants: list[str], workdir: Path) -> dict:
                      "held-out generated": [k for _, k in held]}
         scores = {kind: hits(answer(result.adapter_dir, result.base_model_path, questions),
                              key_lists[kind]) for kind, questions in asked.items() if questions}
+        if "base_general_ppl" not in out:
+            out["base_general_ppl"] = general_perplexity(result.base_model_path)
+        ppl = general_perplexity(result.base_model_path, result.adapter_dir)
+        scores["general_ppl"] = {"perplexity": ppl, "change": round(
+            ppl / out["base_general_ppl"] - 1, 4)}
         out["variants"][variant] = {"settings": settings, "train_seconds": seconds,
                                     "steps": result.metrics["steps"],
                                     "train_loss": round(result.metrics["train_loss"], 4),
@@ -140,9 +185,10 @@ def main() -> None:
                           f"{row['paraphrased (bench)']['of']}",
                           "{right}/{of}".format(**row.get("held-out generated", {"right": "-",
                                                                                 "of": "-"})),
-                          row["train_seconds"], row["train_loss"]))
+                          f"{row['general_ppl']['change']:+.1%}" if "general_ppl" in row
+                          else "", row["train_seconds"], row["train_loss"]))
     report.print_table(("set", "variant", "trained", "paraphrased", "held-out generated",
-                        "train s", "train loss"), table)
+                        "general ppl", "train s", "train loss"), table)
     report.write("faq_levers", settings={"base": OFFLINE_PRESET, "answers": "transformers fp32, "
                                          "greedy, 48 tokens, default system prompt",
                                          "system_prompt": DEFAULT_SYSTEM_PROMPT},

@@ -338,7 +338,7 @@ MAX_PROMPTS = 64  # prompts in one /v1/completions request (lm-evaluation-harnes
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
-def _prompts(raw) -> list:
+def prompts_of(raw) -> list:
     """OpenAI's prompt forms: a string, token ids, or a list of either."""
     def one(item):
         if isinstance(item, str) and item:
@@ -365,7 +365,7 @@ def parse_completion_request(body: dict) -> CompletionRequest:
         raise invalid("logprobs", "logprobs must be from 0 to 5 (alternatives per token).")
     echo = _field(body, "echo", (bool,), "true or false", False)
     params = _params(body, COMPLETION_MAX_TOKENS, -1 if logprobs is None else logprobs)
-    prompts = _prompts(body.get("prompt"))
+    prompts = prompts_of(body.get("prompt"))
     n = _n(body)
     if len(prompts) * n > MAX_PROMPTS:
         raise invalid("n", f"{len(prompts)} prompts x n {n} answers: at most {MAX_PROMPTS}.")

@@ -54,6 +54,7 @@ def build_openai_router(engine: EngineSupervisor, api_key: str = "",
     router.add_api_route("/v1/models", api.list_models, methods=["GET"])
     router.add_api_route("/v1/chat/completions", api.chat_completions, methods=["POST"])
     router.add_api_route("/v1/completions", completions.completions, methods=["POST"])
+    router.add_api_route("/v1/embeddings", completions.embeddings, methods=["POST"])
     router.add_api_route("/v1/{path:path}", api.not_found,
                          methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     # llama-server's token routes, outside /v1, behind the same key

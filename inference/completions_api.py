@@ -1,5 +1,6 @@
 """/v1/completions (a raw prompt, no chat template: what lm-evaluation-harness's
-`local-completions` uses for log-likelihoods), /tokenize and /detokenize, over the same engine
+`local-completions` uses for log-likelihoods), /v1/embeddings (inference/embeddings.py),
+/tokenize and /detokenize, over the same engine
 and the same request machinery as the chat route (inference/openai_api.py).
 
 With `echo` the answer's text starts with the prompt; with `logprobs` (0-5 alternatives) each
@@ -19,7 +20,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from inference.api_requests import (
-    CompletionRequest, api_error, invalid, parse_completion_request, read_json)
+    APIError, CompletionRequest, api_error, invalid, parse_completion_request, prompts_of,
+    read_json)
 from inference.errors import InferenceError
 from inference.openai_api import EventStream, seeded, usage
 
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
     from inference.openai_api import OpenAIAPI
 
 MAX_TOKENIZE_CHARS = 200_000
+MAX_EMBED_INPUTS = 64
+EMBEDDING_FIELDS = {"model", "input", "encoding_format", "user"}
 
 
 def legacy_logprobs(entries: list[dict], offset: int) -> dict:
@@ -110,6 +114,34 @@ class CompletionsAPI:
                      "logprobs": logprobs}]
         return render
 
+    async def embeddings(self, request: Request):
+        body = await read_json(request)
+        for key in body:
+            if key not in EMBEDDING_FIELDS:
+                raise invalid(key, f"{key} is not supported by this server; it takes "
+                                   f"{', '.join(sorted(EMBEDDING_FIELDS))}.")
+        fmt = body.get("encoding_format") or "float"
+        if fmt not in ("float", "base64"):
+            raise invalid("encoding_format", "encoding_format must be float or base64.")
+        raw = body.get("input")
+        try:
+            inputs = prompts_of(raw)
+        except APIError:
+            raise invalid("input", "input must be a non-empty string, token ids, or a list of "
+                                   "those.") from None
+        if len(inputs) > MAX_EMBED_INPUTS:
+            raise invalid("input", f"input holds {len(inputs)} items; at most "
+                                   f"{MAX_EMBED_INPUTS}.")
+        model = _model(body)
+        result = await self._call(self._engine.embed, inputs, model)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": _base64(vector) if fmt == "base64" else vector}
+                for i, vector in enumerate(result["data"])]
+        tokens = result["prompt_tokens"]
+        return JSONResponse({"object": "list", "data": data,
+                             "model": model or self._engine.active_name,
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
     async def tokenize(self, request: Request):
         body = await read_json(request)
         content = body.get("content")
@@ -135,6 +167,14 @@ class CompletionsAPI:
             return await anyio.to_thread.run_sync(fn, *args, limiter=self._api.limiter)
         except InferenceError as exc:
             raise api_error(exc) from None
+
+
+def _base64(vector: list[float]) -> str:
+    """OpenAI's base64 form: the float32 values' bytes, little-endian."""
+    import base64
+    import struct
+
+    return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
 
 
 def _model(body: dict) -> str:

@@ -174,6 +174,9 @@ class LoadedModel:
 
             self._formatter = lambda messages: format_chatml(messages=messages)
         self.chat_template = "gguf" if template else "chatml (fallback)"
+        self._embedder = None  # made at the first /v1/embeddings request
+        self._embedder_lock = threading.Lock()
+        self._settings = settings
         self.kv_bytes_per_token = batching.kv_bytes_per_token(llama.model)
         n_slots = settings.parallel or auto_slots(self.kv_bytes_per_token, settings)
         self.scheduler = batching.BatchScheduler(
@@ -211,6 +214,18 @@ class LoadedModel:
         """Raw text as llama-server tokenizes a prompt: special tokens parsed."""
         return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
+    def embedder(self):
+        from inference.embeddings import Embedder
+
+        with self._embedder_lock:
+            if self.retired:
+                raise InferenceError(f"{self.name} is being unloaded: send the request again.",
+                                     "busy")
+            if self._embedder is None:
+                self._embedder = Embedder(self.llama.model, self._settings.n_ctx,
+                                          self.llama.n_threads)
+            return self._embedder
+
     def free_adapter(self, adapter: LoadedAdapter) -> None:
         """Hold scheduler.paused(): the context must not point at a freed adapter."""
         import llama_cpp
@@ -224,6 +239,9 @@ class LoadedModel:
         """The scheduler stops (its last requests have ended), frees its context, then the
         model (and with it every adapter still on it)."""
         def free_model():
+            with self._embedder_lock:
+                if self._embedder is not None:
+                    self._embedder.close()
             try:
                 self.llama.close()
             except Exception:  # already freed: nothing left to release
@@ -528,6 +546,21 @@ class ChatEngine:
                 return tokens
             return [{"id": t, "piece": model.scheduler.piece(t).decode("utf-8", "replace")}
                     for t in tokens]
+
+    def embed(self, inputs: list, model_name: str = "") -> dict:
+        """{"data": one L2-normalised vector per input (text or token ids), "prompt_tokens"}
+        (inference/embeddings.py)."""
+        with self._using(model_name) as model:
+            n_vocab = model.scheduler.n_vocab
+            token_lists = []
+            for item in inputs:
+                tokens = model.tokenize(item) if isinstance(item, str) else list(item)
+                if not all(isinstance(t, int) and 0 <= t < n_vocab for t in tokens):
+                    raise InferenceError(f"Token ids must be from 0 to {n_vocab - 1}.")
+                token_lists.append(tokens)
+            embedder = model.embedder()
+            return {"data": [embedder.embed(tokens) for tokens in token_lists],
+                    "prompt_tokens": sum(len(t) for t in token_lists)}
 
     def detokenize(self, tokens: list[int], model_name: str = "") -> str:
         with self._using(model_name) as model:

@@ -345,6 +345,9 @@ class EngineSupervisor:
         return self._command({"t": "tokenize", "text": text, "model": model_name,
                               "add_special": add_special, "with_pieces": with_pieces})
 
+    def embed(self, inputs: list, model_name: str = "") -> dict:
+        return self._command({"t": "embed", "inputs": inputs, "model": model_name})
+
     def detokenize(self, tokens: list[int], model_name: str = "") -> str:
         return self._command({"t": "detokenize", "tokens": tokens, "model": model_name})
 

@@ -465,6 +465,34 @@ def test_token_ids_prompts_batches_and_the_token_routes(chat_server, oai):
         assert status == 400 and body["error"]["message"], (path, bad, body)
 
 
+def test_embeddings_place_alike_texts_together(chat_server, oai):
+    import base64
+    import math
+    import struct
+
+    texts = ["The cat sat on the mat.", "A cat was sitting on the rug.",
+             "Quarterly revenue grew by eight percent."]
+    answer = oai.embeddings.create(model="", input=texts)
+    vectors = [d.embedding for d in answer.data]
+    assert [d.index for d in answer.data] == [0, 1, 2] and answer.usage.prompt_tokens > 10
+    assert all(abs(math.sqrt(sum(v * v for v in vec)) - 1) < 1e-4 for vec in vectors)
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    assert dot(vectors[0], vectors[1]) > dot(vectors[0], vectors[2])
+    # the same text as token ids (as the server tokenizes it) and in OpenAI's base64 form
+    status, body = post_json(chat_server, "/tokenize", {"content": texts[0],
+                                                        "add_special": True})
+    as_ids = oai.embeddings.create(model="", input=[body["tokens"]])
+    assert as_ids.data[0].embedding == pytest.approx(vectors[0], abs=1e-5)
+    status, raw = post_json(chat_server, "/v1/embeddings", {"input": texts[0],
+                                                           "encoding_format": "base64"})
+    packed = base64.b64decode(raw["data"][0]["embedding"])
+    assert list(struct.unpack(f"<{len(packed) // 4}f", packed)) == pytest.approx(vectors[0],
+                                                                              abs=1e-5)
+    for bad in ({"input": ""}, {"input": "x", "dimensions": 8}, {"input": [[10**9]]}):
+        status, body = post_json(chat_server, "/v1/embeddings", bad)
+        assert status == 400 and body["error"]["message"], bad
+
+
 def test_health_and_metrics(chat_server, oai):
     from prometheus_client.parser import text_string_to_metric_families
 
