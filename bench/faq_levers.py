@@ -189,10 +189,12 @@ def main() -> None:
                           else "", row["train_seconds"], row["train_loss"]))
     report.print_table(("set", "variant", "trained", "paraphrased", "held-out generated",
                         "general ppl", "train s", "train loss"), table)
+    # earlier runs stay: each run's variants and sets are part of its settings
     report.write("faq_levers", settings={"base": OFFLINE_PRESET, "answers": "transformers fp32, "
                                          "greedy, 48 tokens, default system prompt",
-                                         "system_prompt": DEFAULT_SYSTEM_PROMPT},
-                 results=[{"set": name, **r} for name, r in results.items()])
+                                         "system_prompt": DEFAULT_SYSTEM_PROMPT,
+                                         "variants": variants, "sets": list(results)},
+                 results=[{"set": name, **r} for name, r in results.items()], history=True)
 
 
 if __name__ == "__main__":

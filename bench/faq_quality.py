@@ -193,7 +193,7 @@ def main() -> None:
                   "system_prompt": DEFAULT_SYSTEM_PROMPT, "sets": sets},
         # one row per fact set: its job, and every file's score (samples: every answer)
         results=[{"set": name, **r} for name, r in results.items()],
-        summary={"switches": switches})
+        summary={"switches": switches}, history=True)  # earlier runs (other defaults) stay
 
 
 if __name__ == "__main__":
