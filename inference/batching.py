@@ -103,6 +103,7 @@ class Request(AnswerStream):
     adapter: object = None  # the engine's LoadedAdapter (or None: the plain base)
     on_done: object = None  # called once, from the scheduler, when the slot is freed
     chain: object = None  # its llama_sampler chain: made by submit(), freed when it ends
+    grammar: object = None  # its grammar sampler (apart from the chain: BatchScheduler._sample)
     top_logprobs: int = -1  # >= 0: each token's log-probability and this many alternatives
     prompt_logprobs: bool = False  # the prompt's tokens' entries first (evaluated afresh)
 
@@ -120,6 +121,7 @@ class _Slot:
         self.held = ""  # text held back: it may be the start of a stop string
         self.share: tuple[_Slot, int] | None = None  # (slot, n): copy n prompt tokens' cells
         self.prompt_rows: list[tuple[int, int]] = []  # (batch row, prompt position it scores)
+        self.grammar = None  # the request's grammar sampler, kept out of its chain
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -181,6 +183,7 @@ class BatchScheduler:
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._piece_buf = ctypes.create_string_buffer(256)
+        self._candidates = self._one = None  # token arrays for grammar slots (_sample)
         self._slots = [_Slot(i) for i in range(n_slots)]
         self._waiting: collections.deque[Request] = collections.deque()
         self._cond = threading.Condition()
@@ -202,7 +205,12 @@ class BatchScheduler:
             if len(self._waiting) >= self.max_queue:
                 raise InferenceError(f"The server is busy ({len(self._waiting)} requests waiting "
                                      f"for {self.n_slots} slots): try again shortly.", "busy")
-        request.chain = self._sampler_chain(request.sampling)
+        request.grammar = self._grammar(request.sampling)
+        try:
+            request.chain = self._sampler_chain(request.sampling)
+        except BaseException:
+            self._free_chain(request)
+            raise
         with self._cond:
             if self._closing:
                 self._free_chain(request)
@@ -331,6 +339,7 @@ class BatchScheduler:
         # the penalties look back over the answer's own tokens (llama_sampler_sample accepts
         # each), not the prompt: as llama-cpp-python's create_chat_completion
         slot.chain, request.chain = request.chain, None
+        slot.grammar, request.grammar = request.grammar, None
         slot.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def _share_source(self, slot: _Slot, prompt: list[int]) -> tuple[_Slot | None, int]:
@@ -371,25 +380,28 @@ class BatchScheduler:
                                                             prompt) < n):
                 slot.share = None  # it will not be evaluated there: evaluate it here
 
+    def _grammar(self, s: Sampling):
+        """The request's grammar sampler, or None; a grammar llama.cpp cannot parse is refused."""
+        if not s.grammar:
+            return None
+        grammar = self._ll.llama_sampler_init_grammar(self._vocab, s.grammar.encode(), b"root")
+        if not grammar:
+            raise InferenceError("The grammar could not be parsed (llama.cpp's GBNF format, "
+                                 "with a rule named root).")
+        return grammar
+
     def _sampler_chain(self, s: Sampling):
-        """llama.cpp's samplers in llama.cpp's own order: grammar, logit bias, penalties, then
-        top-k, typical, top-p, min-p, temperature and the draw (or greedy)."""
+        """llama.cpp's samplers in llama.cpp's own order: logit bias, penalties, then top-k,
+        typical, top-p, min-p, temperature and the draw (or greedy). A grammar is not in the
+        chain: _sample applies it only when the chain's pick breaks it."""
         ll = self._ll
+        if s.logit_bias and not all(0 <= t < self._n_vocab for t, _ in s.logit_bias):
+            raise InferenceError(f"logit_bias names a token id outside this model's "
+                                 f"vocabulary (0 to {self._n_vocab - 1}).")
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         add = lambda sampler: ll.llama_sampler_chain_add(chain, sampler)  # noqa: E731
-        if s.grammar:
-            grammar = ll.llama_sampler_init_grammar(self._vocab, s.grammar.encode(), b"root")
-            if not grammar:
-                ll.llama_sampler_free(chain)
-                raise InferenceError("The grammar could not be parsed (llama.cpp's GBNF format, "
-                                     "with a rule named root).")
-            add(grammar)
         if s.logit_bias:
-            valid = [(t, b) for t, b in s.logit_bias if 0 <= t < self._n_vocab]
-            if len(valid) != len(s.logit_bias):
-                ll.llama_sampler_free(chain)
-                raise InferenceError(f"logit_bias names a token id outside this model's "
-                                     f"vocabulary (0 to {self._n_vocab - 1}).")
+            valid = list(s.logit_bias)
             biases = (ll.llama_logit_bias * len(valid))(*[ll.llama_logit_bias(t, b)
                                                           for t, b in valid])
             add(ll.llama_sampler_init_logit_bias(self._n_vocab, len(valid), biases))
@@ -411,9 +423,52 @@ class BatchScheduler:
         return chain
 
     def _free_chain(self, request: Request) -> None:
-        if request.chain is not None:
-            self._ll.llama_sampler_free(request.chain)
-            request.chain = None
+        for name in ("chain", "grammar"):
+            sampler = getattr(request, name)
+            if sampler is not None:
+                self._ll.llama_sampler_free(sampler)
+                setattr(request, name, None)
+
+    def _sample(self, slot: _Slot, index: int) -> int:
+        """The next token of a slot with a grammar, as llama.cpp's own common sampler does:
+        the chain picks from every token; only when the grammar rejects that pick are the
+        candidates filtered by the grammar (over the whole vocabulary: its costly step) and
+        the chain picks again. Both then accept the token."""
+        import numpy as np
+
+        ll = self._ll
+        if self._candidates is None:
+            self._candidates = np.zeros(self._n_vocab, dtype=[("id", "<i4"), ("logit", "<f4"),
+                                                               ("p", "<f4")])
+            self._candidates["id"] = np.arange(self._n_vocab, dtype=np.int32)
+            self._one = np.zeros(1, dtype=self._candidates.dtype)
+        logits = self._logits(index)
+
+        def pick(grammar_first: bool) -> int:
+            cur = self._candidates
+            cur["logit"], cur["p"] = logits, 0.0
+            cur["id"] = np.arange(self._n_vocab, dtype=np.int32)  # a sampler may reorder
+            array = self._token_array(cur)
+            if grammar_first:
+                ll.llama_sampler_apply(slot.grammar, ctypes.byref(array))
+            ll.llama_sampler_apply(slot.chain, ctypes.byref(array))
+            return int(cur["id"][array.selected])
+
+        token = pick(False)
+        self._one["id"], self._one["logit"], self._one["p"] = token, 1.0, 0.0
+        one = self._token_array(self._one)
+        ll.llama_sampler_apply(slot.grammar, ctypes.byref(one))
+        if not np.isfinite(self._one["logit"][0]):  # the grammar forbids it
+            token = pick(True)
+        ll.llama_sampler_accept(slot.grammar, token)
+        ll.llama_sampler_accept(slot.chain, token)
+        return token
+
+    def _token_array(self, candidates):
+        ll = self._ll
+        return ll.llama_token_data_array(
+            data=candidates.ctypes.data_as(ctypes.POINTER(ll.llama_token_data)),
+            size=len(candidates), selected=-1, sorted=False)
 
     def _step(self) -> None:
         """One llama_decode: every streaming slot's last token, then prompt chunks."""
@@ -461,7 +516,8 @@ class BatchScheduler:
                     continue
                 index, slot.batch_index = slot.batch_index, -1
                 logits = self._logits(index) if slot.request.top_logprobs >= 0 else None
-                token = ll.llama_sampler_sample(slot.chain, self._ctx, index)
+                token = self._sample(slot, index) if slot.grammar is not None else \
+                    ll.llama_sampler_sample(slot.chain, self._ctx, index)
                 self._emit(slot, token, logits)
 
     def _emit_prompt_logprobs(self, slot: _Slot) -> None:
@@ -551,7 +607,10 @@ class BatchScheduler:
         request = slot.request
         request.finish_reason = reason
         self._ll.llama_sampler_free(slot.chain)
+        if slot.grammar is not None:
+            self._ll.llama_sampler_free(slot.grammar)
         slot.chain, slot.request, slot.pending, slot.batch_index = None, None, [], -1
+        slot.grammar = None
         slot.share = None
         if not self.prompt_cache or error is not None:
             self._ll.llama_memory_seq_rm(self._mem, slot.seq_id, -1, -1)
@@ -598,9 +657,10 @@ class BatchScheduler:
             if slot.request is not None:
                 request = slot.request
                 slot.request = None
-                if slot.chain is not None:
-                    self._ll.llama_sampler_free(slot.chain)
-                    slot.chain = None
+                for sampler in (slot.chain, slot.grammar):
+                    if sampler is not None:
+                        self._ll.llama_sampler_free(sampler)
+                slot.chain = slot.grammar = None
                 self._done(request, error)
         with self._cond:
             waiting, self._waiting = list(self._waiting), collections.deque()
