@@ -72,11 +72,13 @@ def decode_tokens_per_s(path: Path, lora: Path | None = None) -> float:
     """Greedy decode speed after a short prompt, EOS ignored so every run decodes as much."""
     from llama_cpp import Llama
 
+    from inference.cpu_threads import cpu_threads
     from inference.llama_build import prepare
 
     prepare()  # backends loaded, never llama.cpp's AMX path (#20824)
+    threads = Settings.from_env().n_threads or cpu_threads()
     llm = Llama(str(path), lora_path=str(lora) if lora else None, n_ctx=512, verbose=False,
-                n_threads=Settings.from_env().n_threads or None)
+                n_threads=threads, n_threads_batch=threads)
     try:
         llm.eval(llm.tokenize(DECODE_PROMPT.encode(), add_bos=True))
         started = time.perf_counter()

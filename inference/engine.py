@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from inference import batching, default_model, hub, llama_build, registry
+from inference.cpu_threads import cpu_threads
 from inference.errors import InferenceError, first_line
 from inference.prompt import fit_to_context
 from inference.settings import Settings
@@ -314,8 +315,9 @@ class ChatEngine:
         try:
             # The Llama object's own context is not used to answer (the scheduler has its
             # own): keep it small.
+            threads = self.settings.n_threads or cpu_threads()
             llama = Llama(model_path=str(info.path), n_ctx=OWN_CONTEXT_TOKENS,
-                          n_batch=OWN_CONTEXT_TOKENS, n_threads=self.settings.n_threads or None,
+                          n_batch=OWN_CONTEXT_TOKENS, n_threads=threads, n_threads_batch=threads,
                           n_gpu_layers=self.settings.n_gpu_layers, verbose=False)
         except Exception as exc:
             raise InferenceError(f"Model {info.name} failed to load: {exc}", "server_error") \

@@ -14,9 +14,12 @@ def _llama(*args, **kwargs):
     """llama.cpp's Llama, never on its AMX path (llama.cpp #20824)."""
     from llama_cpp import Llama
 
+    from inference.cpu_threads import cpu_threads
     from inference.llama_build import prepare
 
     prepare()
+    kwargs.setdefault("n_threads", cpu_threads())  # (llama-cpp-python's own default: half)
+    kwargs.setdefault("n_threads_batch", kwargs["n_threads"])
     return Llama(*args, **kwargs)
 
 

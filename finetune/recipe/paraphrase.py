@@ -191,6 +191,7 @@ def generate(gguf: str, questions: list[str], per_question: int, seed: int, firs
     the next call). `first`: the first question's number in the whole list (for the seeds)."""
     from llama_cpp import Llama
 
+    from inference.cpu_threads import cpu_threads
     from inference.llama_build import prepare
 
     if gguf not in _loaded:
@@ -198,8 +199,9 @@ def generate(gguf: str, questions: list[str], per_question: int, seed: int, firs
         for old in _loaded.values():
             old.close()
         _loaded.clear()
-        _loaded[gguf] = Llama(gguf, n_ctx=1024, verbose=False, seed=seed,
-                              n_threads=n_threads or None)
+        threads = n_threads or cpu_threads()
+        _loaded[gguf] = Llama(gguf, n_ctx=1024, verbose=False, seed=seed, n_threads=threads,
+                              n_threads_batch=threads)
     llm = _loaded[gguf]
     shots = [{"role": "system", "content": SYSTEM}]
     for original, other in SHOTS:
