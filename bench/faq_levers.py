@@ -52,7 +52,13 @@ VARIANTS = {"defaults (no paraphrases)": ({"paraphrases": 0}, False),
             "lr 2.5e-4": ({"learning_rate": 2.5e-4}, True),
             "1x steps": ({"min_optimizer_steps": 50}, True),
             "rank 4": ({"lora_r": 4, "lora_alpha": 8}, True),
-            "attention only": ({"target_modules": "q_proj,k_proj,v_proj,o_proj"}, True)}
+            "attention only": ({"target_modules": "q_proj,k_proj,v_proj,o_proj"}, True),
+            # the anchor (recipe/anchor.py, on by default for small data) against forgetting
+            "no anchor": ({"anchor_prompts": 0}, True),
+            "anchor weight 0.3": ({"anchor_weight": 0.3}, True),
+            "anchor weight 3": ({"anchor_weight": 3.0}, True),
+            "anchor weight 10": ({"anchor_weight": 10.0}, True),
+            "anchor 64 prompts": ({"anchor_prompts": 64}, True)}
 MAX_NEW_TOKENS = 48
 
 

@@ -123,6 +123,15 @@ class FinetuneConfig:
                                   "models/); default: the base's own GGUF, else the model the "
                                   "chat serves. A bigger model writes better ones.",
                                   section="data", label="Paraphrase model", default="")
+    anchor_prompts: int = _help("Against forgetting: the base answers this many general prompts "
+                                "before training, and the loss holds the fine-tune's next-token "
+                                "distributions on those answers to the base's (KL, weighted by "
+                                "anchor_weight). Rows must be unpacked. -1 (auto): 32 below 300 "
+                                "rows, none from 300 on; 0: none.",
+                                section="training", label="Anchor prompts", default=-1)
+    anchor_weight: float = _help("Weight of the KL to the base on the anchor answers, against "
+                                 "the training loss (see anchor_prompts).",
+                                 section="training", label="Anchor weight", default=1.0)
     neftune_alpha: float = _help("NEFTune: noise of this scale added to the input embeddings "
                                  "while training (5 is typical); 0: none.",
                                  section="training", label="NEFTune noise", default=0.0)
@@ -331,6 +340,10 @@ class FinetuneConfig:
               f"(got {self.forgetting_warn_share}).")
         check(-1 <= self.paraphrases <= 32, "paraphrases must be between -1 (auto) and 32 "
               f"(got {self.paraphrases}).")
+        check(-1 <= self.anchor_prompts <= 64, "anchor_prompts must be between -1 (auto) and "
+              f"64 (got {self.anchor_prompts}).")
+        check(0 <= self.anchor_weight <= 100, "anchor_weight must be between 0 and 100 "
+              f"(got {self.anchor_weight}).")
         check(0 <= self.neftune_alpha <= 50, "neftune_alpha must be between 0 and 50 "
               f"(got {self.neftune_alpha}); 5 is typical.")
         check(not self.paraphrase_model or self.paraphrase_model.endswith(".gguf"),

@@ -13,31 +13,54 @@ from __future__ import annotations
 LOSS_CHUNK_TOKENS = 2048
 
 
-def trainer_class(dtype, offload=None, chunk_tokens: int | None = None):
+def trainer_class(dtype, offload=None, chunk_tokens: int | None = None, anchors=None):
     """transformers' Trainer with causal_lm_loss (`chunk_tokens` at a time) in place of the
     model's loss; `offload` (a finetune.recipe.offload.ActivationOffload) keeps what the forward pass
-    saves in host memory."""
+    saves in host memory; `anchors` (finetune.recipe.anchor.AnchorSet): each training
+    micro-batch carries one of its rows and the loss adds its weight x the mean KL to the base
+    on that row's positions."""
     import contextlib
 
     import torch
     from transformers import Trainer
 
+    from finetune.recipe import anchor
+
     class ChunkedLossTrainer(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             device = inputs["input_ids"].device
+            target = None
+            if anchors and model.training:
+                inputs, target = anchor.joined(inputs, self._next_anchor(),
+                                               self.processing_class.pad_token_id)
             # The decoder is called directly, past accelerate's autocast around model.forward.
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), \
                     (offload.saving() if offload is not None else contextlib.nullcontext()):
-                total, count = causal_lm_loss(model, inputs, chunk_tokens)
+                total, count, kl = anchored_lm_loss(model, inputs, chunk_tokens, target)
             # Divided by the targets of the whole accumulated batch when the Trainer counted
             # them (then it does not divide by the accumulation steps again).
             loss = total / (num_items_in_batch if num_items_in_batch is not None
                             else max(count, 1))
+            if kl is not None:
+                # the mean per anchor position, once per optimizer step across accumulation
+                share = self.args.gradient_accumulation_steps if num_items_in_batch is not None \
+                    else 1
+                loss = loss + anchors.weight * kl / (target["length"] * share)
             if self.accelerator.num_processes > 1 and num_items_in_batch is not None \
                     and self.args.average_tokens_across_devices:
                 # the count is over every rank's batch and DDP averages the ranks' gradients
                 loss = loss * self.accelerator.num_processes
             return (loss, None) if return_outputs else loss
+
+        def _next_anchor(self) -> dict:
+            """The anchor row of this micro-batch, counted from the step (so a resumed run
+            takes the same rows)."""
+            accumulation = self.args.gradient_accumulation_steps
+            if getattr(self, "_anchor_step", None) != self.state.global_step:
+                self._anchor_step, self._anchor_micro = self.state.global_step, 0
+            call = self.state.global_step * accumulation + self._anchor_micro
+            self._anchor_micro += 1
+            return anchors.pick(call, self.args.process_index, self.args.world_size)
 
     return ChunkedLossTrainer
 
@@ -55,10 +78,19 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None):
     Only target tokens are projected onto the vocabulary, LOSS_CHUNK_TOKENS at a time and
     recomputed in the backward pass, so peak memory holds one chunk's logits, not the whole
     micro-batch's; prompt tokens (label -100) never get logits at all."""
+    total, count, _ = anchored_lm_loss(model, batch, chunk_tokens)
+    return total, count
+
+
+def anchored_lm_loss(model, batch: dict, chunk_tokens: int | None = None, anchor=None):
+    """causal_lm_loss's (sum, count), and the sum of KL(base || tuned) over the positions of
+    the batch's last row when `anchor` (finetune.recipe.anchor.joined's target) is given
+    (else None): from the same forward pass."""
     import torch
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
+    from finetune.recipe.anchor import kl_sum
     from finetune.recipe.host_tables import HostHead, free_after_backward
 
     chunk_tokens = LOSS_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
@@ -71,10 +103,13 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None):
     causal_lm = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     if not chunk_tokens or not _plain_lm_head(causal_lm.config):
         output = model(**batch, use_cache=False)  # its loss: the mean over the targets
-        return (output.loss.float() * count if count else output.logits.sum() * 0.0), count
+        total = output.loss.float() * count if count else output.logits.sum() * 0.0
+        kl = kl_sum(None, output.logits[-1], anchor) if anchor else None
+        return total, count, kl
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = _ddp_hidden(model, causal_lm, inputs) if ddp else \
         causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    anchor_hidden = hidden[-1, :anchor["length"]] if anchor else None
     hidden, targets = hidden.reshape(-1, hidden.shape[-1])[keep], targets[keep]
     head = causal_lm.get_output_embeddings()
     if isinstance(head, HostHead):
@@ -91,7 +126,8 @@ def causal_lm_loss(model, batch: dict, chunk_tokens: int | None = None):
         piece = (head, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens])
         total = total + (checkpoint(_summed_token_loss, *piece, use_reentrant=False)
                          if torch.is_grad_enabled() else _summed_token_loss(*piece))
-    return total, count
+    kl = kl_sum(head, anchor_hidden, anchor, chunk_tokens or 1024) if anchor else None
+    return total, count, kl
 
 
 def _ddp_hidden(model, causal_lm, inputs):

@@ -59,6 +59,20 @@ def paraphrases_wanted(config, n_rows: int) -> int:
     return AUTO_PARAPHRASES if n_rows < SMALL_DATASET_ROWS else 0
 
 
+AUTO_ANCHOR_PROMPTS = 32  # general prompts the base answers below SMALL_DATASET_ROWS (recipe/anchor.py)
+
+
+def anchors_wanted(config, n_rows: int, packing: bool) -> int:
+    """General prompts whose base answers hold the fine-tune to the base: config.anchor_prompts,
+    or for auto (-1) AUTO_ANCHOR_PROMPTS below SMALL_DATASET_ROWS rows; none for packed rows
+    (an anchor row joins a padded micro-batch) or a weight of 0."""
+    if packing or not config.anchor_weight:
+        return 0
+    if config.anchor_prompts >= 0:
+        return config.anchor_prompts
+    return AUTO_ANCHOR_PROMPTS if n_rows < SMALL_DATASET_ROWS else 0
+
+
 @dataclass
 class DataPlan:
     """What the data decides before tokenizing: the hold-out and whether rows are packed."""

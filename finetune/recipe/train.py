@@ -131,6 +131,15 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter,
         base_answers = answer_prompts_hf(model, tokenizer, eval_prompts,
                                          config.eval_max_new_tokens)
 
+    anchors = None
+    wanted = plan.anchors_wanted(config, data_plan.n_rows, data_plan.packing)
+    if wanted:  # the base's own answers and distributions, before LoRA changes them
+        from finetune.recipe import anchor
+
+        reporter.stage("loading", f"the base answers {wanted} general prompts (anchor)")
+        anchors = anchor.build(model, tokenizer, wanted, config.anchor_weight, config.seed,
+                               config.max_seq_length, device.dtype, reporter)
+
     # 4. LoRA on the base, with the memory levers the mode asks for
     model, every, offload = _add_lora(model, config, device, reporter)
     trainable, total = model.get_nb_trainable_parameters()
@@ -162,7 +171,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter,
     # 6. train, with the validation loss before and after
     args = _training_arguments(config, workdir, steps, accumulation, device.optimizer,
                                device.dtype, device.cuda, use_liger)
-    trainer = loss.trainer_class(device.dtype, offload, device.mode.loss_chunk_tokens)(
+    trainer = loss.trainer_class(device.dtype, offload, device.mode.loss_chunk_tokens,
+                                 anchors)(
         model=model, args=args, train_dataset=train_items, data_collator=collator,
         processing_class=tokenizer,
         callbacks=[_progress_callback(reporter, report.train_tokens + sum(
@@ -214,6 +224,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter,
     }
     reporter.log(f"validation loss {val_loss_before} -> {val_loss_after}, "
                  f"{metrics['tokens_per_s']} tokens/s")
+    if anchors:
+        metrics.update(anchor_rows=len(anchors), anchor_weight=anchors.weight)
     if reworded:
         metrics.update(paraphrases_trained=len(extra_set), paraphrases_held_out=len(held_out_set))
     return TrainResult(adapter_dir, base_path, metrics, report.to_dict(), eval_prompts,
