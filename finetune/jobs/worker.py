@@ -275,6 +275,10 @@ def _outcome(exc: BaseException, reporter: Reporter) -> tuple[str, str]:
         return "cancelled", "cancelled by the user"
     if isinstance(exc, FinetuneError):
         return "failed", str(exc)
+    if _peer_died(exc):  # resumable, as if this process had been killed with it
+        return "interrupted", ("Interrupted: another training process of this job died "
+                               f"({first_line(exc, 200)}). Resume it to continue from its last "
+                               "checkpoint.")
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return "failed", (f"Out of memory: {first_line(exc, 200)}. Lower "
                           "micro_batch_size or max_seq_length, or enable load_in_4bit.")
@@ -282,6 +286,15 @@ def _outcome(exc: BaseException, reporter: Reporter) -> tuple[str, str]:
     if not str(exc).strip():
         return "failed", type(exc).__name__
     return "failed", f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def _peer_died(exc: BaseException) -> bool:
+    """Under torchrun: a collective failed because another rank is gone (gloo says "a remote
+    worker crashing"; NCCL raises a DistError)."""
+    if distributed.world().size == 1:
+        return False
+    dist = sys.modules.get("torch.distributed")
+    return isinstance(exc, getattr(dist, "DistError", ())) or "remote worker" in str(exc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,3 +98,16 @@ def test_prune_keeps_the_newest_sealed_and_drops_leftovers(tmp_path):
     assert "is 5 bytes, was 10" in checkpoints.damage(tmp_path / "checkpoint-3")
     assert checkpoints.newest_intact(tmp_path, lambda _: None).step == 2
     assert "step 3, 0.0 MiB, saved 0 s ago" == checkpoints.newest(tmp_path).describe()  # unchecked
+
+
+def test_checkpoints_by_the_clock_skip_the_last_step(tiny_llama_dir, tmp_path):
+    """checkpoint_every_minutes alone (no save_steps): a checkpoint whenever the interval has
+    passed at a step's end, never at the last step (the adapter is saved right after)."""
+    config = tiny_config(tiny_llama_dir, max_steps=3, checkpoint_every_steps=0,
+                         checkpoint_every_minutes=1e-6, checkpoint_keep=5, eval_max_new_tokens=0)
+    reporter = RecordingReporter()
+    result = train.train(config, tmp_path / "run", reporter, checkpoints_dir=tmp_path / "ck")
+    assert [c.step for c in checkpoints.sealed(tmp_path / "ck")] == [2, 1]
+    assert result.metrics["checkpoints_saved"] == 2 and result.metrics["checkpoint_seconds"] > 0
+    assert sum("checkpoint at step" in line for line in reporter.logs) == 2
+    assert not checkpoints.damage(tmp_path / "ck" / "checkpoint-2")
