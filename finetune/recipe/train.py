@@ -174,8 +174,8 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter, paraphrases
     args = _training_arguments(config, checkpoints_dir or workdir / "trainer", steps,
                                accumulation, device.optimizer, device.dtype, device.cuda,
                                use_liger, saves=checkpoints_dir is not None)
-    callbacks = [_progress_callback(reporter, report.train_tokens + sum(
-        len(e["input_ids"]) for e in extra_set), group)]
+    epoch_tokens = report.train_tokens + sum(len(e["input_ids"]) for e in extra_set)
+    callbacks = [_progress_callback(reporter, epoch_tokens, group)]
     if checkpoints_dir is not None:
         callbacks.append(checkpoints.callback(checkpoints_dir, config.checkpoint_every_minutes,
                                               config.checkpoint_keep, group, reporter.log))
@@ -213,15 +213,16 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter, paraphrases
     adapter_dir = workdir / "adapter"
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)  # the merge step reuses the (maybe patched) template
-    tokens = round(trainer.state.epoch * (report.train_tokens + sum(
-        len(e["input_ids"]) for e in extra_set)))
+    tokens = round(trainer.state.epoch * epoch_tokens)
+    # this run's share (after a resume, train_seconds counts only the resumed part)
+    run_tokens = round((trainer.state.epoch - callbacks[0].first_epoch) * epoch_tokens)
     metrics = {
         "val_loss_before": val_loss_before, "val_loss_after": val_loss_after,
         "train_loss": _mean_train_loss(trainer.state.log_history, output.training_loss),
         "train_tokens": tokens, "resumed_from_step": resume_from.step if resume_from else None,
         "train_seconds": round(train_seconds, 2), "load_seconds": round(load_seconds, 2),
         "train_end_time": round(time.time(), 3),  # wall clock: the start of "until it answers"
-        "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds else 0.0,
+        "tokens_per_s": round(run_tokens / train_seconds, 1) if train_seconds else 0.0,
         "peak_gpu_mem_gb": round(gpu_peaks[0], 3) if device.cuda else None,  # largest rank's
         "peak_gpu_reserved_gb": round(gpu_peaks[1], 3) if device.cuda else None,
         "steps": trainer.state.global_step, "micro_batch_size": micro_batch,
