@@ -1,4 +1,4 @@
-"""The CLI: `python -m finetune run|jobs|status|cancel|resume|inspect-data|push|fetch ...`.
+"""The CLI: `python -m finetune run|jobs|status|cancel|resume|inspect-data|push|fetch`.
 
 `run` goes through finetune.jobs.records exactly like the admin tab: the job runs in its own process,
 and this command follows its status file with progress bars. Flags of `run` are generated from

@@ -1,4 +1,4 @@
-"""Resuming a job whose process is gone: what it left behind, relaunching it, auto-resume at app start.
+"""Resuming a job whose process is gone: what it left, relaunching it, auto-resume at app start.
 
 A job's folder holds all a resume needs: `checkpoints/` (recipe/checkpoints.py: the Trainer's
 checkpoints and start.json) while it trains, then `trained/` (the adapter and its TrainResult)

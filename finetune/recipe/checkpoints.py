@@ -1,4 +1,4 @@
-"""Training checkpoints in a job's folder: the Trainer's own checkpoint-N folders, sealed, pruned, found again.
+"""Training checkpoints in a job's folder: the Trainer's own, sealed when whole, pruned, reloaded.
 
 transformers' Trainer writes each checkpoint (peft's adapter weights, optimizer.pt, scheduler.pt,
 rng_state*.pth, trainer_state.json: the step, the log and so the data position) straight into

@@ -64,7 +64,7 @@ def test_killed_in_training_and_in_export_then_resumed_matches_an_uninterrupted_
     saved = checkpoints.newest(interrupted.dir / records.CHECKPOINTS)
     assert saved is not None and saved.step in (4, 6), saved  # every 2 steps, last K kept
     note = resume.describe(interrupted)
-    assert note.startswith(f"interrupted at step ") and f"step {saved.step} of 8" in note, note
+    assert note.startswith("interrupted at step ") and f"step {saved.step} of 8" in note, note
     assert not list(models_dir.glob("*.gguf"))
 
     # 2. resume from the CLI; then kill -9 again once the export has begun
