@@ -18,6 +18,7 @@ import gradio as gr
 import uvicorn
 from fastapi import FastAPI
 
+from finetune.jobs.resume import resume_interrupted
 from finetune.ui.admin_tab import build_admin_tab
 from finetune.ui.auth import AdminAuth
 from finetune.ui.hot_reload import start_watcher
@@ -78,6 +79,9 @@ def main(argv=None) -> None:
     metrics.attach(engine)
     engine.start()
     auth = AdminAuth(settings.admin_password)
+    # jobs a restart interrupted (a Space's rebuild, a preempted machine) go on, if they asked to
+    for job_id in resume_interrupted(settings.jobs_dir):
+        log.info("job %s was interrupted: resumed", job_id)
     start_watcher(engine, settings.jobs_dir)
     demo = build_app(settings, engine, auth)
     # Chats beyond the engine's slots wait in its own queue (arrival order); Gradio's queue

@@ -1,4 +1,4 @@
-"""The CLI: `python -m finetune run|jobs|status|cancel|inspect-data|push|fetch ...`.
+"""The CLI: `python -m finetune run|jobs|status|cancel|resume|inspect-data|push|fetch`.
 
 `run` goes through finetune.jobs.records exactly like the admin tab: the job runs in its own process,
 and this command follows its status file with progress bars. Flags of `run` are generated from
@@ -56,8 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[dirs], help="show one job and its log tail")
     status.add_argument("job_id")
     status.add_argument("--lines", type=int, default=20, help="log lines to show")
-    cancel = sub.add_parser("cancel", parents=[dirs], help="cancel a queued or running job")
+    cancel = sub.add_parser("cancel", parents=[dirs], help="cancel a queued or running job "
+                            "(or give up on resuming an interrupted one)")
     cancel.add_argument("job_id")
+    resume = sub.add_parser("resume", parents=[dirs], help="resume an interrupted or failed job "
+                            "from its newest checkpoint (or its trained adapter)")
+    resume.add_argument("job_id")
+    resume.add_argument("--detach", action="store_true", help="relaunch it, print its id, return")
     inspect = sub.add_parser("inspect-data", help="detect a dataset's format and count its rows")
     inspect.add_argument("dataset")
     push = sub.add_parser("push", parents=[dirs], help="publish a model version to the Hugging "
@@ -113,8 +118,24 @@ def cmd_run(args) -> int:
         raise FinetuneError("Name a dataset: --data FILE (.json, .jsonl, .csv) or a Hub name.")
     config = from_preset(preset, **overrides) if preset else FinetuneConfig.from_dict(overrides)
     jobs_dir, models_dir = _dirs(args)
-    record = records.submit(config, jobs_dir, models_dir)
-    if getattr(args, "detach", False):
+    return _until_done(jobs_dir, records.submit(config, jobs_dir, models_dir),
+                       getattr(args, "detach", False))
+
+
+def cmd_resume(args) -> int:
+    from finetune.jobs import resume
+
+    jobs_dir, _ = _dirs(args)
+    record = resume.resume(jobs_dir, args.job_id)
+    print(f"job {record.id}: {record.status.get('message')}", file=sys.stderr)
+    return _until_done(jobs_dir, record, args.detach)
+
+
+def _until_done(jobs_dir: Path, record, detach: bool) -> int:
+    """Follow a launched job to its end and print its model files (or, detached, its id)."""
+    from finetune.jobs import records
+
+    if detach:
         print(record.id)
         return 0
     print(f"job {record.id} (log: {record.dir / 'log.txt'}); Ctrl-C cancels it", file=sys.stderr)
@@ -129,6 +150,8 @@ def cmd_run(args) -> int:
         reason = record.status.get("error") or record.status.get("message") or record.state
         print(f"error: job {record.id} {record.state}: {' '.join(str(reason).split())}",
               file=sys.stderr)
+        if record.state in ("interrupted", "failed"):
+            print(f"resume it with: python -m finetune resume {record.id}", file=sys.stderr)
         return 1
     if record.status.get("serve_reason"):
         served = record.status.get("serve") or "nothing new (the served model stays)"
@@ -190,7 +213,7 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_status(args) -> int:
-    from finetune.jobs import records
+    from finetune.jobs import records, resume
 
     jobs_dir, _ = _dirs(args)
     record = records.get(jobs_dir, args.job_id)
@@ -201,6 +224,8 @@ def cmd_status(args) -> int:
             print(f"{key:>13}: {record.status[key]}")
     for path in record.model_paths:
         print(f"{'model':>13}: {path}")
+    if resume.describe(record):
+        print(f"{'checkpoints':>13}: {resume.describe(record)}")
     print(f"--- {record.dir / 'log.txt'} (last {args.lines} lines)")
     print(record.log_tail(args.lines))
     return 0
@@ -275,6 +300,7 @@ def _progress_bar(desc: str):
 
 
 COMMANDS = {"run": cmd_run, "jobs": cmd_jobs, "status": cmd_status, "cancel": cmd_cancel,
+            "resume": cmd_resume,
             "inspect-data": cmd_inspect_data, "push": cmd_push, "fetch": cmd_fetch}
 
 if __name__ == "__main__":

@@ -48,8 +48,8 @@ _ALIASES = {"lr": "learning_rate", "epochs": "num_epochs", "r": "lora_r", "alpha
 
 
 # The sections of the settings, in the order the CLI's --help and the Admin form list them.
-SECTIONS = ("model", "data", "LoRA", "training", "memory & speed", "export", "evaluation",
-            "serving")
+SECTIONS = ("model", "data", "LoRA", "training", "checkpoints", "memory & speed", "export",
+            "evaluation", "serving")
 
 
 def _help(text: str, choices: tuple[str, ...] = (), *, section: str, label: str, **kw):
@@ -210,6 +210,21 @@ class FinetuneConfig:
                                "visible). Without a GPU, N > 1 runs N CPU processes over gloo "
                                "(for tests).", section="memory & speed",
                                label="Training processes", default=0)
+    checkpoint_every_minutes: float = _help(
+        "Save a training checkpoint (LoRA weights, optimizer, scheduler, RNG and data position) "
+        "into the job's folder at most this many minutes apart (0: not by time). An interrupted "
+        "job resumes from its newest checkpoint.", section="checkpoints",
+        label="Checkpoint every (minutes)", default=10.0)
+    checkpoint_every_steps: int = _help(
+        "Also save a checkpoint every this many optimizer steps (0: not by steps).",
+        section="checkpoints", label="Checkpoint every (steps)", default=0)
+    checkpoint_keep: int = _help("Checkpoints kept per job (the newest ones; an older one is "
+                                 "the fallback when the newest is damaged).",
+                                 section="checkpoints", label="Checkpoints kept", default=2)
+    auto_resume: bool = _help("When the app starts and finds this job interrupted (its process "
+                              "gone: a restart, a crash, a preempted machine), resume it from "
+                              "its newest checkpoint.", section="checkpoints",
+                              label="Resume automatically", default=True)
     max_grad_norm: float = _help("Gradient clipping norm (0 disables).",
                                  section="training", label="Max gradient norm", default=1.0)
     weight_decay: float = _help("AdamW weight decay.",
@@ -359,6 +374,12 @@ class FinetuneConfig:
               f"got {self.gpu_memory_limit_gb}).")
         check(0 <= self.num_processes <= 1024, "num_processes must be 0 (one per GPU) or "
               f"1-1024 (got {self.num_processes}).")
+        check(self.checkpoint_every_minutes >= 0, "checkpoint_every_minutes must be >= 0 (0: "
+              f"not by time; got {self.checkpoint_every_minutes}).")
+        check(self.checkpoint_every_steps >= 0, "checkpoint_every_steps must be >= 0 (0: not "
+              f"by steps; got {self.checkpoint_every_steps}).")
+        check(1 <= self.checkpoint_keep <= 100, "checkpoint_keep must be between 1 and 100 "
+              f"(got {self.checkpoint_keep}); 2 keeps a fallback.")
         check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (got {self.max_grad_norm}).")
         check(self.weight_decay >= 0, f"weight_decay must be >= 0 (got {self.weight_decay}).")
         check(0 <= self.gate_probes <= 1000, "gate_probes must be between 0 (no gate) and "

@@ -130,7 +130,8 @@ def test_data_flows_one_way(layer):
 
 WEB_MODULES = ["app", "finetune.ui.admin_tab", "finetune.ui.hub_panel", "finetune.ui.hot_reload",
                "finetune.ui.auth", "finetune.ui.uploads", "finetune.ui.transfers",
-               "finetune.jobs.records", "finetune.config", "finetune.__main__",
+               "finetune.jobs.records", "finetune.jobs.resume", "finetune.config",
+               "finetune.__main__",
                "inference.chat_tab", "inference.openai_api", "inference.supervisor"]
 HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "llama_cpp")
 

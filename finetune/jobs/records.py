@@ -6,12 +6,17 @@
                       metrics.jsonl  one line per progress report (loss, lr, tokens/s, val loss)
                       eval.json      validation loss and answers, base vs fine-tuned
                       cancel         present once a cancel was requested
+                      checkpoints/   training checkpoints (recipe/checkpoints.py) and start.json
+                      trained/       the trained adapter and its TrainResult (export resumes here)
+                      work/          intermediates of the running process (removed as it ends)
     jobs_dir/gpu.lock                flock held by the running job: one GPU job at a time
 
 Every job runs in its own OS process (`python -m finetune.jobs.worker <job_dir>`), never in a
 thread of the web app. The app, the CLI and a restarted app all read the same files; a job
 whose process vanished without a final state (kill -9, OOM killer, reboot) is marked failed
-the next time anyone reads it. The UI imports this module, so it never imports torch.
+the next time anyone reads it: "interrupted", resumable from its checkpoints (jobs/resume.py).
+A job that ends done or cancelled frees its checkpoints; a failed or interrupted one keeps them.
+The UI imports this module, so it never imports torch.
 """
 from __future__ import annotations
 
@@ -42,8 +47,10 @@ log = logging.getLogger("finechat.job")
 # "evaluating" recurs: base answers and validation loss around training, then the answers of
 # the quantized model just before it is installed.
 STAGES = ("queued", "loading", "evaluating", "training", "merging", "converting", "quantizing",
-          "done", "failed", "cancelled")
-FINAL_STATES = ("done", "failed", "cancelled")
+          "done", "failed", "cancelled", "interrupted")
+# final: no process of the job runs. "interrupted": its process vanished; it can be resumed.
+FINAL_STATES = ("done", "failed", "cancelled", "interrupted")
+CHECKPOINTS, TRAINED = "checkpoints", "trained"  # what a resume starts from, in the job folder
 NEVER_LAUNCHED_AFTER_S = 120  # a queued record without a process this old was never started
 _launched: dict[int, subprocess.Popen] = {}  # our own children, polled so none stays a zombie
 
@@ -52,6 +59,9 @@ class JobStatus(TypedDict, total=False):
     """status.json: what the app, the CLI and a restarted app all read of a job."""
     id: str
     state: str  # "queued", "running", or one of FINAL_STATES
+    queued_ts: float  # when it was last queued: created, or resumed
+    resumes: int  # how often it was resumed, and how often of those automatically
+    auto_resumes: int
     stage: str  # one of STAGES
     message: str
     error: str  # a failed job's message
@@ -140,7 +150,8 @@ def create_job(config, jobs_dir: Path, models_dir: Path) -> JobRecord:
     jobs_dir.mkdir(parents=True, exist_ok=True)
     now = datetime.now()
     job_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
-    busy = {r.status.get("version") for r in list_jobs(jobs_dir) if not r.is_final}
+    busy = {r.status.get("version") for r in list_jobs(jobs_dir)
+            if not r.is_final or r.state == "interrupted"}
     version = make_version(config, models_dir, now, taken=busy)  # unique even within a second
     job_dir = jobs_dir / job_id
     job_dir.mkdir()
@@ -230,6 +241,11 @@ def cancel(jobs_dir: Path, job_id: str, grace_s: float = 20.0,
     has not ended after `grace_s`. A cancelled job publishes no model. With wait_for_exit=False
     the escalation runs in a background thread and this returns at once (for the UI)."""
     record = get(jobs_dir, job_id)
+    if record.state == "interrupted":  # giving up on resuming it: free its checkpoints
+        reopen(record.dir, state="cancelled", stage="cancelled", message="cancelled while "
+               "interrupted", finished_at=_now(), finished_ts=time.time())
+        discard_resume_files(record.dir)
+        return get(jobs_dir, job_id)
     if record.is_final:
         return record
     (record.dir / "cancel").touch()
@@ -272,16 +288,22 @@ def _check_alive(record: JobRecord) -> JobRecord:
     if status.get("pid"):
         if _alive(status):
             return record
-    elif time.time() - status.get("created_ts", time.time()) < NEVER_LAUNCHED_AFTER_S:
-        return record  # created, about to be launched
+    elif time.time() - status.get("queued_ts", status.get("created_ts", time.time())) \
+            < NEVER_LAUNCHED_AFTER_S:
+        return record  # created (or resumed), about to be launched
     if status.get("pid") and _process_start(status["pid"]) is None:
         _signal_group(status["pid"], signal.SIGKILL)  # orphans, e.g. a converter subprocess
     cancelled = (record.dir / "cancel").exists()
+    state = "cancelled" if cancelled else "interrupted" if status.get("pid") else "failed"
+    at = f" at step {status['step']} of {status.get('total_steps', '?')}" \
+        if status.get("step") and status.get("stage") == "training" else \
+        f" while {status['stage']}" if status.get("stage") not in (None, "queued") else ""
     reason = ("cancelled" if cancelled else
-              f"The job process (pid {status.get('pid')}) ended without finishing: it was killed "
-              "or crashed (out of memory?). See the log tail." if status.get("pid") else
+              f"Interrupted{at}: the job process (pid {status['pid']}) ended without finishing "
+              "(killed, crashed - out of memory? - or the machine restarted). Resume it to "
+              "continue from its last checkpoint." if status.get("pid") else
               "The job was created but never started.")
-    finish(record.dir, "cancelled" if cancelled else "failed", reason)
+    finish(record.dir, state, reason)
     return _load(record.dir) or record
 
 
@@ -327,6 +349,8 @@ def finish(job_dir: Path, state: str, message: str, **extra) -> None:
                    finished_ts=time.time(), **extra)
     if state == "failed":
         changes.setdefault("error", message)
+    if state in ("done", "cancelled"):  # nothing left to resume
+        discard_resume_files(job_dir)
     if state != "done":
         changes.setdefault("log_tail", _tail(Path(job_dir) / "log.txt", 15))
         # Clean up before the state turns final, so a final state means a clean slate: torchrun
@@ -335,6 +359,25 @@ def finish(job_dir: Path, state: str, message: str, **extra) -> None:
         if not _read_json(Path(job_dir) / "config.json").get("keep_intermediates"):
             shutil.rmtree(Path(job_dir) / "work", ignore_errors=True)  # a killed worker's leftovers
     update_status(job_dir, **changes)
+
+
+def reopen(job_dir: Path, **changes) -> JobStatus:
+    """Leave a final state (a resume, or cancelling an interrupted job): what only a final
+    state has (error, log tail, finish time) goes, `changes` apply."""
+    job_dir = Path(job_dir)
+    with open(job_dir / ".status.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        status = _read_json(job_dir / "status.json")
+        for key in ("error", "log_tail", "finished_at", "finished_ts"):
+            status.pop(key, None)
+        status.update(changes, updated_at=_now())
+        _write_json(job_dir / "status.json", status)
+    return status
+
+
+def discard_resume_files(job_dir: Path) -> None:
+    for name in (CHECKPOINTS, TRAINED, TRAINED + ".tmp"):
+        shutil.rmtree(Path(job_dir) / name, ignore_errors=True)
 
 
 def remove_uninstalled(status: dict) -> None:

@@ -6,6 +6,9 @@ it prints lands in the job's log.txt. SIGTERM asks it to stop at the next safe p
 happens, a job that does not finish leaves no model in models/ and no intermediates behind.
 On several GPUs the job process becomes torchrun's agent after the wait (finetune.distributed):
 rank 0 runs this same job, the other ranks train their share and leave.
+
+Run again on the same folder (jobs/resume.py), it picks up where the last run stopped: from
+the trained adapter (export only) or from the newest intact training checkpoint.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ import traceback
 from pathlib import Path
 
 from finetune import Cancelled, FinetuneError, Reporter, distributed, resources
-from finetune.jobs import records
+from finetune.jobs import records, resume
 from finetune.quality import llama_process
 from inference.errors import first_line
 from finetune.config import PREFERRED_QUANTS
@@ -46,8 +49,9 @@ def run_job(job_dir: Path) -> str:
     try:
         config = _read_config(job_dir)
         models_dir = Path(status["models_dir"])
+        trained = resume.load_trained(job_dir)  # an earlier run of this job finished training
         if not in_group:  # the job process: its turn on the GPUs, then one process or several
-            processes = distributed.processes_for(config.num_processes)
+            processes = 1 if trained else distributed.processes_for(config.num_processes)
             gpu_lock = records.wait_for_gpu_slot(job_dir, reporter)
             records.update_status(job_dir, started_at=time.strftime("%Y-%m-%dT%H:%M:%S"),
                                started_ts=time.time(), message="", processes=processes,
@@ -60,7 +64,14 @@ def run_job(job_dir: Path) -> str:
         from finetune.recipe import train
 
         adapter_base = _prepare_adapter_base(config, models_dir, reporter)
-        result = train.train(config, workdir / "train", reporter, _paraphrases(job_dir))
+        if trained is None:
+            result = train.train(config, workdir / "train", reporter, _paraphrases(job_dir),
+                                 job_dir / records.CHECKPOINTS, _resume_point(job_dir, reporter))
+            result = resume.save_trained(result, job_dir)
+        else:
+            reporter.log("training finished before the interruption: exporting its adapter")
+            records.remove_uninstalled(status)  # what a killed install left in models/
+            result = trained
         resources.release_gpu_memory()  # the trained model is gone; llama.cpp's turn
         exported = _export_and_evaluate(result, config, models_dir, workdir, reporter, status,
                                         adapter_base)
@@ -98,9 +109,28 @@ def train_share(job_dir: Path) -> int:
     logging.getLogger().setLevel(logging.WARNING)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    train.train(_read_config(job_dir), Path(job_dir).resolve() / "work" / "train",
-                distributed.QuietReporter(), _paraphrases(job_dir))
+    job_dir = Path(job_dir).resolve()
+    reporter = distributed.QuietReporter()
+    train.train(_read_config(job_dir), job_dir / "work" / "train", reporter,
+                _paraphrases(job_dir), job_dir / records.CHECKPOINTS,
+                _resume_point(job_dir, reporter))
     return 0
+
+
+def _resume_point(job_dir: Path, reporter: Reporter):
+    """The newest intact checkpoint of this job, or None. Rank 0 (or the one process) also
+    drops damaged and half-written ones and rewinds the metrics to the checkpoint's step;
+    every rank finds the same one (they read the same files)."""
+    from finetune.recipe import checkpoints
+
+    folder, main = job_dir / records.CHECKPOINTS, distributed.world().is_main
+    found = checkpoints.newest_intact(folder, reporter.log, remove_damaged=main)
+    if main:
+        checkpoints.prune(folder, _read_config(job_dir).checkpoint_keep)
+        # without start.json even the validation loss before training is measured again
+        resume.rewind_metrics(job_dir, found.step if found else
+                              0 if checkpoints.read_start(folder) else -1)
+    return found
 
 
 def _write_paraphrases(config, job_dir: Path, models_dir: Path, reporter: Reporter) -> None:
@@ -245,6 +275,10 @@ def _outcome(exc: BaseException, reporter: Reporter) -> tuple[str, str]:
         return "cancelled", "cancelled by the user"
     if isinstance(exc, FinetuneError):
         return "failed", str(exc)
+    if _peer_died(exc):  # resumable, as if this process had been killed with it
+        return "interrupted", ("Interrupted: another training process of this job died "
+                               f"({first_line(exc, 200)}). Resume it to continue from its last "
+                               "checkpoint.")
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return "failed", (f"Out of memory: {first_line(exc, 200)}. Lower "
                           "micro_batch_size or max_seq_length, or enable load_in_4bit.")
@@ -252,6 +286,15 @@ def _outcome(exc: BaseException, reporter: Reporter) -> tuple[str, str]:
     if not str(exc).strip():
         return "failed", type(exc).__name__
     return "failed", f"{type(exc).__name__}: {first_line(exc)}"
+
+
+def _peer_died(exc: BaseException) -> bool:
+    """Under torchrun: a collective failed because another rank is gone (gloo says "a remote
+    worker crashing"; NCCL raises a DistError)."""
+    if distributed.world().size == 1:
+        return False
+    dist = sys.modules.get("torch.distributed")
+    return isinstance(exc, getattr(dist, "DistError", ())) or "remote worker" in str(exc)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,9 @@ NF4 kernels with load_in_4bit=True; an 8-bit paged optimizer needs CUDA, so Adam
 Under torchrun (finetune.distributed) every rank runs this recipe on its own GPU and the
 Trainer wraps the model in DDP; the ranks share the validation batches; rank 0 alone answers
 the eval prompts, reports and saves the adapter; the others return None after training.
+
+With a checkpoints folder the Trainer saves checkpoints there (recipe/checkpoints.py), and a
+run given one of them resumes it: the same step count, data position, optimizer and RNG.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from pathlib import Path
 
 from finetune import Cancelled, FinetuneError, Reporter, distributed, resources
 from finetune.config import FinetuneConfig
-from finetune.recipe import data, host_tables, loss, plan
+from finetune.recipe import checkpoints, data, host_tables, loss, plan
 from finetune.recipe.bases import default_cache_dir, resolve_base
 from finetune.recipe.offload import ActivationOffload
 
@@ -75,10 +78,13 @@ class _Device:
     attention: str
 
 
-def train(config: FinetuneConfig, workdir: Path, reporter: Reporter,
-          paraphrases=None) -> TrainResult | None:
+def train(config: FinetuneConfig, workdir: Path, reporter: Reporter, paraphrases=None,
+          checkpoints_dir: Path | None = None,
+          resume_from: checkpoints.Checkpoint | None = None) -> TrainResult | None:
     """`paraphrases`: other wordings of the questions (recipe/paraphrase.Paraphrases), trained
-    on with their rows' answers; the held-out ones become the validation rows."""
+    on with their rows' answers; the held-out ones become the validation rows.
+    `checkpoints_dir`: where to save checkpoints (None: none); `resume_from`: one of them
+    (checkpoints.newest_intact) to continue from."""
     # Packed micro-batches vary in length; expandable segments stop the caching allocator
     # from fragmenting (reserved memory was 2-7x the allocated peak without, on an H100).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
@@ -101,6 +107,7 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter,
         reporter.log(note)
     train_rows, val_rows = data.split(conversations, data_plan.val_split, config.seed)
     device = _settle_device(config, data_plan, reporter)
+    start = checkpoints.read_start(checkpoints_dir)  # what an earlier start of this run settled
 
     # 2. the tokenizer and the training sequences
     reporter.stage("loading", f"resolving base model {config.base_model}")
@@ -126,19 +133,14 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter,
     model = _load_base(config, base_path, device, stage_peaks, reporter)
     load_seconds = time.monotonic() - load_started
     base_answers = []
-    if eval_prompts and config.eval_max_new_tokens and device.group.is_main:
+    if "base_answers" in start:
+        base_answers = start["base_answers"]
+    elif eval_prompts and config.eval_max_new_tokens and device.group.is_main:
         reporter.stage("evaluating", "answering the eval prompts with the base model")
         base_answers = answer_prompts_hf(model, tokenizer, eval_prompts,
                                          config.eval_max_new_tokens)
 
-    anchors = None
-    wanted = plan.anchors_wanted(config, data_plan.n_rows, data_plan.packing)
-    if wanted:  # the base's own answers and distributions, before LoRA changes them
-        from finetune.recipe import anchor
-
-        reporter.stage("loading", f"the base answers {wanted} general prompts (anchor)")
-        anchors = anchor.build(model, tokenizer, wanted, config.anchor_weight, config.seed,
-                               config.max_seq_length, device.dtype, reporter)
+    anchors = _anchors(config, data_plan, model, tokenizer, device, checkpoints_dir, reporter)
 
     # 4. LoRA on the base, with the memory levers the mode asks for
     model, every, offload = _add_lora(model, config, device, reporter)
@@ -149,9 +151,11 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter,
     train_items, val_items, collator = _batches(train_set, val_set, tokenizer, config,
                                                 data_plan.packing, device.attention)
     planned_on = len(train_items) if not extra_set or data_plan.packing else sized_on
-    micro_batch = config.micro_batch_size or device.group.smallest(plan.auto_micro_batch_size(
-        model.config, config, planned_on, _free_gpu_bytes(config.gpu_memory_limit_gb)
-        if device.cuda else None, _dtype_bytes(device.dtype), device.mode, every))
+    # a resumed run keeps its micro-batch: sized again from free memory, the steps could change
+    micro_batch = config.micro_batch_size or start.get("micro_batch") or device.group.smallest(
+        plan.auto_micro_batch_size(model.config, config, planned_on, _free_gpu_bytes(
+            config.gpu_memory_limit_gb) if device.cuda else None, _dtype_bytes(device.dtype),
+            device.mode, every))
     steps = plan.plan_steps(config, planned_on, micro_batch)
     if planned_on != len(train_items):
         steps = plan.same_steps(steps, len(train_items), config.gradient_accumulation,
@@ -169,24 +173,36 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter,
                  f"{device.attention}" + (", liger kernels" if use_liger else ""))
 
     # 6. train, with the validation loss before and after
-    args = _training_arguments(config, workdir, steps, accumulation, device.optimizer,
-                               device.dtype, device.cuda, use_liger)
+    args = _training_arguments(config, checkpoints_dir or workdir / "trainer", steps,
+                               accumulation, device.optimizer, device.dtype, device.cuda,
+                               use_liger, saves=checkpoints_dir is not None)
+    epoch_tokens = report.train_tokens + sum(len(e["input_ids"]) for e in extra_set)
+    callbacks = [_progress_callback(reporter, epoch_tokens, group)]
+    if checkpoints_dir is not None:
+        callbacks.append(checkpoints.callback(checkpoints_dir, config.checkpoint_every_minutes,
+                                              config.checkpoint_keep, group, reporter.log))
     trainer = loss.trainer_class(device.dtype, offload, device.mode.loss_chunk_tokens,
                                  anchors)(
         model=model, args=args, train_dataset=train_items, data_collator=collator,
-        processing_class=tokenizer,
-        callbacks=[_progress_callback(reporter, report.train_tokens + sum(
-            len(e["input_ids"]) for e in extra_set), group)])
+        processing_class=tokenizer, callbacks=callbacks)
     trainer.remove_callback(transformers.PrinterCallback)  # progress goes to the reporter
     validation = (val_items, collator, micro_batch, device.dtype, reporter, group)
-    val_loss_before = _validation_loss(model, *validation, "before")
+    val_loss_before = start["val_loss_before"] if "val_loss_before" in start else \
+        _validation_loss(model, *validation, "before")
+    if checkpoints_dir is not None and group.is_main and not start:
+        checkpoints.write_start(checkpoints_dir, {
+            "micro_batch": micro_batch, "total_steps": steps.total_steps,
+            "val_loss_before": val_loss_before, "base_answers": base_answers})
     reporter.stage("training", f"{steps.num_epochs:g} epochs" if steps.max_steps <= 0
                    else f"{steps.max_steps} steps")
+    if resume_from is not None:
+        reporter.log(f"resuming from {resume_from.path.name} ({resume_from.describe()})")
     if device.cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.monotonic()
     with stage_peaks.measure("train"):
-        output = trainer.train()
+        output = trainer.train(resume_from_checkpoint=str(resume_from.path) if resume_from
+                               else None)
     train_seconds = time.monotonic() - started
     gpu_peaks = [group.largest(n / 1e9) for n in (torch.cuda.max_memory_allocated(),
                                                    torch.cuda.max_memory_reserved())] \
@@ -200,14 +216,16 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter,
     adapter_dir = workdir / "adapter"
     model.save_pretrained(adapter_dir)
     tokenizer.save_pretrained(adapter_dir)  # the merge step reuses the (maybe patched) template
-    tokens = round(trainer.state.epoch * (report.train_tokens + sum(
-        len(e["input_ids"]) for e in extra_set)))
+    tokens = round(trainer.state.epoch * epoch_tokens)
+    # this run's share (after a resume, train_seconds counts only the resumed part)
+    run_tokens = round((trainer.state.epoch - callbacks[0].first_epoch) * epoch_tokens)
     metrics = {
         "val_loss_before": val_loss_before, "val_loss_after": val_loss_after,
-        "train_loss": output.training_loss, "train_tokens": tokens,
+        "train_loss": _mean_train_loss(trainer.state.log_history, output.training_loss),
+        "train_tokens": tokens, "resumed_from_step": resume_from.step if resume_from else None,
         "train_seconds": round(train_seconds, 2), "load_seconds": round(load_seconds, 2),
         "train_end_time": round(time.time(), 3),  # wall clock: the start of "until it answers"
-        "tokens_per_s": round(tokens / train_seconds, 1) if train_seconds else 0.0,
+        "tokens_per_s": round(run_tokens / train_seconds, 1) if train_seconds else 0.0,
         "peak_gpu_mem_gb": round(gpu_peaks[0], 3) if device.cuda else None,  # largest rank's
         "peak_gpu_reserved_gb": round(gpu_peaks[1], 3) if device.cuda else None,
         "steps": trainer.state.global_step, "micro_batch_size": micro_batch,
@@ -222,6 +240,9 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter,
         "attention": device.attention, "trainable_params": trainable,
         "stage_peaks": dict(stage_peaks),
     }
+    if checkpoints_dir is not None:  # what checkpoints cost this run (of train_seconds)
+        metrics.update(checkpoints_saved=callbacks[-1].saved,
+                       checkpoint_seconds=round(callbacks[-1].seconds, 2))
     reporter.log(f"validation loss {val_loss_before} -> {val_loss_after}, "
                  f"{metrics['tokens_per_s']} tokens/s")
     if anchors:
@@ -247,6 +268,28 @@ def _paraphrased(paraphrases, train_rows: list, reporter: Reporter) -> tuple[lis
     for wordings in paraphrases.items[:3]:
         reporter.log(f"  {wordings.question!r} -> {wordings.train[:2]}")
     return extra, held
+
+
+def _anchors(config: FinetuneConfig, data_plan: plan.DataPlan, model, tokenizer, device: _Device,
+             checkpoints_dir: Path | None, reporter: Reporter):
+    """The base's answers to general prompts and its distributions on them (recipe/anchor.py),
+    before LoRA changes the model; saved with the checkpoints, and reused from there."""
+    from finetune.recipe import anchor
+
+    wanted = plan.anchors_wanted(config, data_plan.n_rows, data_plan.packing)
+    if not wanted:
+        return None
+    saved = anchor.load(checkpoints_dir / anchor.FILE) if checkpoints_dir else None
+    if saved is not None:
+        reporter.log(f"anchor: the {len(saved)} base answers of the first start")
+        return saved
+    reporter.stage("loading", f"the base answers {wanted} general prompts (anchor)")
+    anchors = anchor.build(model, tokenizer, wanted, config.anchor_weight, config.seed,
+                           config.max_seq_length, device.dtype, reporter)
+    if checkpoints_dir is not None and device.group.is_main:
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        anchor.save(anchors, checkpoints_dir / anchor.FILE)
+    return anchors
 
 
 def _settle_device(config: FinetuneConfig, data_plan: plan.DataPlan, reporter: Reporter) -> _Device:
@@ -452,13 +495,19 @@ def _freeze_base(model, dtype) -> None:
         param.requires_grad = False
 
 
-def _training_arguments(config: FinetuneConfig, workdir: Path, steps: plan.StepPlan,
-                        accumulation: int, optimizer: str, dtype, cuda: bool, use_liger: bool):
+def _training_arguments(config: FinetuneConfig, output_dir: Path, steps: plan.StepPlan,
+                        accumulation: int, optimizer: str, dtype, cuda: bool, use_liger: bool,
+                        saves: bool = False):
+    """`saves`: checkpoints into `output_dir` every checkpoint_every_steps (the Trainer's own
+    save_steps; checkpoints.callback adds the minutes and prunes, after sealing)."""
     import torch
     from transformers import TrainingArguments
 
+    by_steps = saves and config.checkpoint_every_steps > 0
     args = TrainingArguments(
-        output_dir=str(workdir / "trainer"), save_strategy="no", eval_strategy="no",
+        output_dir=str(output_dir), save_strategy="steps" if by_steps else "no",
+        **({"save_steps": config.checkpoint_every_steps} if by_steps else {}),
+        save_total_limit=None, eval_strategy="no",
         report_to="none", logging_steps=1, disable_tqdm=True, seed=config.seed,
         data_seed=config.seed, per_device_train_batch_size=steps.micro_batch,
         gradient_accumulation_steps=accumulation,
@@ -481,6 +530,13 @@ def _training_arguments(config: FinetuneConfig, workdir: Path, steps: plan.StepP
         # first one (4-bit bases) or nn.DataParallel (16-bit), neither what was planned.
         args._n_gpu = 1  # as transformers' Trainer does for model-parallel models
     return args
+
+
+def _mean_train_loss(log_history: list[dict], this_run: float) -> float:
+    """The mean of every logged step's loss, those before a resume included (the Trainer's own
+    figure averages only the steps of its last train() call)."""
+    losses = [entry["loss"] for entry in log_history if "loss" in entry]
+    return sum(losses) / len(losses) if losses else this_run
 
 
 def _last_user(messages: list[dict]) -> str:
@@ -558,6 +614,7 @@ def _progress_callback(reporter: Reporter, epoch_tokens: int, group: distributed
 
     class ProgressCallback(TrainerCallback):
         started = 0.0
+        first_step, first_epoch = 0, 0.0  # where this run began (after a resume: not 0)
 
         def _check_cancel(self):
             if reporter.cancelled():
@@ -565,6 +622,7 @@ def _progress_callback(reporter: Reporter, epoch_tokens: int, group: distributed
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.monotonic()
+            self.first_step, self.first_epoch = state.global_step, state.epoch or 0.0
 
         def on_step_end(self, args, state, control, **kwargs):
             self._check_cancel()
@@ -576,11 +634,12 @@ def _progress_callback(reporter: Reporter, epoch_tokens: int, group: distributed
                 return  # evaluation and end-of-training summaries
             elapsed = time.monotonic() - self.started
             step, total = state.global_step, state.max_steps
+            done, epochs = step - self.first_step, (state.epoch or 0.0) - self.first_epoch
             reporter.progress(
                 step=step, total_steps=total, epoch=round(state.epoch or 0.0, 3),
                 loss=logs["loss"], learning_rate=logs.get("learning_rate"),
-                tokens_per_s=round(state.epoch * epoch_tokens / elapsed, 1) if elapsed else 0.0,
-                eta_s=round(elapsed / step * (total - step), 1) if step else None,
+                tokens_per_s=round(epochs * epoch_tokens / elapsed, 1) if elapsed else 0.0,
+                eta_s=round(elapsed / done * (total - step), 1) if done else None,
                 gpu_mem_gb=round(group.largest(torch.cuda.max_memory_allocated() / 1e9), 3)
                 if torch.cuda.is_available() else None)
 

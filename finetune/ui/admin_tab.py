@@ -16,7 +16,7 @@ from finetune import FinetuneError
 from finetune import presets
 from finetune.config import (FieldSpec, FinetuneConfig, config_fields, fields_by_section,
                              from_preset)
-from finetune.jobs import records
+from finetune.jobs import records, resume
 from finetune.presets import OFFLINE_PRESET, PRESETS
 from finetune.recipe.data import inspect_dataset
 from finetune.ui.auth import AdminAuth
@@ -63,7 +63,7 @@ class _Guard:
         return wrapper
 
 
-def _progress_html(status: dict) -> str:
+def _progress_html(status: dict, checkpoint_note: str = "") -> str:
     step, total = int(status.get("step") or 0), int(status.get("total_steps") or 0)
     pct = 100.0 * step / total if total else (100.0 if status.get("state") == "done" else 0.0)
     eta = status.get("eta_s")
@@ -79,6 +79,8 @@ def _progress_html(status: dict) -> str:
             bits.append(f"{label} {fmt.format(status[key])}")
     if status.get("error"):
         bits.append(f"<span style='color:#c00'>{html.escape(str(status['error']))}</span>")
+    if checkpoint_note:  # a running job's newest checkpoint, or where a resume would start
+        bits.append(f"<span id='job-checkpoint'>{html.escape(checkpoint_note)}</span>")
     return (f"<div id='job-progress'><progress value='{pct:.1f}' max='100' style='width:100%'>"
             f"</progress><div>{' · '.join(bits)}</div></div>")
 
@@ -399,6 +401,7 @@ def _jobs_panel(tab, training: SimpleNamespace) -> SimpleNamespace:
     with gr.Row():
         # custom values: choices fill in per session; the handlers check every value themselves
         job_pick = training.job_pick.render()
+        resume_btn = gr.Button("Resume job", scale=1, elem_id="resume-job")
         cancel_btn = gr.Button("Cancel job", variant="stop", scale=1)
     progress = gr.HTML(elem_id="job-progress-box")
     with gr.Row():
@@ -421,7 +424,16 @@ def _jobs_panel(tab, training: SimpleNamespace) -> SimpleNamespace:
         records.cancel(tab.jobs_dir, job_id, wait_for_exit=False)
         return f"Cancelling `{job_id}`…"
 
+    @tab.guard
+    def resume_job(job_id):
+        if not job_id:
+            raise FinetuneError("Pick an interrupted or failed job to resume.")
+        record = resume.resume(tab.jobs_dir, job_id)
+        return f"Resuming `{record.id}`: {record.status.get('message', '')}"
+
     cancel_btn.click(cancel, [tab.token, job_pick], training.start_msg, api_name="admin_cancel")
+    resume_btn.click(resume_job, [tab.token, job_pick], training.start_msg,
+                     api_name="admin_resume")
     return SimpleNamespace(job_pick=job_pick, progress=progress, loss_plot=loss_plot,
                            log_tail=log_tail, eval_md=eval_md, eval_table=eval_table,
                            gate_table=gate_table, jobs_table=jobs_table)
@@ -480,7 +492,8 @@ def _wire_refresh(tab, timer: gr.Timer, job: SimpleNamespace, served: SimpleName
                     _gate_frame({}), _jobs_frame(found), versions_pick, served_text, active)
         record = records.get(jobs_dir, job_id)
         evaluation = record.evaluation
-        return (picker, _progress_html(record.status), _loss_figure(record.metrics),
+        return (picker, _progress_html(record.status, resume.describe(record)),
+                _loss_figure(record.metrics),
                 record.log_tail(LOG_LINES), _eval_markdown(evaluation, record.status),
                 _eval_frame(evaluation), _gate_frame(evaluation), _jobs_frame(found),
                 versions_pick, served_text, active)

@@ -30,7 +30,7 @@ def dirs(tmp_path) -> list[str]:
 def test_help_lists_commands_and_every_config_field():
     top = cli("--help")
     assert top.returncode == 0
-    for command in ("run", "jobs", "status", "cancel", "inspect-data"):
+    for command in ("run", "jobs", "status", "cancel", "resume", "inspect-data"):
         assert command in top.stdout
     run = cli("run", "--help")
     assert run.returncode == 0
@@ -47,6 +47,7 @@ def test_help_lists_commands_and_every_config_field():
     (["run", "--preset", "smollm2-135m", "--data", str(FAQ), "--quant-types", "Q9"], "quant_types"),
     (["run", "--preset", "smollm2-135m", "--data", str(ROOT / "README.md")], "unsupported file"),
     (["cancel", "no-such-job"], "Unknown job"),
+    (["resume", "no-such-job"], "Unknown job"),
     (["inspect-data", str(ROOT / "pytest.ini")], "pytest.ini"),
 ])
 def test_bad_input_exits_non_zero_with_one_line(args, reason, dirs, tmp_path):
