@@ -15,11 +15,13 @@ in self-distillation fine-tuning, with the base computed once.
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 PROMPTS = Path(__file__).with_name("anchor_prompts.txt")
+FILE = "anchors.safetensors"  # beside a run's checkpoints: a resumed run reuses the set
 TOP_K = 64  # the base's likeliest tokens kept per position; the rest are one bucket
 MAX_NEW_TOKENS = 96
 TEMPERATURE = 0.8
@@ -47,6 +49,44 @@ class AnchorSet:
         """The row for a micro-batch: the `call`-th of this rank, in a fixed order, so a
         resumed run takes the rows an uninterrupted one would."""
         return self.rows[(call * ranks + rank) % len(self.rows)]
+
+
+def save(anchors: AnchorSet, path: Path) -> None:
+    """The set as one safetensors file (no pickle), written whole or not at all."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, row in enumerate(anchors.rows):
+        tensors[f"{i}.input_ids"] = _tensor(row["input_ids"])
+        tensors[f"{i}.top_ids"], tensors[f"{i}.top_logps"] = row["top_ids"], row["top_logps"]
+    partial = Path(path).with_suffix(".partial")
+    save_file(tensors, str(partial), metadata={"weight": str(anchors.weight),
+                                              "rows": str(len(anchors.rows))})
+    os.replace(partial, path)
+
+
+def load(path: Path) -> AnchorSet | None:
+    """A set save() wrote, or None when there is none (or it cannot be read)."""
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+            rows = [{"input_ids": f.get_tensor(f"{i}.input_ids").tolist(),
+                     "top_ids": f.get_tensor(f"{i}.top_ids"),
+                     "top_logps": f.get_tensor(f"{i}.top_logps")}
+                    for i in range(int(meta["rows"]))]
+            return AnchorSet(rows, float(meta["weight"]))
+    except (OSError, KeyError, ValueError, RuntimeError):
+        return None
+
+
+def _tensor(ids: list[int]):
+    import torch
+
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def build(model, tokenizer, n_prompts: int, weight: float, seed: int, max_seq_length: int,
