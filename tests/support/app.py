@@ -64,7 +64,7 @@ def run_app(workdir: Path, models_dir: Path, **env: str) -> Iterator[AppServer]:
         **os.environ,
         "FINECHAT_HOST": "127.0.0.1", "FINECHAT_PORT": str(port),
         "FINECHAT_MODELS_DIR": str(models_dir), "FINECHAT_JOBS_DIR": str(workdir / "jobs"),
-        "FINECHAT_N_THREADS": "2", "OMP_NUM_THREADS": "2",
+        "OMP_NUM_THREADS": "2",  # (llama.cpp's threads: the app's own default, cpu_threads)
         "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
         **env,
     }
