@@ -81,14 +81,14 @@ def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path | tuple[Path, Path]
                    n_ctx: int = 512, max_chunks: int = 8,
                    probes: list[tuple[list[dict], str]] | None = None,
                    n_gpu_layers: int = 0, gpu_memory_limit_gb: float = 0.0,
-                   general: bool = False) -> dict:
+                   general: bool | set = False) -> dict:
     """Perplexity of f16 and each quantized GGUF on `text`, plus the quantized models' mean KL
     divergence from f16 and how often their top-1 token matches f16's (llama.cpp's KLD metrics).
     The text is cut into n_ctx windows; the second half of each window is scored, as
     llama.cpp's perplexity tool does, so every scored token has at least n_ctx/2 of context.
     A value of `quantized` may be (base GGUF, LoRA adapter GGUF): the adapter on its base.
     With `probes`, each file's answer_rows (recall of taught answers) come in the same load;
-    with `general`, its general ability (quality/forgetting.py).
+    with `general` (True, or the labels to measure), its general ability (quality/forgetting.py).
     One file is loaded at a time (f16's log-probabilities are kept): RAM of the largest file.
     `n_gpu_layers` offloads to a CUDA build of llama.cpp, fewer where a file would not fit
     `gpu_memory_limit_gb`."""
@@ -108,7 +108,7 @@ def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path | tuple[Path, Path]
             if not chunks:
                 chunks = windows(llm, text, n_ctx, max_chunks) if text else []
             row = {"answer_rows": answer_rows(llm, probes)} if probes else {}
-            if general:
+            if general is True or (general and quant in general):
                 from finetune.quality import forgetting
 
                 row["general"] = forgetting.measure(llm)

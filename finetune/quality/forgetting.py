@@ -91,5 +91,6 @@ def compare(general: dict[str, dict], base: str, warn_share: float) -> tuple[dic
                 f"questions (base {reference['right']}/{reference['of']}) and its perplexity on "
                 f"general text is {ppl:+.1%} of the base's (warn beyond {warn_share:.0%} / "
                 f"{warn_share * 100:.0f} points): the fine-tune costs general ability; fewer "
-                "epochs, a lower learning rate or a lower LoRA rank cost less")
+                "epochs, a lower learning rate, a lower LoRA rank or a higher anchor_weight "
+                "cost less")
     return changes, warnings

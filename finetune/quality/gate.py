@@ -14,7 +14,8 @@ f16 GGUF of the merged model:
 - generalisation: the same recall on held-out paraphrases of the training questions (asked in
   words never trained on: recipe/paraphrase.py), where the job has them;
 - forgetting: perplexity on a fixed general text and accuracy on general questions, of each
-  file and of the base GGUF it was tuned from (quality/forgetting.py), with a warning for a
+  file that may be served and of the base GGUF it was tuned from (quality/forgetting.py; not
+  of f16, which is never served), with a warning for a
   file that costs more than forgetting_warn_share of the base's.
 A candidate passes when it keeps >= KEEP_RATIO of the f16 model's recall, the trained
 questions' and the held-out paraphrases' together: of their hits, or of their answer-token
@@ -85,6 +86,8 @@ def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: 
     held_out = held_out or []
     pairs = [(p.messages, p.answer) for p in [*probes, *held_out]]
     reference = files.pop(F16)
+    # forgetting: of the files that may be served, against the base (f16 is never served)
+    general = {BASE, *files} if base is not None else False
     if base is not None:
         files[BASE] = base
     gpu = {"n_gpu_layers": Settings.from_env().n_gpu_layers,
@@ -92,11 +95,10 @@ def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: 
     try:
         scores = quant_fidelity(reference, files, validation_text, max_chunks=4,
                                 n_ctx=_agreement_ctx(validation_text), probes=pairs,
-                                general=base is not None, **gpu)
+                                general=general, **gpu)
     except FinetuneError as exc:  # too little text: recall alone decides
         messages.append(f"gate: next-token agreement skipped ({exc})")
-        scores = quant_fidelity(reference, files, "", probes=pairs, general=base is not None,
-                                **gpu)
+        scores = quant_fidelity(reference, files, "", probes=pairs, general=general, **gpu)
     results: dict[str, dict] = {}
     for label, c in candidates.items():
         numbers = scores[label]
@@ -120,7 +122,8 @@ def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: 
     if base is not None:
         from finetune.quality import forgetting
 
-        general = {label: scores[label]["general"] for label in (BASE, *candidates)}
+        general = {label: scores[label]["general"] for label in (BASE, *candidates)
+                   if "general" in scores[label]}
         changes, warnings = forgetting.compare(general, BASE, warn_share)
         for label, change in changes.items():
             results[label]["general"] = {**general[label], **change}
