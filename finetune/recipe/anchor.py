@@ -67,7 +67,7 @@ def save(anchors: AnchorSet, path: Path) -> None:
 
 def load(path: Path) -> AnchorSet | None:
     """A set save() wrote, or None when there is none (or it cannot be read)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     if not Path(path).is_file():
         return None
@@ -79,8 +79,8 @@ def load(path: Path) -> AnchorSet | None:
                      "top_logps": f.get_tensor(f"{i}.top_logps")}
                     for i in range(int(meta["rows"]))]
             return AnchorSet(rows, float(meta["weight"]))
-    except (OSError, KeyError, ValueError, RuntimeError):
-        return None
+    except (OSError, KeyError, ValueError, RuntimeError, SafetensorError):
+        return None  # damaged: built again
 
 
 def _tensor(ids: list[int]):
