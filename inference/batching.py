@@ -152,7 +152,7 @@ class BatchScheduler:
 
     def __init__(self, model, name: str, n_slots: int, n_ctx_slot: int, n_threads: int,
                  n_threads_batch: int, n_batch: int = 512, max_queue: int = 64,
-                 prompt_cache: bool = True, flash_attn: bool = False,
+                 prompt_cache: bool = True, flash_attn: bool | None = False,
                  kv_unified: bool = False):
         import llama_cpp
 
@@ -172,8 +172,9 @@ class BatchScheduler:
         # still bounded to n_ctx_slot tokens by the prompt fit and max_new_tokens)
         params.kv_unified = kv_unified
         params.no_perf = True
-        # off unless asked, as llama-cpp-python's Llama: on a CPU it changes the rounding
-        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+        # on, off, or None: llama.cpp's auto (engine.flash_attn: auto on a GPU, off on a CPU)
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:

@@ -183,7 +183,7 @@ class LoadedModel:
         self.scheduler = batching.BatchScheduler(
             llama.model, name, n_slots, settings.n_ctx, llama.n_threads, llama.n_threads_batch,
             max_queue=settings.max_queue, prompt_cache=settings.prompt_cache,
-            flash_attn=settings.flash_attn, kv_unified=kv_unified(settings))
+            flash_attn=flash_attn(settings), kv_unified=kv_unified(settings))
 
     @property
     def n_ctx(self) -> int:
@@ -251,6 +251,17 @@ class LoadedModel:
                 adapter.handle = None
 
         self.scheduler.close(then=free_model)
+
+
+def flash_attn(settings: Settings) -> bool | None:
+    """llama.cpp's flash attention: as set, else None (llama.cpp decides by the device's
+    kernels) where it offloads to a GPU, and off on a CPU."""
+    if settings.flash_attn is not None:
+        return settings.flash_attn
+    import llama_cpp
+
+    gpu = settings.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
+    return None if gpu else False
 
 
 def kv_unified(settings: Settings) -> bool:
