@@ -56,9 +56,12 @@ VARIANTS = {"defaults (no paraphrases)": ({"paraphrases": 0}, False),
             # the anchor (recipe/anchor.py, on by default for small data) against forgetting
             "no anchor": ({"anchor_prompts": 0}, True),
             "anchor weight 0.3": ({"anchor_weight": 0.3}, True),
+            "anchor weight 1": ({"anchor_weight": 1.0}, True),
             "anchor weight 3": ({"anchor_weight": 3.0}, True),
             "anchor weight 10": ({"anchor_weight": 10.0}, True),
-            "anchor 64 prompts": ({"anchor_prompts": 64}, True)}
+            "anchor 64 prompts": ({"anchor_prompts": 64}, True),
+            "anchor 16 prompts": ({"anchor_prompts": 16}, True),
+            "anchor 8 prompts": ({"anchor_prompts": 8}, True)}
 MAX_NEW_TOKENS = 48
 
 

@@ -130,8 +130,9 @@ class FinetuneConfig:
                                 "rows, none from 300 on; 0: none.",
                                 section="training", label="Anchor prompts", default=-1)
     anchor_weight: float = _help("Weight of the KL to the base on the anchor answers, against "
-                                 "the training loss (see anchor_prompts).",
-                                 section="training", label="Anchor weight", default=1.0)
+                                 "the training loss (see anchor_prompts); higher keeps more of "
+                                 "the base and learns the taught answers more slowly.",
+                                 section="training", label="Anchor weight", default=4.0)
     neftune_alpha: float = _help("NEFTune: noise of this scale added to the input embeddings "
                                  "while training (5 is typical); 0: none.",
                                  section="training", label="NEFTune noise", default=0.0)

@@ -16,8 +16,8 @@ LOSS_CHUNK_TOKENS = 2048
 def trainer_class(dtype, offload=None, chunk_tokens: int | None = None, anchors=None):
     """transformers' Trainer with causal_lm_loss (`chunk_tokens` at a time) in place of the
     model's loss; `offload` (a finetune.recipe.offload.ActivationOffload) keeps what the forward pass
-    saves in host memory; `anchors` (finetune.recipe.anchor.AnchorSet): each training
-    micro-batch carries one of its rows and the loss adds its weight x the mean KL to the base
+    saves in host memory; `anchors` (finetune.recipe.anchor.AnchorSet): a training
+    micro-batch in anchor.EVERY carries one of its rows and the loss adds its weight x the mean KL to the base
     on that row's positions."""
     import contextlib
 
@@ -30,9 +30,9 @@ def trainer_class(dtype, offload=None, chunk_tokens: int | None = None, anchors=
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             device = inputs["input_ids"].device
             target = None
-            if anchors and model.training:
-                inputs, target = anchor.joined(inputs, self._next_anchor(),
-                                               self.processing_class.pad_token_id)
+            row = self._next_anchor() if anchors and model.training else None
+            if row is not None:
+                inputs, target = anchor.joined(inputs, row, self.processing_class.pad_token_id)
             # The decoder is called directly, past accelerate's autocast around model.forward.
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32), \
                     (offload.saving() if offload is not None else contextlib.nullcontext()):
@@ -52,7 +52,7 @@ def trainer_class(dtype, offload=None, chunk_tokens: int | None = None, anchors=
                 loss = loss * self.accelerator.num_processes
             return (loss, None) if return_outputs else loss
 
-        def _next_anchor(self) -> dict:
+        def _next_anchor(self) -> dict | None:
             """The anchor row of this micro-batch, counted from the step (so a resumed run
             takes the same rows)."""
             accumulation = self.args.gradient_accumulation_steps

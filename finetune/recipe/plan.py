@@ -108,6 +108,11 @@ def plan_data(config, n_rows: int) -> DataPlan:
     if config.packing is None and small:
         notes.append("rows are not packed (one row per sequence), so each epoch has more "
                      "optimizer steps")
+    anchors = anchors_wanted(config, n_rows, packing)
+    if anchors and config.anchor_prompts < 0:
+        notes.append(f"small dataset: the base answers {anchors} general prompts first, and "
+                     "the loss holds the fine-tune to the base's distributions on them, against "
+                     "forgetting (anchor; anchor_prompts 0 turns this off)")
     return DataPlan(n_rows, small, val_split, validate_on_train, packing, notes)
 
 

@@ -94,8 +94,10 @@ def test_the_micro_batch_carries_one_anchor_row_without_targets():
     assert target["length"] == 5
     # the rows are taken in a fixed order from the step, each rank its own
     anchors = anchor.AnchorSet([{"n": i} for i in range(5)], 1.0)
-    assert [anchors.pick(c)["n"] for c in range(6)] == [0, 1, 2, 3, 4, 0]
-    assert [anchors.pick(c, 1, 2)["n"] for c in range(3)] == [1, 3, 0]
+    every = anchor.EVERY
+    assert [anchors.pick(c * every)["n"] for c in range(6)] == [0, 1, 2, 3, 4, 0]
+    assert all(anchors.pick(c) is None for c in range(1, every))
+    assert [anchors.pick(c * every, 1, 2)["n"] for c in range(3)] == [1, 3, 0]
 
 
 def test_a_small_run_carries_the_anchor_by_default(tiny_llama_dir, tmp_path):
@@ -103,6 +105,7 @@ def test_a_small_run_carries_the_anchor_by_default(tiny_llama_dir, tmp_path):
     assert plan.anchors_wanted(config, 40, packing=False) == plan.AUTO_ANCHOR_PROMPTS
     assert plan.anchors_wanted(config, 40, packing=True) == 0
     assert plan.anchors_wanted(config, 400, packing=False) == 0
+    assert any("against forgetting (anchor" in note for note in plan.plan_data(config, 40).notes)
     reporter = RecordingReporter()
     result = train.train(tiny_config(tiny_llama_dir, max_steps=3, eval_max_new_tokens=0,
                                      anchor_prompts=3), tmp_path / "run", reporter)
