@@ -7,8 +7,8 @@ learning rate, rank or steps (bench/faq_levers.py): nothing in the loss says wha
 should keep. Here the base answers a few general prompts (anchor_prompts.txt: everyday
 instructions about nothing an FAQ or the gate's general sets hold), sampled, in its own chat
 template, before LoRA is added; the base's top-K log-probabilities at every position of those
-conversations are kept. One training micro-batch in EVERY then carries one of them, with no targets of
-its own: the loss adds `weight` x the mean KL divergence from the base's distribution to the
+conversations are kept. One optimizer step in EVERY then carries one of them in a micro-batch,
+with no targets of its own: the loss adds `weight` x the mean KL divergence from the base's distribution to the
 tuned model's at its positions (over the base's top-K tokens and one bucket for the rest,
 so the base's logits need not be kept whole). A rehearsal of the base against forgetting, as
 in self-distillation fine-tuning, with the base computed once.
@@ -24,8 +24,9 @@ PROMPTS = Path(__file__).with_name("anchor_prompts.txt")
 FILE = "anchors.safetensors"  # beside a run's checkpoints: a resumed run reuses the set
 TOP_K = 64  # the base's likeliest tokens kept per position; the rest are one bucket
 # An anchored micro-batch is padded to its anchor row: short answers keep it near the FAQ rows'
-# width, and one micro-batch in EVERY carries one (weight 1 and 10 held general-text perplexity
-# alike, +1.7% and +1.0%: the term need not act every step). bench/faq_levers.py
+# width, and one optimizer step in EVERY carries one, in its first micro-batch on the first rank
+# (weight 1 and 10 held general-text perplexity alike, +1.7% and +1.0%: the term need not act
+# every step). bench/faq_levers.py
 MAX_NEW_TOKENS = 32
 EVERY = 4
 TEMPERATURE = 0.8
@@ -49,12 +50,12 @@ class AnchorSet:
     def tokens(self) -> int:
         return sum(len(r["input_ids"]) for r in self.rows)
 
-    def pick(self, call: int, rank: int = 0, ranks: int = 1) -> dict | None:
-        """The row for this rank's `call`-th micro-batch (None for all but one in EVERY), in a
-        fixed order, so a resumed run takes the rows an uninterrupted one would."""
-        if call % EVERY:
+    def pick(self, step: int) -> dict | None:
+        """The row of optimizer step `step` (None for all but one step in EVERY), in a fixed
+        order, so a resumed run takes the rows an uninterrupted one would."""
+        if step % EVERY:
             return None
-        return self.rows[(call // EVERY * ranks + rank) % len(self.rows)]
+        return self.rows[step // EVERY % len(self.rows)]
 
 
 def save(anchors: AnchorSet, path: Path) -> None:

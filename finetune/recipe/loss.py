@@ -16,8 +16,8 @@ LOSS_CHUNK_TOKENS = 2048
 def trainer_class(dtype, offload=None, chunk_tokens: int | None = None, anchors=None):
     """transformers' Trainer with causal_lm_loss (`chunk_tokens` at a time) in place of the
     model's loss; `offload` (a finetune.recipe.offload.ActivationOffload) keeps what the forward pass
-    saves in host memory; `anchors` (finetune.recipe.anchor.AnchorSet): a training
-    micro-batch in anchor.EVERY carries one of its rows and the loss adds its weight x the mean KL to the base
+    saves in host memory; `anchors` (finetune.recipe.anchor.AnchorSet): one optimizer
+    step in anchor.EVERY carries one of its rows and the loss adds its weight x the mean KL to the base
     on that row's positions."""
     import contextlib
 
@@ -42,10 +42,12 @@ def trainer_class(dtype, offload=None, chunk_tokens: int | None = None, anchors=
             loss = total / (num_items_in_batch if num_items_in_batch is not None
                             else max(count, 1))
             if kl is not None:
-                # the mean per anchor position, once per optimizer step across accumulation
-                share = self.args.gradient_accumulation_steps if num_items_in_batch is not None \
-                    else 1
-                loss = loss + anchors.weight * kl / (target["length"] * share)
+                # the mean per anchor position, once in the optimizer step: where the Trainer
+                # divides by the accumulation steps, this micro-batch's term makes up for it
+                # (under DDP the loss is scaled by the ranks below, and averaged back)
+                scale = 1 if num_items_in_batch is not None else \
+                    self.args.gradient_accumulation_steps
+                loss = loss + anchors.weight * scale * kl / target["length"]
             if self.accelerator.num_processes > 1 and num_items_in_batch is not None \
                     and self.args.average_tokens_across_devices:
                 # the count is over every rank's batch and DDP averages the ranks' gradients
@@ -53,14 +55,15 @@ def trainer_class(dtype, offload=None, chunk_tokens: int | None = None, anchors=
             return (loss, None) if return_outputs else loss
 
         def _next_anchor(self) -> dict | None:
-            """The anchor row of this micro-batch, counted from the step (so a resumed run
-            takes the same rows)."""
-            accumulation = self.args.gradient_accumulation_steps
+            """The anchor row of this micro-batch: the optimizer step's first micro-batch on
+            the first rank carries the step's row, if it has one (anchor.AnchorSet.pick), so
+            one process and several ranks, accumulating or not, and a resumed run, all add
+            the same term at the same steps."""
             if getattr(self, "_anchor_step", None) != self.state.global_step:
                 self._anchor_step, self._anchor_micro = self.state.global_step, 0
-            call = self.state.global_step * accumulation + self._anchor_micro
+            first = self._anchor_micro == 0 and self.args.process_index == 0
             self._anchor_micro += 1
-            return anchors.pick(call, self.args.process_index, self.args.world_size)
+            return anchors.pick(self.state.global_step) if first else None
 
     return ChunkedLossTrainer
 

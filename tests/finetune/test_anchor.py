@@ -92,12 +92,11 @@ def test_the_micro_batch_carries_one_anchor_row_without_targets():
     assert batch["attention_mask"].tolist()[2] == [1] * 5
     assert batch["labels"][:2, :3].tolist() == inputs["labels"].tolist()
     assert target["length"] == 5
-    # the rows are taken in a fixed order from the step, each rank its own
+    # the rows are taken in a fixed order from the optimizer step, one step in EVERY
     anchors = anchor.AnchorSet([{"n": i} for i in range(5)], 1.0)
     every = anchor.EVERY
-    assert [anchors.pick(c * every)["n"] for c in range(6)] == [0, 1, 2, 3, 4, 0]
-    assert all(anchors.pick(c) is None for c in range(1, every))
-    assert [anchors.pick(c * every, 1, 2)["n"] for c in range(3)] == [1, 3, 0]
+    assert [anchors.pick(step * every)["n"] for step in range(6)] == [0, 1, 2, 3, 4, 0]
+    assert all(anchors.pick(step) is None for step in range(1, every))
 
 
 def test_a_small_run_carries_the_anchor_by_default(tiny_llama_dir, tmp_path):
@@ -112,3 +111,18 @@ def test_a_small_run_carries_the_anchor_by_default(tiny_llama_dir, tmp_path):
     assert result.metrics["anchor_rows"] == 3 and result.metrics["steps"] == 3
     assert any("anchor: the base's answers to 3 general prompts" in line
                for line in reporter.logs)
+
+
+def test_the_anchor_adds_the_same_term_however_a_step_is_split(tiny_llama_dir, tmp_path):
+    """Micro-batch 2 x 1 and 1 x 2 accumulation: the same rows and the same anchor row at the
+    same steps, so the same curve (the two ranks of test_distributed follow it too)."""
+    curves = []
+    for micro, accumulation in ((2, 1), (1, 2)):
+        reporter = RecordingReporter()
+        train.train(tiny_config(tiny_llama_dir, max_steps=5, eval_max_new_tokens=0,
+                                 micro_batch_size=micro, gradient_accumulation=accumulation,
+                                 anchor_prompts=2, anchor_weight=50.0),
+                    tmp_path / f"{micro}x{accumulation}", reporter)
+        curves.append([p["loss"] for p in reporter.steps() if "loss" in p])
+    assert len(curves[0]) == 5
+    assert curves[1] == pytest.approx(curves[0], abs=1e-4)
