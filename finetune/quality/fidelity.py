@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from finetune import FinetuneError
-from finetune.quality.scoring import chat_renderer, log_probs, windows
+from finetune.quality.scoring import Scorer, chat_renderer, log_probs, windows
 
 
 def _llama(*args, **kwargs):
@@ -100,19 +100,20 @@ def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path | tuple[Path, Path]
     reference, chunks, scored = None, [], 0
     for quant, path in {"F16": f16_gguf, **quantized}.items():
         base, lora = path if isinstance(path, tuple) else (path, None)
-        llm = _llama(str(base), lora_path=str(lora) if lora else None,
-                    n_ctx=max(n_ctx, PROBE_CTX if probes else 0), n_batch=n_ctx,
-                    n_gpu_layers=gpu_layers_within(base, n_gpu_layers, gpu_memory_limit_gb),
-                    logits_all=True, verbose=False)
+        layers = gpu_layers_within(base, n_gpu_layers, gpu_memory_limit_gb)
+        # the Llama tokenizes and renders; its Scorer's own context does the decoding
+        llm = _llama(str(base), lora_path=str(lora) if lora else None, n_ctx=64, n_batch=64,
+                    n_gpu_layers=layers, verbose=False)
         try:
-            if not chunks:
-                chunks = windows(llm, text, n_ctx, max_chunks) if text else []
-            row = {"answer_rows": answer_rows(llm, probes)} if probes else {}
-            if general is True or (general and quant in general):
-                from finetune.quality import forgetting
+            with Scorer(llm, max(n_ctx, PROBE_CTX if probes else 0), gpu=layers != 0) as scorer:
+                if not chunks:
+                    chunks = windows(llm, text, n_ctx, max_chunks) if text else []
+                row = {"answer_rows": answer_rows(scorer, probes)} if probes else {}
+                if general is True or (general and quant in general):
+                    from finetune.quality import forgetting
 
-                row["general"] = forgetting.measure(llm)
-            logps = [log_probs(llm, ids) for ids in chunks]
+                    row["general"] = forgetting.measure(scorer)
+                logps = log_probs(scorer, chunks)
         finally:
             llm.close()
         if chunks:
@@ -183,17 +184,17 @@ def logits_agreement(merged_dir: Path, f16_gguf: Path, text: str, n_tokens: int 
 PROBE_CTX = 1024  # room for a question and its answer
 
 
-def answer_rows(llm, probes: list[tuple[list[dict], str]]) -> list[dict]:
+def answer_rows(scorer: Scorer, probes: list[tuple[list[dict], str]]) -> list[dict]:
     """For each (conversation, taught answer): the chat prompt in the GGUF's own template, then
-    the taught answer and its end-of-turn token, teacher-forced in one pass. "exact" when every
-    answer token (the end of turn included) is the model's top-1 after the tokens before it:
-    exactly when greedy decoding reproduces the answer and stops; "top1" counts the answer
-    tokens that are (how much of the answer is kept). `llm`: a Llama with logits_all."""
+    the taught answer and its end-of-turn token, teacher-forced (all probes decoded together).
+    "exact" when every answer token (the end of turn included) is the model's top-1 after the
+    tokens before it: exactly when greedy decoding reproduces the answer and stops; "top1"
+    counts the answer tokens that are (how much of the answer is kept)."""
     import llama_cpp
-    import numpy as np
 
+    llm = scorer.llm
     render = chat_renderer(llm)
-    rows = []
+    sequences = []
     for messages, answer in probes:
         prompt = render(messages, True)
         full = render([*messages, {"role": "assistant", "content": answer}], False)
@@ -205,11 +206,9 @@ def answer_rows(llm, probes: list[tuple[list[dict], str]]) -> list[dict]:
         targets = full_ids[len(prompt_ids):]
         end = next((i for i, t in enumerate(targets)
                     if llama_cpp.llama_vocab_is_eog(llm._model.vocab, t)), len(targets) - 1)
-        ids = (prompt_ids + targets[:end + 1])[:llm.n_ctx()]
-        llm.reset()
-        llm.eval(ids)
-        predicted = np.asarray(llm.scores[len(prompt_ids) - 1:len(ids) - 1]).argmax(1)
-        top1 = predicted == np.asarray(ids[len(prompt_ids):])
+        sequences.append((prompt_ids + targets[:end + 1], len(prompt_ids)))
+    rows = []
+    for top1 in scorer.score(sequences, lambda logits, targets: logits.argmax(1) == targets):
         rows.append({"tokens": int(top1.size), "top1": int(top1.sum()),
                      "exact": bool(top1.size and top1.all())})
     return rows

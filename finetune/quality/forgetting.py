@@ -19,7 +19,7 @@ import json
 import math
 from pathlib import Path
 
-from finetune.quality.scoring import chat_renderer, log_probs, windows
+from finetune.quality.scoring import Scorer, chat_renderer, log_probs, log_softmax, windows
 
 GENERAL = Path(__file__).with_name("general")
 WINDOW = 256
@@ -34,37 +34,36 @@ def general_questions() -> list[tuple[str, list[str], int]]:
             json.loads((GENERAL / "questions.json").read_text())]
 
 
-def measure(llm) -> dict:
-    """Perplexity on the general text and multiple-choice accuracy of an open Llama (with
-    logits_all and n_ctx >= WINDOW)."""
+def measure(scorer: Scorer) -> dict:
+    """Perplexity on the general text and multiple-choice accuracy of an open model (a Scorer
+    with n_ctx >= WINDOW)."""
     import numpy as np
 
+    llm = scorer.llm
     chunks = windows(llm, general_text(), WINDOW, max_chunks=64)
     nll, scored = 0.0, 0
-    for ids in chunks:
-        logps = log_probs(llm, ids)
+    for ids, logps in zip(chunks, log_probs(scorer, chunks)):
         targets = np.asarray(ids[len(ids) // 2:])
         nll -= float(logps[np.arange(len(targets)), targets].sum())
         scored += len(targets)
     render = chat_renderer(llm)
-    right = 0
     questions = general_questions()
-    for question, options, answer in questions:
+    sequences = []
+    for question, options, _ in questions:
         messages = [{"role": "user", "content": question}]
         prompt_ids = llm.tokenize(render(messages, True).encode(), add_bos=False, special=True)
-        llm.reset()
-        llm.eval(prompt_ids)  # once: each answer continues from it
-        scores = []
         for option in options:
             option_ids = llm.tokenize(option.encode(), add_bos=False, special=False)
-            ids = prompt_ids + option_ids
-            llm.n_tokens = len(prompt_ids)  # eval drops the KV cache past here
-            llm.eval(option_ids)
-            logits = np.asarray(llm.scores[len(prompt_ids) - 1:len(ids) - 1], dtype=np.float64)
-            logits -= logits.max(axis=1, keepdims=True)
-            logps = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-            total = float(logps[np.arange(len(option_ids)), option_ids].sum())
-            scores.append(total / max(1, len(option.encode())))
+            sequences.append((prompt_ids + option_ids, len(prompt_ids)))
+
+    def total(logits, targets) -> float:
+        logps = log_softmax(logits)
+        return float(logps[np.arange(len(targets)), targets].sum(dtype=np.float64))
+
+    totals = iter(scorer.score(sequences, total))
+    right = 0
+    for _, options, answer in questions:
+        scores = [next(totals) / max(1, len(option.encode())) for option in options]
         right += int(int(np.argmax(scores)) == answer)
     return {"perplexity": round(math.exp(nll / scored), 4), "tokens_scored": scored,
             "right": right, "of": len(questions),

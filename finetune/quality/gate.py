@@ -39,6 +39,7 @@ from finetune.export.install import ADAPTER
 from finetune.quality.llama_process import LlamaProcess
 
 KEEP_RATIO = 0.9
+AGREEMENT_WINDOWS = 2  # of validation text, for next-token agreement with f16 (a tie-break)
 F16 = "F16"
 BASE = "base"  # the GGUF the fine-tune started from: forgetting is measured against it
 
@@ -93,7 +94,7 @@ def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: 
     gpu = {"n_gpu_layers": Settings.from_env().n_gpu_layers,
            "gpu_memory_limit_gb": gpu_memory_limit_gb}
     try:
-        scores = quant_fidelity(reference, files, validation_text, max_chunks=4,
+        scores = quant_fidelity(reference, files, validation_text, max_chunks=AGREEMENT_WINDOWS,
                                 n_ctx=_agreement_ctx(validation_text), probes=pairs,
                                 general=general, **gpu)
     except FinetuneError as exc:  # too little text: recall alone decides
