@@ -172,7 +172,7 @@ class BatchScheduler:
         # still bounded to n_ctx_slot tokens by the prompt fit and max_new_tokens)
         params.kv_unified = kv_unified
         params.no_perf = True
-        # on, off, or None: llama.cpp's auto (engine.flash_attn: auto on a GPU, off on a CPU)
+        # on, off, or None: llama.cpp's auto (engine.flash_attn)
         params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash_attn is None
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)

@@ -254,14 +254,9 @@ class LoadedModel:
 
 
 def flash_attn(settings: Settings) -> bool | None:
-    """llama.cpp's flash attention: as set, else None (llama.cpp decides by the device's
-    kernels) where it offloads to a GPU, and off on a CPU."""
-    if settings.flash_attn is not None:
-        return settings.flash_attn
-    import llama_cpp
-
-    gpu = settings.n_gpu_layers != 0 and bool(llama_cpp.llama_supports_gpu_offload())
-    return None if gpu else False
+    """llama.cpp's flash attention: as set, else None: llama.cpp's own auto, as llama-server's
+    `-fa auto` (on wherever the device has the kernels, a CPU's included)."""
+    return settings.flash_attn
 
 
 def kv_unified(settings: Settings) -> bool:

@@ -54,9 +54,9 @@ class Settings:
     parallel: int = 0
     kv_cache_gb: float = 2.0
     # llama.cpp's flash attention. None (auto): llama.cpp's own auto (on where the device has
-    # the kernels) where layers are offloaded to a GPU, as llama-server's -fa auto: 32 chats
-    # decoded 2,594 tokens/s with it against 2,222 without on an H100
-    # (bench/results/serve_peer_gpu.json); off on a CPU, where it changes the rounding.
+    # the kernels, a CPU's too), as llama-server's -fa auto: 32 chats decoded 2,594 tokens/s
+    # with it against 2,222 without on an H100 (bench/results/serve_peer_gpu.json); on 2 CPU
+    # cores 1 and 8 chats about 1.2x and 1.4x (docs/benchmarks.md).
     flash_attn: bool | None = None
     # One KV buffer shared by the slots (llama.cpp's --kv-unified) instead of a stream per
     # slot: one attention over every chat per step, and a prefix shared by reference instead

@@ -105,7 +105,7 @@ def quant_fidelity(f16_gguf: Path, quantized: dict[str, Path | tuple[Path, Path]
         llm = _llama(str(base), lora_path=str(lora) if lora else None, n_ctx=64, n_batch=64,
                     n_gpu_layers=layers, verbose=False)
         try:
-            with Scorer(llm, max(n_ctx, PROBE_CTX if probes else 0), gpu=layers != 0) as scorer:
+            with Scorer(llm, max(n_ctx, PROBE_CTX if probes else 0)) as scorer:
                 if not chunks:
                     chunks = windows(llm, text, n_ctx, max_chunks) if text else []
                 row = {"answer_rows": answer_rows(scorer, probes)} if probes else {}

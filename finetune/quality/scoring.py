@@ -29,10 +29,12 @@ class Scorer:
     (llama_memory_seq_cp), the rest of each decodes in the same batches as the others, and
     logits are computed only for the positions asked for."""
 
-    def __init__(self, llm, n_ctx: int, n_batch: int = 512, gpu: bool = False):
+    def __init__(self, llm, n_ctx: int, n_batch: int = 512):
         import llama_cpp
 
         from inference.cpu_threads import cpu_threads
+        from inference.engine import flash_attn
+        from inference.settings import Settings
 
         self._ll, self.llm = llama_cpp, llm
         self.n_batch = n_batch
@@ -43,7 +45,9 @@ class Scorer:
         params.n_batch = params.n_ubatch = n_batch
         params.n_threads = params.n_threads_batch = cpu_threads()
         params.no_perf = True
-        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if gpu
+        flash = flash_attn(Settings.from_env())  # as the chat engine will serve it
+        params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO if flash is None
+                                  else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash
                                   else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         self._ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
         if not self._ctx:

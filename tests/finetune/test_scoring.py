@@ -60,8 +60,10 @@ def test_together_scores_as_alone_and_as_llama(llm, smollm2_path):
     for (logits, targets), (ids, first) in zip(together, sequences):
         np.testing.assert_array_equal(targets, ids[first:])
     index = list(range(0, len(sequences), 9)) + [len(sequences) - 2, len(sequences) - 1]
+    # flash attention as the Scorer decodes (the engine's default: llama.cpp's auto, on)
     reference = _llama(str(smollm2_path), n_ctx=1024, n_batch=128, logits_all=True,
-                       verbose=False)
+                       flash_attn=True, verbose=False)
+    same = []
     try:
         for i, (logits, targets) in zip(index, alone):
             ids, first = sequences[i]
@@ -72,10 +74,11 @@ def test_together_scores_as_alone_and_as_llama(llm, smollm2_path):
             # activations): the same next tokens, nearly the same distributions
             for got in (logits, together[i][0]):
                 assert got.shape == expected.shape
-                assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.9
                 assert kl(expected, got) < TOLERANCE
+                same.append(got.argmax(1) == expected.argmax(1))
     finally:
         reference.close()
+    assert np.concatenate(same).mean() >= 0.95  # a near-tie may fall either way
     # what the tolerance tells apart: the same answer after another question
     assert kl(together[0][0], together[4][0]) > 20 * TOLERANCE
     # the duplicate scores exactly as its original, in the same group

@@ -73,7 +73,7 @@ def references(smollm2_path, loras) -> dict:
     answers = {}
     for key, lora in (("base", None), ("a", loras["a"][1]), ("b", loras["b"][1])):
         llm = Llama(str(smollm2_path), lora_path=str(lora) if lora else None, n_ctx=N_CTX,
-                    n_threads=N_THREADS, verbose=False)
+                    n_threads=N_THREADS, flash_attn=True, verbose=False)  # as the engine
         try:
             out = llm.create_chat_completion(build_messages(SYSTEM, [], QUESTION), max_tokens=24,
                                              temperature=0.0, repeat_penalty=1.0)

@@ -56,7 +56,8 @@ def test_batched_answers_equal_the_answer_served_alone_and_llama_cpp_pythons(mod
     near-tie (README, "Many users at once"). Each still answers its own question."""
     from llama_cpp import Llama
 
-    llm = Llama(str(smollm2_path), n_ctx=512, n_threads=1, verbose=False)
+    # flash attention as the engine's default (llama.cpp's auto: on, the CPU has kernels)
+    llm = Llama(str(smollm2_path), n_ctx=512, n_threads=1, flash_attn=True, verbose=False)
     try:
         reference = {q: llm.create_chat_completion(messages(q), max_tokens=32, temperature=0.0,
                                                    repeat_penalty=1.1)["choices"][0]["message"]

@@ -123,13 +123,10 @@ def test_unknown_model_name_is_refused(engine):
         "".join(engine.stream_chat(build_messages("", [], "hi"), GREEDY, "../../etc/passwd"))
 
 
-def test_flash_attention_is_llama_cpps_auto_only_where_layers_go_to_a_gpu():
-    import llama_cpp
-
+def test_flash_attention_is_llama_cpps_auto_unless_set():
     from inference.engine import flash_attn
 
-    gpu = bool(llama_cpp.llama_supports_gpu_offload())
-    assert flash_attn(Settings()) is False  # no layers offloaded: off (CPU rounding kept)
-    assert flash_attn(Settings(n_gpu_layers=-1)) is (None if gpu else False)
+    assert flash_attn(Settings()) is None  # llama.cpp's auto, as llama-server's -fa auto
+    assert flash_attn(Settings(n_gpu_layers=-1)) is None
     assert flash_attn(Settings(flash_attn=True)) is True
     assert flash_attn(Settings(n_gpu_layers=-1, flash_attn=False)) is False
