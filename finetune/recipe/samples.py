@@ -23,17 +23,23 @@ def answer_prompts_hf(model_path_or_model, tokenizer, prompts: list[str],
         model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
     was_training = model.training
     model.eval()
-    answers = []
+    side, pad_token = tokenizer.padding_side, tokenizer.pad_token
     try:
-        for prompt in prompts:
-            inputs = tokenizer.apply_chat_template(
-                messages_for(prompt, system_prompt), add_generation_prompt=True,
-                return_tensors="pt", return_dict=True).to(model.device)
-            with torch.no_grad():
-                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id, use_cache=True)
-            new_tokens = output[0, inputs["input_ids"].shape[1]:]
-            answers.append(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        # all prompts in one generate, padded on the left (a step of 3 costs about one of 1)
+        tokenizer.padding_side = "left"
+        texts = [tokenizer.apply_chat_template(messages_for(prompt, system_prompt),
+                                               add_generation_prompt=True, tokenize=False)
+                 for prompt in prompts]
+        inputs = tokenizer(texts, padding=True, add_special_tokens=False,
+                           return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id, use_cache=True)
+        answers = [tokenizer.decode(row[inputs["input_ids"].shape[1]:],
+                                    skip_special_tokens=True).strip() for row in output]
     finally:
+        tokenizer.padding_side, tokenizer.pad_token = side, pad_token
         model.train(was_training)
     return answers
