@@ -580,6 +580,10 @@ class BatchScheduler:
         request = slot.request
         if self._ll.llama_vocab_is_eog(self._vocab, token):
             self._flush(slot, final=True)
+            if logits is not None and request.prompt_logprobs:
+                # the end token is scored too (text ""): lm-evaluation-harness drops the last
+                # entry as the answer's, so an answer that stops at once must still have one
+                request.emit({"lp": [self.logprob_entry(logits, token, request.top_logprobs)]})
             self._finish(slot, "stop")
             return
         request.completion_tokens += 1
