@@ -234,9 +234,11 @@ def test_smollm2_export_and_fidelity(smollm2_hf_dir, tmp_path):
     compared["LoRA"] = (models_dir / card["adapter"]["base"], result.models[install.ADAPTER])
     quality = fidelity.quant_fidelity(result.f16_path, compared, held_out_text(), n_ctx=256,
                                       max_chunks=3)
-    # The adapter at 16-bit on the very Q4_1 file the base was made from: f16's twin.
+    # The adapter at 16-bit on the very Q4_1 file the base was made from: f16's twin (a top-1
+    # pick may still part at a near-tie: 372 of 384 agree with flash attention on)
     assert quality["LoRA"]["ppl_ratio_vs_f16"] < 1.02 and \
-        quality["LoRA"]["top1_agreement_vs_f16"] > 0.97, quality["LoRA"]
+        quality["LoRA"]["mean_kld_vs_f16"] < 0.01 and \
+        quality["LoRA"]["top1_agreement_vs_f16"] > 0.95, quality["LoRA"]
     # This base is a dequantized Q4_1 model: Q4_K_M's q4_1 fallback (576-wide rows) lands back
     # on its grid, Q5_K_M's q5_1 does not, so Q5_K_M need not beat Q4_K_M here. A broken
     # quantization is off by far more (perplexity x2 and up).
