@@ -19,11 +19,12 @@ f16 GGUF of the merged model:
   file that costs more than forgetting_warn_share of the base's.
 A candidate passes when it keeps >= KEEP_RATIO of the f16 model's recall, the trained
 questions' and the held-out paraphrases' together: of their hits, or of their answer-token
-recall when f16 itself reproduces few whole answers (long answers). The served
-file is the passing candidate with the best recall, then the closest to f16 (answer-token
-recall, next-token agreement; the adapter, at 16-bit on its base, usually is), then the merged
-quantization, which decodes faster; when none passes, the old model keeps serving and the job
-says why.
+recall when f16 itself reproduces few whole answers (long answers). The served file is, among
+the passing candidates that forget no more than forgetting_warn_share of the base's general
+ability (all passing ones, where every one forgets more), the one with the best recall, then
+the closest to f16 (answer-token recall, next-token agreement; the adapter, at 16-bit on its
+base, usually is), then the merged quantization, which decodes faster; when none passes, the
+old model keeps serving and the job says why.
 """
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def evaluate(candidates: dict[str, dict], probes: list[Probe], validation_text: 
             results[label]["general"] = {**general[label], **change}
         messages += warnings
     return {"probes": len(probes), "held_out": len(held_out), "keep_ratio": KEEP_RATIO,
-            "measure": measure, "seconds": round(time.monotonic() - started, 1),
+            "measure": measure, "forgetting_warn_share": warn_share, "seconds": round(time.monotonic() - started, 1),
             "results": results, "base": general.get(BASE), "messages": messages}
 
 
@@ -161,6 +162,10 @@ def choose(gate: dict, preference: list[str], mode: str = "auto") -> tuple[str, 
     if mode == "adapter":
         order = [ADAPTER] if ADAPTER in results else []
     passing = [label for label in order if results[label]["passed"]]
+    share = gate.get("forgetting_warn_share")
+    kept_ability = [label for label in passing if not _forgets(results[label], share)]
+    passed_over = [label for label in passing if label not in kept_ability]
+    passing = kept_ability or passing  # a file that forgets is served only when all do
     if not passing:
         kept = ", ".join(f"{label} {results[label]['kept'] or 0:.0%}" for label in order)
         learned = (f"{reference['hits']}/{gate['probes']} answers" if gate.get("measure") ==
@@ -176,9 +181,22 @@ def choose(gate: dict, preference: list[str], mode: str = "auto") -> tuple[str, 
 
     best = max(passing, key=fidelity)
     top1 = results[best].get("top1_agreement_vs_f16")
+    skipped = [label for label in passed_over if label != best]
     return best, (f"{best} keeps {results[best]['kept']:.0%} of the f16 model's recall "
                   f"({results[best]['hits']}/{gate['probes']} answers"
-                  + (f", next-token top-1 agreement {top1:.1%}" if top1 else "") + ")")
+                  + (f", next-token top-1 agreement {top1:.1%}" if top1 else "") + ")"
+                  + (f"; not {', '.join(skipped)}: it costs more general ability than "
+                     f"{share:.0%} of the base's" if skipped and best not in passed_over
+                     else ""))
+
+
+def _forgets(row: dict, share: float | None) -> bool:
+    """The file's general-text perplexity rose, or its general-question accuracy fell, by more
+    than `share` against the base (forgetting.compare's warning)."""
+    change = row.get("general") or {}
+    if share is None or "perplexity_change" not in change:
+        return False
+    return change["perplexity_change"] > share or -change["accuracy_change"] > share
 
 
 def run(result, config, staged: dict[str, Path], f16_path: Path, adapter: dict,

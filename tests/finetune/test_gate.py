@@ -44,6 +44,23 @@ def test_choose_serves_the_best_passing_file_then_the_closest_to_f16():
                   mode="merged")[0] == "Q4_K_M"
 
 
+def test_choose_passes_over_a_file_that_forgets_while_another_does_not():
+    """A merged quantization with one more paraphrase hit but +18% general-text perplexity
+    (measured: SmolLM2's Q5_K_M off a Q4_1 grid) loses to the adapter at +4.8%."""
+    numbers = gate(F16=1.0, Q5_K_M=1.0, **{ADAPTER: 0.95})
+    numbers["forgetting_warn_share"] = 0.05
+    numbers["results"]["Q5_K_M"]["general"] = {"perplexity_change": 0.18, "accuracy_change": 0.1}
+    numbers["results"][ADAPTER]["general"] = {"perplexity_change": 0.048, "accuracy_change": 0.1}
+    label, reason = choose(numbers, ["Q5_K_M"])
+    assert label == ADAPTER and "not Q5_K_M" in reason and "general ability" in reason
+    # questions count too: 6 points fewer right is forgetting
+    numbers["results"][ADAPTER]["general"]["accuracy_change"] = -0.06
+    assert choose(numbers, ["Q5_K_M"])[0] == "Q5_K_M"  # both forget: recall decides again
+    numbers["results"][ADAPTER]["general"]["accuracy_change"] = 0.0
+    del numbers["forgetting_warn_share"]  # a gate from before forgetting was measured
+    assert choose(numbers, ["Q5_K_M"])[0] == "Q5_K_M"
+
+
 def test_choose_keeps_the_old_model_when_nothing_passes():
     label, reason = choose(gate(F16=0.9, Q4_1=0.0), ["Q4_1"])
     assert label == "" and "Q4_1 0%" in reason and "old model keeps serving" in reason
