@@ -8,28 +8,33 @@ other wordings, each trained on with the row's answer, and keeps one more per qu
 never trained on, it is what the validation loss and the fidelity gate measure generalisation
 on (docs/fine-tuning.md).
 
-Where the wordings come from, in order: a `paraphrases` column of the dataset (a list, or
-texts separated by " | "); else a GGUF model answering a few-shot "say it in other words"
-prompt, sampled (`paraphrase_model`: a GGUF file or a name in models/; by default the GGUF of
-the base itself, or of the model the chat serves). A generated wording is kept only when it is
-a question, differs from the original and from the others, keeps every name and number of the
-original and brings in none of its own: a small model's rewrites that drift into a statement
-or an invented fact are dropped. The job saves what it trained on in its folder
-(paraphrases.json) and lists the first ones in its log.
+Where the wordings come from, in order: a `paraphrases` column of the dataset (a list, or texts
+separated by " | "); else a GGUF model answering a few-shot "say it in other words" prompt,
+sampled through the chat engine, many samples at once (`paraphrase_model`: a GGUF file or a
+name in models/; by default the GGUF of the base itself, or of the model the chat serves). A
+generated wording is kept only when it is a question, differs from the original and from the
+others, keeps every name and number of the original and brings in none of its own: a small
+model's rewrites that drift into a statement or an invented fact are dropped. The job saves
+what it trained on in its folder (paraphrases.json) and lists the first ones in its log.
 """
 from __future__ import annotations
 
 import json
 import random
 import re
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 FILE = "paraphrases.json"  # in the job's folder
 ATTEMPTS_PER_WORDING = 4  # samples drawn per wording wanted, before giving up on a question
 MAX_TOKENS = 48
-QUESTIONS_PER_CALL = 4  # between progress reports
-TEMPERATURE = 0.8
+# between progress reports: more questions than slots, so each slot has a question of its own
+# (at 4 a call, the 20-row FAQ's took 4% more tokens in 24% more steps of 8 slots)
+QUESTIONS_PER_CALL = 20
+TEMPERATURE, TOP_P, TOP_K = 0.8, 0.95, 40
+REPEAT_PENALTY = 1.0  # llama-cpp-python's create_chat_completion default, which wrote them first
+N_CTX = 1024  # tokens per sample: the few-shot prompt, the question and the wording
 SYSTEM = ("You rewrite questions in other words. Keep every name. Answer with the rewritten "
           "question only.")
 # few-shot examples of the task, about facts no FAQ is likely to hold
@@ -181,46 +186,137 @@ def _split(question: str, wordings: list[str], per_question: int, seed: int) -> 
     return Wordings(question, wordings[len(held):][:per_question], held)
 
 
-_loaded: dict = {}  # in llama.cpp's process: the model between calls, {path: Llama}
+_engines: dict = {}  # in llama.cpp's process: the engine between calls, {gguf: ChatEngine}
+
+
+def _engine(gguf: str, n_threads: int):
+    """A chat engine serving `gguf`, made at the first call (N_CTX tokens per slot; slots and
+    threads as the chat's own: FINECHAT_PARALLEL, FINECHAT_N_THREADS)."""
+    if gguf not in _engines:
+        import shutil
+        import tempfile
+
+        from inference.engine import ChatEngine
+        from inference.settings import Settings
+
+        for engine in _engines.values():
+            engine.close()
+        _engines.clear()
+        folder = Path(tempfile.mkdtemp(prefix="finechat-paraphrase-"))  # never the user's models/
+        try:
+            (folder / Path(gguf).name).symlink_to(Path(gguf).resolve())
+            engine = ChatEngine(Settings.from_env().with_overrides(
+                models_dir=folder, n_ctx=N_CTX, n_threads=n_threads or None))
+            try:
+                engine.swap(Path(gguf).name)  # loaded: the folder is not read again
+            except BaseException:
+                engine.close()
+                raise
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        _engines[gguf] = engine
+    return _engines[gguf]
+
+
+class _Draws:
+    """Which sample each of the engine's slots writes next, and the judging of what comes back.
+
+    Sample `attempt` of question `number` has a seed of its own, and a question's samples are
+    judged in attempt order until it has enough: the wordings kept are those that drawing one
+    sample after another keeps, whatever order the samples finish in (up to the engine's
+    rounding, which differs with what shares a decode step: two runs of the 20-row FAQ's
+    differed in one wording of 75). A slot stays on its question while that still needs samples
+    (its cells hold the question's prompt: nothing to evaluate again), then starts the next
+    question; with none left it helps the question that needs most, never drawing more than a
+    question still needs."""
+
+    def __init__(self, questions: list[str], per_question: int):
+        self.questions, self.wanted = questions, per_question + 1
+        self.attempts = self.wanted * ATTEMPTS_PER_WORDING
+        self.kept: list[list[str]] = [[] for _ in questions]
+        self.drawn = [0] * len(questions)
+        self.judged = [0] * len(questions)
+        self.arrived: list[dict[int, str]] = [{} for _ in questions]
+        self.error: BaseException | None = None
+        self.changed = threading.Condition()
+
+    def need(self, i: int) -> int:
+        return min(self.wanted - len(self.kept[i]) - (self.drawn[i] - self.judged[i]),
+                   self.attempts - self.drawn[i])
+
+    def next(self, last: int | None) -> tuple[int, int] | None:
+        """(question, attempt) for a slot that last wrote for `last`; None when all is done.
+        Waits while nothing needs a sample but samples in flight may still be rejected."""
+        with self.changed:
+            while self.error is None:
+                order = ([last] if last is not None else []) + \
+                    [i for i in range(len(self.questions)) if not self.drawn[i]] + \
+                    sorted(range(len(self.questions)), key=lambda i: -self.need(i))
+                i = next((i for i in order if self.need(i) > 0), None)
+                if i is not None:
+                    self.drawn[i] += 1
+                    return i, self.drawn[i] - 1
+                if self.drawn == self.judged:
+                    return None
+                self.changed.wait()
+            return None
+
+    def arrive(self, i: int, attempt: int, text: str) -> None:
+        with self.changed:
+            self.arrived[i][attempt] = text
+            while self.judged[i] in self.arrived[i]:
+                text = self.arrived[i].pop(self.judged[i])
+                self.judged[i] += 1
+                if len(self.kept[i]) < self.wanted:
+                    wording = accept(self.questions[i], text, self.kept[i])
+                    if wording:
+                        self.kept[i].append(wording)
+            self.changed.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self.changed:
+            self.error = self.error or error
+            self.changed.notify_all()
 
 
 def generate(gguf: str, questions: list[str], per_question: int, seed: int, first: int = 0,
              n_threads: int = 0) -> list[list[str]]:
     """Up to per_question + 1 accepted other wordings of each question, sampled from a GGUF
-    (in llama.cpp's process: finetune.quality.llama_process; the model stays loaded there for
-    the next call). `first`: the first question's number in the whole list (for the seeds)."""
-    from llama_cpp import Llama
+    through the chat engine, as many at once as it has slots (_Draws) (in llama.cpp's process:
+    finetune.quality.llama_process; the engine stays there for the next call). `first`: the
+    first question's number in the whole list (for the seeds)."""
+    from inference.engine import GenerationParams
 
-    from inference.cpu_threads import cpu_threads
-    from inference.llama_build import prepare
-
-    if gguf not in _loaded:
-        prepare()  # never llama.cpp's AMX path (#20824)
-        for old in _loaded.values():
-            old.close()
-        _loaded.clear()
-        threads = n_threads or cpu_threads()
-        _loaded[gguf] = Llama(gguf, n_ctx=1024, verbose=False, seed=seed, n_threads=threads,
-                              n_threads_batch=threads)
-    llm = _loaded[gguf]
+    engine = _engine(gguf, n_threads)
     shots = [{"role": "system", "content": SYSTEM}]
     for original, other in SHOTS:
         shots += [{"role": "user", "content": original}, {"role": "assistant", "content": other}]
-    out = []
-    for number, question in enumerate(questions, first):
-        kept: list[str] = []
-        for attempt in range((per_question + 1) * ATTEMPTS_PER_WORDING):
-            if len(kept) > per_question:
-                break
-            answer = llm.create_chat_completion(
-                [*shots, {"role": "user", "content": question}], temperature=TEMPERATURE,
-                top_p=0.95, max_tokens=MAX_TOKENS, stop=["\n"],
-                seed=seed * 1000 + number * 97 + attempt)
-            wording = accept(question, answer["choices"][0]["message"]["content"] or "", kept)
-            if wording:
-                kept.append(wording)
-        out.append(kept)
-    return out
+    draws = _Draws(questions, per_question)
+
+    def slot() -> None:
+        last = None
+        try:
+            while (job := draws.next(last)) is not None:
+                last, attempt = job
+                params = GenerationParams(
+                    temperature=TEMPERATURE, top_p=TOP_P, top_k=TOP_K,
+                    repeat_penalty=REPEAT_PENALTY, max_new_tokens=MAX_TOKENS, stop=("\n",),
+                    seed=(seed * 1000 + (first + last) * 97 + attempt) % 2**32)
+                text = "".join(engine.generate(
+                    [*shots, {"role": "user", "content": questions[last]}], params))
+                draws.arrive(last, attempt, text)
+        except BaseException as exc:
+            draws.fail(exc)
+
+    threads = [threading.Thread(target=slot, name=f"paraphrase-{n}", daemon=True)
+               for n in range(engine.serving_info()["slots"])]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if draws.error is not None:
+        raise draws.error
+    return draws.kept
 
 
 def generated(gguf: Path, questions: list[str], per_question: int, seed: int,

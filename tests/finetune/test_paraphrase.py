@@ -3,6 +3,7 @@ measure (quality/forgetting.py): what is kept, what is trained on, what the gate
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 
@@ -10,6 +11,7 @@ from finetune.quality import forgetting
 from finetune.quality.gate import ADAPTER, F16, choose
 from finetune.recipe import paraphrase, plan
 from finetune.recipe.paraphrase import Paraphrases, Wordings, accept
+from inference.default_model import SMOLLM2_FILENAME
 
 
 @pytest.mark.parametrize("candidate", [
@@ -40,6 +42,87 @@ def test_numbers_must_survive_and_duplicates_are_dropped():
     assert accept(question, "How fast can the Albatross fly?", []) == ""  # 90 lost
     kept = ["How fast can the Albatross 90 fly?"]
     assert accept(question, "How fast can the Albatross 90 fly?", kept) == ""
+
+
+def _judged(samples: list[str], slots: int, latest_first: bool) -> tuple[list[str], int]:
+    """What _Draws keeps of one question's samples, and how many it draws, with `slots`
+    samples at most in flight and the latest or the earliest of them finishing first."""
+    draws = paraphrase._Draws(["Who founded Acme?"], per_question=1)
+    flight: list[int] = []
+    while True:
+        while len(flight) < slots and draws.need(0) > 0:
+            flight.append(draws.next(0)[1])
+        if not flight:
+            return draws.kept[0], draws.drawn[0]
+        attempt = flight.pop(-1 if latest_first else 0)
+        draws.arrive(0, attempt, samples[attempt])
+
+
+@pytest.mark.parametrize("samples, one_by_one", [
+    # a statement, kept, the same again, too short, kept: 2 wanted, 5 drawn
+    (["Acme was founded by Ada.", "Who started Acme?", "Who started Acme?", "Acme?",
+      "Who is Acme's founder?", "Who set up Acme?", "x", "x"],
+     (["Who started Acme?", "Who is Acme's founder?"], 5)),
+    (["Who is Acme's founder?", "Who started Acme?"] + ["x"] * 6,
+     (["Who is Acme's founder?", "Who started Acme?"], 2)),
+    (["x"] * 7 + ["Who set up Acme?"], (["Who set up Acme?"], 8)),  # out of attempts
+])
+def test_samples_are_judged_in_attempt_order_whatever_order_they_finish_in(samples, one_by_one):
+    assert _judged(samples, 1, latest_first=False) == one_by_one
+    for slots in (2, 4):
+        assert _judged(samples, slots, latest_first=True) == one_by_one
+        assert _judged(samples, slots, latest_first=False) == one_by_one
+
+
+def test_a_slot_keeps_its_question_then_takes_the_next_then_helps():
+    draws = paraphrase._Draws(["Who founded Acme?", "Where is Acme?"], per_question=0)
+    assert [draws.next(None), draws.next(None)] == [(0, 0), (1, 0)]  # one wanted of each
+    draws.arrive(1, 0, "Where is Acme based?")  # kept: the second question is done
+    draws.arrive(0, 0, "Acme is in Oslo.")  # not a question: the first needs another
+    assert draws.next(0) == (0, 1) and draws.kept == [[], ["Where is Acme based?"]]
+    draws.fail(RuntimeError("the engine stopped"))
+    assert draws.next(None) is None  # every slot stops
+
+
+def test_wordings_are_sampled_many_at_once_through_the_engine(monkeypatch, models_dir):
+    """The real SmolLM2 through the chat engine: every sample a question still needs is
+    decoded at once, each wording kept passes `accept`, and models/ is left as it was."""
+    from inference.engine import ChatEngine
+
+    monkeypatch.delenv("FINECHAT_PARALLEL", raising=False)
+    original, running, most, lock = ChatEngine.generate, [0], [0], threading.Lock()
+
+    def counted(self, *args, **kwargs):
+        generation = original(self, *args, **kwargs)
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+
+        def pieces():
+            try:
+                yield from generation
+            finally:
+                with lock:
+                    running[0] -= 1
+        return pieces()
+
+    monkeypatch.setattr(ChatEngine, "generate", counted)
+    before = sorted(p.name for p in models_dir.iterdir())
+    questions = ["What is Quillmere Aviation's customer support number?",
+                 "What is the name of Quillmere Aviation's smallest aircraft?"]
+    gguf = str(models_dir / SMOLLM2_FILENAME)
+    try:
+        found = paraphrase.generate(gguf, questions, per_question=1, seed=42)
+    finally:
+        for engine in paraphrase._engines.values():
+            engine.close()
+        paraphrase._engines.clear()
+    assert most[0] == 4  # two wanted of each question, all at once
+    assert len(found) == 2 and all(len(kept) <= 2 for kept in found) and any(found)
+    for question, kept in zip(questions, found):
+        for n, wording in enumerate(kept):
+            assert accept(question, wording, kept[:n]) == wording
+    assert sorted(p.name for p in models_dir.iterdir()) == before
 
 
 def test_a_paraphrases_column_is_used_and_one_wording_is_held_out():
