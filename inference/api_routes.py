@@ -1,5 +1,5 @@
 """The API's routes: OpenAI's /v1 (chat completions, completions, models) and llama-server's
-/tokenize and /detokenize, one route class answering errors in OpenAI's shape and counting
+/tokenize and /detokenize (and vLLM's /tokenizer_info), one route class answering errors in OpenAI's shape and counting
 requests. Handlers: inference/openai_api.py and inference/completions_api.py."""
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class OpenAIRoute(APIRoute):
 
 def build_openai_router(engine: EngineSupervisor, api_key: str = "",
                         stream_interval_s: float = 0.0, metrics=None) -> APIRouter:
-    """The /v1 routes and /tokenize, /detokenize; with `api_key` set every call needs `Authorization: Bearer <key>`.
+    """The /v1 routes and /tokenize, /detokenize, /tokenizer_info; with `api_key` set every call needs `Authorization: Bearer <key>`.
     Streamed answers get at most one chunk per `stream_interval_s` (the first at once).
     `metrics` (inference.monitoring.ServingMetrics) counts the requests."""
     api = OpenAIAPI(engine, api_key, stream_interval_s)
@@ -60,4 +60,6 @@ def build_openai_router(engine: EngineSupervisor, api_key: str = "",
     # llama-server's token routes, outside /v1, behind the same key
     router.add_api_route("/tokenize", completions.tokenize, methods=["POST"])
     router.add_api_route("/detokenize", completions.detokenize, methods=["POST"])
+    # vLLM's, which lm-evaluation-harness's remote tokenizer reads (with /tokenize's "prompt")
+    router.add_api_route("/tokenizer_info", completions.tokenizer_info, methods=["GET"])
     return router

@@ -536,9 +536,10 @@ class BatchScheduler:
         return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
 
     def piece(self, token: int) -> bytes:
-        """The token's bytes (thread-safe: its own buffer)."""
+        """The token's bytes, special tokens written out as /detokenize shows them (as
+        llama-server's does; thread-safe: its own buffer)."""
         buf = ctypes.create_string_buffer(256)
-        n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
+        n = self._ll.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, True)
         return buf.raw[:max(n, 0)]
 
     def _piece(self, token: int) -> bytes:

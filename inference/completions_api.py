@@ -1,6 +1,6 @@
 """/v1/completions (a raw prompt, no chat template: what lm-evaluation-harness's
 `local-completions` uses for log-likelihoods), /v1/embeddings (inference/embeddings.py),
-/tokenize and /detokenize, over the same engine
+/tokenize, /detokenize and /tokenizer_info, over the same engine
 and the same request machinery as the chat route (inference/openai_api.py).
 
 With `echo` the answer's text starts with the prompt; with `logprobs` (0-5 alternatives) each
@@ -31,6 +31,9 @@ if TYPE_CHECKING:
 MAX_TOKENIZE_CHARS = 200_000
 MAX_EMBED_INPUTS = 64
 EMBEDDING_FIELDS = {"model", "input", "encoding_format", "user"}
+TOKENIZE_FIELDS = {"model", "content", "prompt", "add_special", "add_special_tokens",
+                   "with_pieces"}
+DETOKENIZE_FIELDS = {"model", "tokens"}
 
 
 def legacy_logprobs(entries: list[dict], offset: int) -> dict:
@@ -115,11 +118,7 @@ class CompletionsAPI:
         return render
 
     async def embeddings(self, request: Request):
-        body = await read_json(request)
-        for key in body:
-            if key not in EMBEDDING_FIELDS:
-                raise invalid(key, f"{key} is not supported by this server; it takes "
-                                   f"{', '.join(sorted(EMBEDDING_FIELDS))}.")
+        body = _only(await read_json(request), EMBEDDING_FIELDS)
         fmt = body.get("encoding_format") or "float"
         if fmt not in ("float", "base64"):
             raise invalid("encoding_format", "encoding_format must be float or base64.")
@@ -143,24 +142,40 @@ class CompletionsAPI:
                              "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
 
     async def tokenize(self, request: Request):
-        body = await read_json(request)
-        content = body.get("content")
+        """llama-server's {"content", "add_special", "with_pieces"} or vLLM's {"prompt",
+        "add_special_tokens"} (lm-evaluation-harness's remote tokenizer sends the latter)."""
+        body = _only(await read_json(request), TOKENIZE_FIELDS)
+        key = "prompt" if "prompt" in body else "content"
+        content = body.get(key)
         if not isinstance(content, str) or len(content) > MAX_TOKENIZE_CHARS:
-            raise invalid("content", f"content must be a string of at most {MAX_TOKENIZE_CHARS} "
-                                     "characters.")
-        tokens = await self._call(self._engine.tokenize, content, _model(body),
-                                  body.get("add_special") is True,
+            raise invalid(key, f"{key} must be a string of at most {MAX_TOKENIZE_CHARS} "
+                               "characters.")
+        if "prompt" in body and "content" in body:
+            raise invalid("prompt", "Send content (llama-server's name) or prompt, not both.")
+        add_special = body.get("add_special", body.get("add_special_tokens")) is True
+        tokens = await self._call(self._engine.tokenize, content, _model(body), add_special,
                                   body.get("with_pieces") is True)
-        return JSONResponse({"tokens": tokens})
+        return JSONResponse({"tokens": tokens, "count": len(tokens)})
 
     async def detokenize(self, request: Request):
-        body = await read_json(request)
+        """{"content": text} as llama-server answers, and the same text as vLLM's "prompt"."""
+        body = _only(await read_json(request), DETOKENIZE_FIELDS)
         tokens = body.get("tokens")
         if not isinstance(tokens, list) or len(tokens) > MAX_TOKENIZE_CHARS or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise invalid("tokens", "tokens must be a list of token ids.")
-        return JSONResponse({"content": await self._call(self._engine.detokenize, tokens,
-                                                         _model(body))})
+        text = await self._call(self._engine.detokenize, tokens, _model(body))
+        return JSONResponse({"content": text, "prompt": text})
+
+    async def tokenizer_info(self, request: Request):
+        """GET /tokenizer_info[?model=name]: special tokens, chat template, context (vLLM's
+        route, which lm-evaluation-harness's `tokenizer_backend=remote` reads)."""
+        unknown = set(request.query_params) - {"model"}
+        if unknown:
+            name = sorted(unknown)[0]
+            raise invalid(name, f"{name} is not supported here; only model is.")
+        return JSONResponse(await self._call(self._engine.tokenizer_info,
+                                             _model(dict(request.query_params))))
 
     async def _call(self, fn, *args):
         try:
@@ -175,6 +190,15 @@ def _base64(vector: list[float]) -> str:
     import struct
 
     return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+
+
+def _only(body: dict, fields: set[str]) -> dict:
+    """The body, or a 400 naming the first field this route does not take."""
+    for key in body:
+        if key not in fields:
+            raise invalid(key, f"{key} is not supported by this route; it takes "
+                               f"{', '.join(sorted(fields))}.")
+    return body
 
 
 def _model(body: dict) -> str:

@@ -215,6 +215,23 @@ class LoadedModel:
         """Raw text as llama-server tokenizes a prompt: special tokens parsed."""
         return self.llama.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
+    def tokenizer_info(self) -> dict:
+        """The vocabulary's special tokens, chat template and context, as vLLM's
+        /tokenizer_info gives them (what lm-evaluation-harness's remote tokenizer reads)."""
+        import llama_cpp
+
+        def text(token: int) -> str | None:
+            return self.llama._model.token_get_text(token) if token >= 0 else None
+
+        vocab = self.llama._model.vocab
+        return {"tokenizer_class": "llama.cpp", "model": self.name,
+                "bos_token": text(llama_cpp.llama_vocab_bos(vocab)),
+                "eos_token": text(llama_cpp.llama_vocab_eos(vocab)),
+                "pad_token": text(llama_cpp.llama_vocab_pad(vocab)),
+                "add_bos_token": bool(llama_cpp.llama_vocab_get_add_bos(vocab)),
+                "chat_template": self.template, "vocab_size": self.scheduler.n_vocab,
+                "model_max_length": self.n_ctx}
+
     def embedder(self):
         from inference.embeddings import Embedder
 
@@ -554,6 +571,10 @@ class ChatEngine:
                 return tokens
             return [{"id": t, "piece": model.scheduler.piece(t).decode("utf-8", "replace")}
                     for t in tokens]
+
+    def tokenizer_info(self, model_name: str = "") -> dict:
+        with self._using(model_name) as model:
+            return model.tokenizer_info()
 
     def embed(self, inputs: list, model_name: str = "") -> dict:
         """{"data": one L2-normalised vector per input (text or token ids), "prompt_tokens"}

@@ -5,7 +5,7 @@ the web process (inference/supervisor.py) over one socket.
 
 Messages are JSON, one per `Connection.send_bytes`. The web process sends commands
 (`generate` of a chat or a raw prompt, `cancel`, `swap`, `rollback`, `tokenize`,
-`detokenize`, `embed`, `info`, `close`); this process answers each
+`detokenize`, `tokenizer_info`, `embed`, `info`, `close`); this process answers each
 command that has an `id` with a `reply`, reports `load` start/end around reading a model file
 (a crash meanwhile blames that file), and sends every answer's new text as `out` messages:
 all slots' pieces of one decode step in one message (handoff.one_wakeup_per_loop), so the
@@ -169,6 +169,9 @@ class EngineServer:
         return self.engine.tokenize(cmd["text"], cmd.get("model") or "",
                                     cmd.get("add_special", False), cmd.get("with_pieces", False))
 
+    def tokenizer_info(self, cmd: dict):
+        return self.engine.tokenizer_info(cmd.get("model") or "")
+
     def embed(self, cmd: dict):
         return self.engine.embed(cmd["inputs"], cmd.get("model") or "")
 
@@ -232,7 +235,8 @@ class EngineServer:
                 self.cancel(cmd)
             elif kind == "info":
                 self._reply(cmd, self.engine.serving_info())
-            elif kind in ("generate", "swap", "rollback", "tokenize", "detokenize", "embed"):
+            elif kind in ("generate", "swap", "rollback", "tokenize", "detokenize", "embed",
+                          "tokenizer_info"):
                 self._run(cmd, lambda c=cmd, k=kind: getattr(self, k)(c))
             elif kind == "close":
                 break

@@ -345,6 +345,9 @@ class EngineSupervisor:
         return self._command({"t": "tokenize", "text": text, "model": model_name,
                               "add_special": add_special, "with_pieces": with_pieces})
 
+    def tokenizer_info(self, model_name: str = "") -> dict:
+        return self._command({"t": "tokenizer_info", "model": model_name})
+
     def embed(self, inputs: list, model_name: str = "") -> dict:
         return self._command({"t": "embed", "inputs": inputs, "model": model_name})
 

@@ -3,8 +3,10 @@ multiple-choice task (tests/data/lm_eval/) through POST /v1/completions with ech
 as its CLI does for a user (docs/api.md). Every log-likelihood it reports must be llama.cpp's
 own for the same text, computed here with llama-cpp-python, and so must its acc and acc_norm.
 
-The Hub is out of reach: the task's data is a local JSONL, and the tokenizer the harness counts
-context tokens with is SmolLM2's, read from the GGUF into an HF folder.
+The Hub is out of reach: the task's data is a local JSONL. The harness finds the app's
+tokenizer by itself (vLLM's /tokenizer_info and /tokenize, its `tokenizer_backend=auto`) and
+sends token ids, context and continuation tokenized apart, as it does for any server that
+offers them.
 """
 from __future__ import annotations
 
@@ -27,23 +29,10 @@ TASK_DIR = Path("tests/data/lm_eval")  # the task's data path is relative to the
 TOLERANCE = 1e-4
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory, smollm2_path) -> Path:
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("smollm2_tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_path.parent),
-                                              gguf_file=smollm2_path.name)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-def run_lm_eval(server, tokenizer_dir: Path, out_dir: Path) -> tuple[dict, list[dict]]:
+def run_lm_eval(server, out_dir: Path) -> tuple[dict, list[dict]]:
     """The CLI as docs/api.md gives it; (the task's results, its samples in doc order)."""
-    model_args = ",".join([
-        f"base_url={server.url}/v1/completions", f"model={SMOLLM2_FILENAME}",
-        "tokenizer_backend=huggingface", f"tokenizer={tokenizer_dir}",
-        "tokenized_requests=False", "num_concurrent=1", "max_retries=1"])
+    model_args = ",".join([f"base_url={server.url}/v1/completions", f"model={SMOLLM2_FILENAME}",
+                           "num_concurrent=1", "max_retries=1"])
     cmd = [sys.executable, "-m", "lm_eval", "--model", "local-completions",
            "--model_args", model_args, "--tasks", TASK, "--include_path", str(TASK_DIR),
            "--output_path", str(out_dir), "--log_samples"]
@@ -52,14 +41,16 @@ def run_lm_eval(server, tokenizer_dir: Path, out_dir: Path) -> tuple[dict, list[
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "API request failed" not in proc.stderr, proc.stderr[-4000:]
+    assert "Using remote tokenizer" in proc.stderr, proc.stderr[-4000:]
     results = json.loads(next(out_dir.glob("*/results_*.json")).read_text())["results"][TASK]
     lines = next(out_dir.glob(f"*/samples_{TASK}_*.jsonl")).read_text().splitlines()
     return results, sorted((json.loads(line) for line in lines), key=lambda s: s["doc_id"])
 
 
 def llama_cpp_loglikelihoods(gguf: Path, pairs: list[tuple[str, str]]) -> list[float]:
-    """log P(continuation | context) from llama-cpp-python, tokenized as the engine tokenizes a
-    text prompt, with flash attention as the engine's default (llama.cpp's auto: on)."""
+    """log P(continuation | context) from llama-cpp-python, context and continuation tokenized
+    apart as the harness does (special tokens parsed, no BOS added), with flash attention as
+    the engine's default (llama.cpp's auto: on)."""
     from llama_cpp import Llama
 
     llm = Llama(str(gguf), n_ctx=512, n_threads=2, logits_all=True, flash_attn=True,
@@ -67,8 +58,9 @@ def llama_cpp_loglikelihoods(gguf: Path, pairs: list[tuple[str, str]]) -> list[f
     scores = []
     try:
         for context, continuation in pairs:
-            tokens = llm.tokenize((context + continuation).encode(), add_bos=True, special=True)
-            start = len(llm.tokenize(context.encode(), add_bos=True, special=True))
+            tokens = llm.tokenize(context.encode(), add_bos=False, special=True)
+            start = len(tokens)
+            tokens += llm.tokenize(continuation.encode(), add_bos=False, special=True)
             llm.reset()
             llm.eval(tokens)
             logits = np.asarray(llm.scores[:len(tokens)], dtype=np.float64)
@@ -79,9 +71,8 @@ def llama_cpp_loglikelihoods(gguf: Path, pairs: list[tuple[str, str]]) -> list[f
     return scores
 
 
-def test_lm_eval_local_completions_scores_as_llama_cpp(chat_server, tokenizer_dir,
-                                                       smollm2_path, tmp_path):
-    results, samples = run_lm_eval(chat_server, tokenizer_dir, tmp_path / "lm_eval")
+def test_lm_eval_local_completions_scores_as_llama_cpp(chat_server, smollm2_path, tmp_path):
+    results, samples = run_lm_eval(chat_server, tmp_path / "lm_eval")
     docs = [json.loads(line) for line in (ROOT / TASK_DIR / "general_knowledge.jsonl")
             .read_text().splitlines()]
     # every request answered: one log-likelihood per choice of every question

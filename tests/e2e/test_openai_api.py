@@ -482,6 +482,37 @@ def test_token_ids_prompts_batches_and_the_token_routes(chat_server, oai):
         assert status == 400 and body["error"]["message"], (path, bad, body)
 
 
+def test_vllm_token_routes_that_lm_eval_reads(chat_server, smollm2_path):
+    """vLLM's /tokenizer_info and its /tokenize body {"prompt", "add_special_tokens"}: the
+    special tokens and template are the GGUF's own, and the ids are llama.cpp's."""
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(smollm2_path), vocab_only=True, verbose=False)
+    with urllib.request.urlopen(chat_server.url + "/tokenizer_info", timeout=30) as resp:
+        info = json.load(resp)
+    assert info["eos_token"] == vocab._model.token_get_text(vocab.token_eos()) == "<|im_end|>"
+    assert info["chat_template"] == vocab.metadata["tokenizer.chat_template"]
+    assert info["vocab_size"] == vocab.n_vocab() and info["model_max_length"] > 0
+    text = "<|im_start|>user\nHi there<|im_end|>"
+    status, body = post_json(chat_server, "/tokenize", {"prompt": text,
+                                                        "add_special_tokens": False})
+    assert status == 200
+    assert body["tokens"] == vocab.tokenize(text.encode(), add_bos=False, special=True)
+    assert body["count"] == len(body["tokens"]) and body["tokens"][0] == 1  # <|im_start|>
+    status, back = post_json(chat_server, "/detokenize", {"tokens": body["tokens"]})
+    assert status == 200 and back["prompt"] == back["content"] == text
+    for path, bad in [("/tokenize", {"prompt": "a", "content": "b"}),
+                      ("/tokenize", {"prompt": "a", "truncate": True}),
+                      ("/detokenize", {"tokens": [1], "skip_special_tokens": True})]:
+        status, body = post_json(chat_server, path, bad)
+        assert status == 400 and body["error"]["param"] in bad, (path, bad, body)
+    try:
+        urllib.request.urlopen(chat_server.url + "/tokenizer_info?revision=main", timeout=30)
+        raise AssertionError("an unknown query parameter was accepted")
+    except urllib.error.HTTPError as err:
+        assert err.code == 400 and json.load(err)["error"]["param"] == "revision"
+
+
 def test_embeddings_place_alike_texts_together(chat_server, oai):
     import base64
     import math
