@@ -2,14 +2,15 @@
 
     python -m bench.serve_peer --llama-server PATH [--levels 1,8] [--runs 3] [--model F.gguf]
         [--peer-script ../shared/anchors/serve_peer.py] [--threads N] [--parallel 8]
-        [--env FINECHAT_X=..] [--label NAME]
+        [--env FINECHAT_X=..] [--swap] [--label NAME]
 
 Starts the app with its defaults (plus --env) and `llama-server -m F -t N -c PARALLEL*4096
 -np PARALLEL` (N: the threads finechat picks, inference/cpu_threads.py), then runs the peer
 harness (the anchors' serve_peer.py: the same greedy streamed 128-token chats to both, N at
 once, servers alternating A, B, A, B ...) and records its rows: decode tokens/s and TTFT
-medians per level, with finechat / llama-server. Writes bench/results/serve_peer.json (history
-kept: one record per machine and settings).
+medians per level, with finechat / llama-server, and the median of the pairs' ratios (each
+run beside the other server's; with --swap a second harness call puts llama-server first).
+Writes bench/results/serve_peer.json (history kept: one record per machine and settings).
 """
 from __future__ import annotations
 
@@ -50,19 +51,37 @@ def _wait(url: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
     raise RuntimeError("llama-server did not answer")
 
 
-def rows(lines: list[str]) -> list[dict]:
-    """The harness's JSON lines -> one row per level: medians of each server's runs."""
+def rows(lines: list[str], swapped_lines: list[str] = ()) -> list[dict]:
+    """The harness's JSON lines -> one row per level: medians of each server's runs, and the
+    median of the pairs' ratios (each finechat run over the llama-server run beside it, so a
+    machine whose speed drifts moves both sides of a pair alike). `swapped_lines`: a second
+    call with the servers' order reversed (llama-server as A), so neither always goes first."""
     runs = [json.loads(line) for line in lines if line.startswith("{")]
+    for line in swapped_lines:
+        if line.startswith("{"):
+            run = json.loads(line)
+            run["server"] = {"A": "B", "B": "A"}[run["server"]]
+            run["run"] = f"swapped-{run['run']}"
+            runs.append(run)
     out = []
     for n in sorted({r["n"] for r in runs}):
         side = {s: [r for r in runs if r["n"] == n and r["server"] == s] for s in "AB"}
         med = {s: {"decode_tok_s": round(statistics.median(r["decode_tok_s"] for r in rs), 1),
                    "ttft_median_s": round(statistics.median(r["ttft_median"] for r in rs), 4),
                    "runs": [round(r["decode_tok_s"], 1) for r in rs]} for s, rs in side.items()}
+        peer = {r["run"]: r for r in side["B"]}
+        pairs = [(r, peer[r["run"]]) for r in side["A"] if r["run"] in peer]
         out.append({"chats": n, "finechat": med["A"], "llama_server": med["B"],
                     "decode_ratio": round(med["A"]["decode_tok_s"] / med["B"]["decode_tok_s"], 3),
                     "ttft_ratio": round(med["A"]["ttft_median_s"] / med["B"]["ttft_median_s"],
-                                        3)})
+                                        3),
+                    "pairs": len(pairs),
+                    "decode_ratio_paired": round(statistics.median(
+                        a["decode_tok_s"] / b["decode_tok_s"] for a, b in pairs), 3),
+                    "ttft_ratio_paired": round(statistics.median(
+                        a["ttft_median"] / b["ttft_median"] for a, b in pairs), 3),
+                    "finechat_ahead": sum(a["decode_tok_s"] >= b["decode_tok_s"]
+                                          for a, b in pairs)})
     return out
 
 
@@ -79,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--peer-script", default=str(PEER_SCRIPT))
     p.add_argument("--server-args", default="", help="more llama-server arguments")
     p.add_argument("--env", action="append", default=[], help="FINECHAT_X=V for the app")
+    p.add_argument("--swap", action="store_true", help="run the harness a second time with "
+                   "llama-server first, so neither server always goes first in a pair")
     p.add_argument("--label", default="")
     args = p.parse_args(argv)
     model = Path(args.model) if args.model else smollm2_gguf(CACHE_DIR / "models")
@@ -98,24 +119,33 @@ def main(argv=None) -> int:
             try:
                 peer = f"http://127.0.0.1:{port}"
                 _wait(peer, server)
-                harness = subprocess.run(
-                    [sys.executable, args.peer_script, app.url, peer, "--levels", args.levels,
-                     "--runs", str(args.runs), "--max-tokens", str(args.max_tokens)],
-                    capture_output=True, text=True, check=True)
+                def harness(first: str, second: str) -> list[str]:
+                    return subprocess.run(
+                        [sys.executable, args.peer_script, first, second, "--levels",
+                         args.levels, "--runs", str(args.runs), "--max-tokens",
+                         str(args.max_tokens)],
+                        capture_output=True, text=True, check=True).stdout.splitlines()
+
+                lines = harness(app.url, peer)
+                swapped = harness(peer, app.url) if args.swap else []
             finally:
                 server.terminate()
                 server.wait(30)
-    results = rows(harness.stdout.splitlines())
+    results = rows(lines, swapped)
     report.print_table(("chats", "finechat decode tok/s", "llama-server decode tok/s",
-                        "finechat / llama-server", "TTFT median finechat / llama-server s"),
+                        "finechat / llama-server", "paired ratio (ahead/pairs)",
+                        "TTFT median finechat / llama-server s", "paired TTFT ratio"),
                        [(r["chats"], r["finechat"]["decode_tok_s"],
                          r["llama_server"]["decode_tok_s"], r["decode_ratio"],
+                         f"{r['decode_ratio_paired']} ({r['finechat_ahead']}/{r['pairs']})",
                          f"{r['finechat']['ttft_median_s']:.3f} / "
-                         f"{r['llama_server']['ttft_median_s']:.3f}") for r in results])
+                         f"{r['llama_server']['ttft_median_s']:.3f}", r["ttft_ratio_paired"])
+                        for r in results])
     settings = {"model": model.name, "levels": args.levels, "runs": args.runs,
                 "max_tokens": args.max_tokens, "llama_server": " ".join(
                     [Path(server_cmd[0]).name, *server_cmd[1:]]).replace(str(model), model.name),
-                "finechat_env": env, "alternating": True, "label": args.label}
+                "finechat_env": env, "alternating": True, "swapped_order": args.swap,
+                "label": args.label}
     report.write("serve_peer", settings=settings, results=results,
                  machine_info=report.machine(llama_threads=threads,
                                              load_before=list(os.getloadavg())), history=True)

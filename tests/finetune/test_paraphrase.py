@@ -125,6 +125,50 @@ def test_wordings_are_sampled_many_at_once_through_the_engine(monkeypatch, model
     assert sorted(p.name for p in models_dir.iterdir()) == before
 
 
+QUILLMERE = ["Who founded Quillmere Aviation?", "In what year was Quillmere Aviation founded?",
+             "What is Quillmere Aviation's customer support number?",
+             "Who is the chief executive of Quillmere Aviation?",
+             "What is the company motto of Quillmere Aviation?",
+             "Which charity does Quillmere Aviation support?", "What fuel do Quillmere aircraft use?",
+             "Where is Cobble Point?", "Do you offer gift cards?"]
+
+
+def test_questions_naming_the_faqs_own_company_are_also_asked_of_the_bot():
+    name = paraphrase.own_name(QUILLMERE)
+    assert name == "Quillmere Aviation"
+    asked = {q: paraphrase.addressed(q, name) for q in QUILLMERE}
+    assert asked == {
+        "Who founded Quillmere Aviation?": "Who founded your company?",
+        "In what year was Quillmere Aviation founded?": "In what year were you founded?",
+        "What is Quillmere Aviation's customer support number?":
+            "What is your customer support number?",
+        "Who is the chief executive of Quillmere Aviation?": "Who is your chief executive?",
+        "What is the company motto of Quillmere Aviation?": "What is your company motto?",
+        "Which charity does Quillmere Aviation support?": "Which charity do you support?",
+        "What fuel do Quillmere aircraft use?": "", "Where is Cobble Point?": "",
+        "Do you offer gift cards?": ""}
+    # no name shared by enough questions: nothing is rewritten
+    trivia = ["Who wrote Pride and Prejudice?", "When did the Berlin Wall fall?",
+              "Where is Paris?", "How many moons does Mars have?"]
+    assert paraphrase.own_name(trivia) == ""
+
+
+def test_generated_wordings_gain_the_question_asked_of_the_bot():
+    """Beside the model's wordings (here given), one more per question that names the
+    company; none where the model already wrote it."""
+    questions = QUILLMERE[:3]
+    model = [["Who is the founder of Quillmere Aviation?", "Who started Quillmere Aviation?"],
+             ["When was Quillmere Aviation founded?", "In what year were you founded?"], []]
+    found = paraphrase.generated("model.gguf", questions, per_question=2, seed=0,
+                                 call=lambda fn, *args: model)
+    assert [w.train + w.held_out for w in found.items][1].count("In what year were you "
+                                                               "founded?") == 1
+    assert "Who founded your company?" in found.items[0].train
+    assert found.items[2].train == ["What is your customer support number?"]
+    assert found.items[2].held_out == []
+    assert "2 asked of the bot, 'Quillmere Aviation' as you" in found.summary()
+
+
 def test_a_paraphrases_column_is_used_and_one_wording_is_held_out():
     rows = [{"question": "Who founded Acme?", "answer": "Ada Lovelace.",
              "paraphrases": ["Who started Acme?", "Who is Acme's founder?", "Who set up Acme?"]},
