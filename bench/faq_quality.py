@@ -195,7 +195,8 @@ def main() -> None:
                   "system_prompt": DEFAULT_SYSTEM_PROMPT, "sets": sets},
         # one row per fact set: its job, and every file's score (samples: every answer)
         results=[{"set": name, **r} for name, r in results.items()],
-        summary={"switches": switches}, history=True)  # earlier runs (other defaults) stay
+        # every run stays: earlier ones ran other defaults, and one run of a fact set is noisy
+        summary={"switches": switches}, history=True, replace=False)
 
 
 if __name__ == "__main__":

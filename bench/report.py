@@ -142,12 +142,13 @@ def write(benchmark: str, settings: dict, results: list, *, out: Path | None = N
           summary: dict | None = None, note: str | None = None,
           machine_info: dict | None = None, history: bool = False,
           key: Sequence[str] | None = None,
-          merge: Callable[[dict, dict], dict] | None = None) -> dict:
+          merge: Callable[[dict, dict], dict] | None = None, replace: bool = True) -> dict:
     """Write this run to `out` (bench/results/<benchmark>.json) and return its record.
 
     history: keep the file's other records and replace the one of the same machine and
     settings (only the `key` settings count when given), or add this one at the end; `merge`
-    (old record, new record) -> the record to keep instead of the new one."""
+    (old record, new record) -> the record to keep instead of the new one. replace=False:
+    always add it at the end (every run is kept)."""
     out = Path(out) if out else RESULTS_DIR / f"{benchmark}.json"
     new = record(benchmark, settings, results, summary=summary, note=note,
                  machine_info=machine_info)
@@ -157,7 +158,7 @@ def write(benchmark: str, settings: dict, results: list, *, out: Path | None = N
         settings = r.get("settings") or {}
         return {k: settings.get(k) for k in key} if key is not None else settings
 
-    for i, old in enumerate(records):
+    for i, old in enumerate(records if replace else []):
         if (old.get("benchmark") == benchmark and "label" not in old
                 and same_machine(old.get("machine") or {}, new["machine"])
                 and identity(old) == identity(new)):
