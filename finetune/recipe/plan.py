@@ -6,7 +6,8 @@ short rows make 1-3 sequences, so even 8 epochs are a couple of dozen optimizer 
 facts are not learned; a 10% hold-out takes two of the 20 facts away from training. Below
 SMALL_DATASET_ROWS rows the defaults therefore train on every row, validate on the training
 rows' answers, keep rows unpacked and raise the epochs until the run has min_optimizer_steps
-optimizer steps. From SMALL_DATASET_ROWS rows on, the large-data fast path is unchanged:
+optimizer steps and each row has been seen MIN_PASSES_SMALL times (up to MAX_PASS_FLOOR_STEPS
+steps). From SMALL_DATASET_ROWS rows on, the large-data fast path is unchanged:
 a 10% hold-out, packed bins, the epochs asked for.
 """
 from __future__ import annotations
@@ -19,6 +20,13 @@ from finetune.recipe import loss
 SMALL_DATASET_ROWS = 300  # below this, the small-data defaults apply
 AUTO_VAL_SPLIT = 0.1  # the hold-out of val_split=-1 (auto) from SMALL_DATASET_ROWS on
 MAX_AUTO_EPOCHS = 100.0  # the step floor never asks for more passes than this
+# Small data: the floor is per row as well as per run. 100 steps are 20 passes over a 20-row
+# FAQ but 8 over a 52-row one, where SmolLM2 left a phone number's digit at a four-way draw
+# (log-probabilities -1.48 for the other row's 9, -1.50 for the right 4): 11/12 trained,
+# 7-9/12 paraphrased. With 16 passes: 0.98 on the 4, 12/12 trained and 11/12 paraphrased, at
+# +1.1% general-text perplexity (docs/log.md). Capped, so a 299-row set is not run 16 times.
+MIN_PASSES_SMALL = 16
+MAX_PASS_FLOOR_STEPS = 400
 MAX_VALIDATION_ROWS_FROM_TRAIN = 64  # without a hold-out, validate on this many training rows
 # Tokens per forward pass: past ~12k an H100 gains little (Phi-3.5 +2% at 16k, Mistral-7B -2%)
 # and memory keeps growing (bench/train_throughput.py).
@@ -126,8 +134,10 @@ class StepPlan:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_steps(config, n_sequences: int, micro_batch: int) -> StepPlan:
-    """Optimizer steps of the run, with num_epochs raised to reach min_optimizer_steps."""
+def plan_steps(config, n_sequences: int, micro_batch: int, min_passes: int = 0) -> StepPlan:
+    """Optimizer steps of the run, with num_epochs raised to reach min_optimizer_steps and,
+    with `min_passes` (the small-data path: MIN_PASSES_SMALL), that many passes over the rows
+    (at most MAX_PASS_FLOOR_STEPS steps); min_optimizer_steps 0 turns both off."""
     per_epoch = max(1, math.ceil(n_sequences / micro_batch) // config.gradient_accumulation)
     if config.max_steps > 0:
         return StepPlan(micro_batch, per_epoch, config.num_epochs, config.max_steps,
@@ -135,11 +145,14 @@ def plan_steps(config, n_sequences: int, micro_batch: int) -> StepPlan:
     epochs, notes = config.num_epochs, []
     planned = math.ceil(per_epoch * epochs)
     floor = config.min_optimizer_steps
-    if floor > 0 and planned < floor:
-        epochs = min(MAX_AUTO_EPOCHS, float(math.ceil(floor / per_epoch)))
+    by_rows = min(min_passes * per_epoch, MAX_PASS_FLOOR_STEPS) if floor > 0 else 0
+    if max(floor, by_rows) > planned:
+        epochs = min(MAX_AUTO_EPOCHS, float(math.ceil(max(floor, by_rows) / per_epoch)))
+        why = f"min_optimizer_steps {floor}" if floor >= by_rows else \
+            f"each row seen {min_passes} times: a small set's facts are learned"
         notes.append(f"{config.num_epochs:g} epochs would be only {planned} optimizer steps: "
                      f"training {epochs:g} epochs ({math.ceil(per_epoch * epochs)} steps, "
-                     f"min_optimizer_steps {floor})")
+                     f"{why})")
     return StepPlan(micro_batch, per_epoch, epochs, -1, math.ceil(per_epoch * epochs), notes)
 
 

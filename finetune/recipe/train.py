@@ -156,7 +156,9 @@ def train(config: FinetuneConfig, workdir: Path, reporter: Reporter, paraphrases
         plan.auto_micro_batch_size(model.config, config, planned_on, _free_gpu_bytes(
             config.gpu_memory_limit_gb) if device.cuda else None, _dtype_bytes(device.dtype),
             device.mode, every))
-    steps = plan.plan_steps(config, planned_on, micro_batch)
+    steps = plan.plan_steps(config, planned_on, micro_batch,
+                            plan.MIN_PASSES_SMALL if data_plan.small and not data_plan.packing
+                            else 0)
     if planned_on != len(train_items):
         steps = plan.same_steps(steps, len(train_items), config.gradient_accumulation,
                                 1.0 if config.max_steps > 0 else plan.PARAPHRASE_STEPS_FACTOR)
