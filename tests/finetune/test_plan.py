@@ -42,17 +42,18 @@ def test_the_step_floor_raises_the_epochs_and_says_so():
 def test_a_small_sets_rows_are_each_seen_min_passes_times_up_to_a_cap():
     from finetune.recipe.plan import MAX_PASS_FLOOR_STEPS, MIN_PASSES_SMALL
 
-    # 20 rows at 5 steps an epoch: the 100-step floor is already 20 passes
-    assert plan_steps(config(), 20, 1, MIN_PASSES_SMALL).total_steps == 100
-    # 52 rows, 4 a micro-batch, no accumulation (SmolLM2's preset): 13 steps an epoch, 8
-    # passes by the run's floor, 16 by the rows'
+    # the 20-row FAQ, 2 a micro-batch, no accumulation (SmolLM2 on CPU): the 100-step floor is
+    # already 10 passes
+    assert plan_steps(config(gradient_accumulation=1), 20, 2, MIN_PASSES_SMALL).total_steps == 100
+    # the 52-row one, 4 a micro-batch: 13 steps an epoch, 8 passes by the run's floor, 10 by
+    # the rows'
     steps = plan_steps(config(gradient_accumulation=1), 52, 4, MIN_PASSES_SMALL)
-    assert (steps.num_epochs, steps.total_steps) == (16.0, 208)
-    assert "each row seen 16 times" in steps.notes[0]
+    assert (steps.num_epochs, steps.total_steps) == (10.0, 130)
+    assert "each row seen 10 times" in steps.notes[0]
     assert plan_steps(config(gradient_accumulation=1), 52, 4).total_steps == 104
-    # 296 rows: capped, not 16 x 74 steps
+    # 296 rows: capped, not 10 x 74 steps
     capped = plan_steps(config(gradient_accumulation=1), 296, 4, MIN_PASSES_SMALL)
-    assert capped.total_steps == math.ceil(MAX_PASS_FLOOR_STEPS / 74) * 74 < 16 * 74
+    assert capped.total_steps == math.ceil(MAX_PASS_FLOOR_STEPS / 74) * 74 < 10 * 74
     assert plan_steps(config(min_optimizer_steps=0, gradient_accumulation=1), 52, 4,
                       MIN_PASSES_SMALL).total_steps == 13  # 1 epoch, as asked
 
